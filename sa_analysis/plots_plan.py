@@ -1,0 +1,112 @@
+"""A SharePlan drawn over the layer x layer heatmap it was chosen from (matplotlib only, no model, no torch).
+
+Rows are follower layers, columns the layer whose attention would be reused, so a follower's predicted cost is
+the cell (follower, its anchor). Each span is outlined as the square block [anchor..last follower], and the cells
+the plan actually pays for (followers x their anchor) are marked.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .io import atomic_write
+from .report import AttentionReport, metric as lookup_metric
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from .planner import SharePlan
+
+PLAN_COST_TO_METRIC = {"kl": "kl", "cosine": "cosine_flat", "cosine_row": "cosine_row"}
+
+
+def heatmap_metric_for(report: AttentionReport, cost: str | None) -> str:
+    """The report matrix to draw a plan over: the one its cost came from, else KL, else flat cosine."""
+    for name in (PLAN_COST_TO_METRIC.get(cost or ""), "kl", "cosine_flat", "cosine_row"):
+        if name and report.has(f"{name}_layers"):
+            return name
+    return "kl"
+
+
+def plot_plan_over_heatmap(report: AttentionReport, plan: "SharePlan", metric: str = "kl", path: str | Path | None = None) -> "Figure":
+    """Draw the head-mean `metric` matrix (follower rows x reused-layer columns) with the plan's spans outlined.
+
+    Only the lower triangle (reused layer before follower) is drawn: Shared Attention only looks backwards.
+    Infinite values (KL across different masks) are shown in grey. Saves a PNG atomically when `path` is given.
+    """
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    info = lookup_metric(metric)
+    values = np.asarray(report.layer_matrix(metric), dtype=float)
+    n = values.shape[0]
+    below = np.tril(np.ones((n, n), dtype=bool), k=-1)
+    shown = np.where(below, values, np.nan)
+    finite = shown[np.isfinite(shown)]
+    vmin, vmax = _colour_range(finite, info.similarity)
+
+    size = min(12.0, max(6.0, 0.28 * n + 3))
+    fig = Figure(figsize=(size + 1.5, size))  # no pyplot: no global state, works under any backend
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps[info.cmap].copy()
+    cmap = cmap.with_extremes(bad="white")
+    image = ax.imshow(np.where(np.isfinite(shown), shown, np.nan), cmap=cmap, vmin=vmin, vmax=vmax,
+                      interpolation="nearest", origin="upper")
+    infinite = below & np.isinf(values)
+    if infinite.any():
+        ax.imshow(np.where(infinite, 1.0, np.nan), cmap=ListedColormap(["#9e9e9e"]),
+                  interpolation="nearest", origin="upper")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label=info.label)
+
+    for anchor, first, last in plan.spans:
+        side = last - anchor + 1
+        ax.add_patch(Rectangle((anchor - 0.5, anchor - 0.5), side, side, fill=False, edgecolor="#00c8ff", linewidth=2.2))
+        ax.add_patch(Rectangle((anchor - 0.5, first - 0.5), 1, last - first + 1, fill=False, edgecolor="#ff2a6d",
+                               linewidth=1.6, linestyle="--"))
+
+    _axes(ax, n)
+    handles = [Patch(fill=False, edgecolor="#00c8ff", linewidth=2.2, label="span block [anchor..last follower]"),
+               Patch(fill=False, edgecolor="#ff2a6d", linestyle="--", linewidth=1.6, label="cells paid: followers x anchor")]
+    if infinite.any():
+        handles.append(Patch(facecolor="#9e9e9e", label="infinite (masks differ)"))
+    ax.legend(handles=handles, loc="upper right", fontsize=9, framealpha=0.9)
+    ax.set_title(_title(report, plan, metric), fontsize=11)
+    fig.tight_layout()
+    if path is not None:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    return fig
+
+
+def _colour_range(finite: np.ndarray, similarity: bool) -> tuple[float | None, float | None]:
+    """Colour limits robust to a few extreme pairs (KL is heavy tailed): 2nd-98th percentile of the drawn cells."""
+    if finite.size == 0:
+        return None, None
+    lo, hi = np.percentile(finite, [2, 98])
+    if similarity:
+        return float(lo), float(min(1.0, max(hi, lo + 1e-6)))
+    return 0.0, float(max(hi, 1e-6))  # a divergence starts at 0 (identical)
+
+
+def _axes(ax, n: int) -> None:
+    step = 1 if n <= 16 else (2 if n <= 40 else 4)
+    ticks = np.arange(0, n, step)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("anchor / reused layer")
+    ax.set_ylabel("follower layer")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_ylim(n - 0.5, -0.5)
+
+
+def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
+    spans = ", ".join(f"{a}\u2192{f}-{l}" if l > f else f"{a}\u2192{f}" for a, f, l in plan.spans) or "nothing shared"
+    cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
+    spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=90)
+    return (f"{report.model_name}: {plan.method} plan over head-mean {metric}\n"
+            f"{plan.n_shared}/{plan.n_layers} layers shared{cost}\n{spans}")

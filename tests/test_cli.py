@@ -1,0 +1,106 @@
+"""The `sa-analyze heatmap` command: the real default model end to end, redraws, and every user mistake.
+
+A user mistake must give one sentence on stderr, exit code 1 and no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from sa_analysis.report import AttentionReport
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, fragment: str, out_dir=None):
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    if out_dir is not None and out_dir.exists():
+        assert list(out_dir.iterdir()) == [], f"partial files left: {list(out_dir.iterdir())}"
+
+
+def test_help_reads_well():
+    result = run("--help")
+    assert result.exit_code == 0 and "heatmap" in result.output
+    result = run("heatmap", "--help")
+    for flag in ("--model", "--device", "--dtype", "--text", "--n-seqs", "--seq-len", "--out", "--report", "--exclude-first"):
+        assert flag in result.output
+
+
+@pytest.mark.slow
+def test_heatmap_on_the_default_model_then_redraw(tmp_path, default_model):
+    out = tmp_path / "run"
+    result = run("heatmap", "--n-seqs", 2, "--seq-len", 32, "--out", out, "--pdf")
+    assert result.exit_code == 0, result.output
+    for name in ("report.json", "report.npz", "heatmap_kl.png", "heatmap_cosine_flat.png", "isotropy.png", "head_grid.png", "heatmaps.pdf"):
+        assert (out / name).stat().st_size > 0, name
+        assert str(out / name) in result.output.replace("\n", "")
+    report = AttentionReport.load(out / "report.json")
+    assert report.meta["model"]["name"] == "smollm2-135m" and report.meta["data"]["n_tokens"] == 64
+    assert report.array("kl_mean").shape == (30, 9, 30, 9)
+    again = tmp_path / "redraw"
+    result = run("heatmap", "--report", out / "report.json", "--out", again)
+    assert result.exit_code == 0, result.output
+    assert (again / "heatmap_kl.png").is_file()
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_missing_model(tmp_path):
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--model", tmp_path / "nowhere.gguf", "--out", out), "does not exist", out)
+
+
+def test_unknown_alias(tmp_path):
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--model", "llama9-70b", "--out", out), "neither a known alias", out)
+
+
+def test_alias_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--model", "llama2-7b", "--out", out), "huggingface-cli download", out)
+
+
+@pytest.mark.slow
+def test_empty_text_file(tmp_path, default_model):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--text", empty, "--out", out), "contains no text", out)
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    assert_user_error(run("heatmap", "--text", short, "--out", out), "fewer than", out)
+
+
+@pytest.mark.slow
+def test_seq_len_too_long(tmp_path, default_model):
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--seq-len", 9000, "--out", out), "longer than this model's context", out)
+
+
+def test_unreadable_report(tmp_path):
+    bad = tmp_path / "report.json"
+    bad.write_text("{not json")
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", "--report", bad, "--out", out), "could not be read", out)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something else"}))
+    assert_user_error(run("heatmap", "--report", other, "--out", out), "not an sa-analysis attention report", out)
+    assert_user_error(run("heatmap", "--report", tmp_path / "absent.json", "--out", out), "does not exist", out)
+
+
+def test_output_folder_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_user_error(run("heatmap", "--out", blocker / "sub"), "not writable")

@@ -1,0 +1,96 @@
+"""Loading: aliases, the local Hugging Face cache, folders, GGUF, random init, and clear errors offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sa_analysis.aliases import ALIASES, require_alias
+from sa_analysis.errors import UserError
+from sa_analysis.loading import DTYPES, load_model, resolve_dtype
+
+REQUIRED_ALIASES = ["llama2-7b", "llama2-13b", "llama3-8b", "llama3.1-8b", "mistral-7b", "qwen2.5-7b", "gemma2-9b", "smollm2-135m"]
+
+
+def place_in_hf_cache(model, cache, hub_id: str):
+    """Save `model` as the local Hugging Face cache would hold a download of `hub_id`."""
+    repo = cache / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.mark.parametrize("name", REQUIRED_ALIASES)
+def test_alias_configs_build_the_published_shape(name):
+    from transformers import AutoConfig
+
+    alias = require_alias(name)
+    config = AutoConfig.for_model(**alias.config)
+    assert config.num_hidden_layers == alias.config["num_hidden_layers"]
+    assert "/" in alias.hub_id
+
+
+def test_llama2_resolves_from_the_local_hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    tiny = tiny_model("llama", dtype=torch.float32)
+    place_in_hf_cache(tiny, tmp_path, ALIASES["llama2-7b"].hub_id)
+    loaded = load_model("llama2-7b", device="cpu")
+    assert loaded.info.source == "hf-cache" and loaded.info.name == "llama2-7b"
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, tiny(ids).logits)
+    by_hub_id = load_model("meta-llama/Llama-2-7b-hf", device="cpu")
+    assert by_hub_id.info.source == "hf-cache"
+
+
+def test_absent_weights_say_where_we_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        load_model("llama2-7b", device="cpu")
+    message = str(err.value)
+    assert str(tmp_path) in message and "huggingface-cli download meta-llama/Llama-2-7b-hf" in message
+    with pytest.raises(UserError, match="No weights"):
+        load_model("someorg/somemodel", device="cpu")
+
+
+def test_local_folder_and_bad_specs(tmp_path):
+    tiny = tiny_model("qwen2", dtype=torch.float32)
+    tiny.save_pretrained(tmp_path / "qwen")
+    loaded = load_model(str(tmp_path / "qwen"), device="cpu")
+    assert loaded.info.architecture == "qwen2" and loaded.info.n_kv_heads == 2
+    with pytest.raises(UserError, match="neither a known alias"):
+        load_model("llama9", device="cpu")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="does not hold a loadable"):
+        load_model(str(tmp_path / "empty"), device="cpu")
+
+
+def test_random_init_needs_an_alias():
+    with pytest.raises(UserError, match="Unknown model alias"):
+        load_model("not-an-alias", random_init=True, device="cpu")
+
+
+def test_dtypes_and_devices():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16 and "float64" in DTYPES
+    with pytest.raises(UserError, match="Unknown dtype"):
+        resolve_dtype("int3", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            load_model("smollm2-135m", device="cuda")
+
+
+@pytest.mark.slow
+def test_default_model_from_its_packaged_gguf(default_model):
+    info = default_model.info
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == (30, 9, 3, 64)
+    assert info.source == "packaged-gguf" and default_model.tokenizer is not None
+    ids = default_model.tokenizer("def main():\n    return 0", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = default_model.model(ids).logits
+    assert torch.isfinite(logits).all()
