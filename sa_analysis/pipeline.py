@@ -68,6 +68,10 @@ def analyse(
         raise UserError(f"--exclude-first must be between 0 and {batch.seq_len - 2} for sequences of {batch.seq_len} tokens.")
     path = choose_path(loaded, batch.seq_len, path)
     device = next(loaded.model.parameters()).device
+    if path == "stream":
+        from .streaming import check_fits
+
+        check_fits(loaded.info, batch.seq_len, device)  # a run that cannot fit says so before it starts
     started = time.perf_counter()
     per_sequence, influence = [], []
     for i in range(batch.n_seqs):

@@ -1,0 +1,358 @@
+"""Streaming engine: same numbers as the maps path, as direct float64 definitions, on one or several devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sa_analysis.capture import AttentionInputs, AttentionMaps, capture_attention
+from sa_analysis.errors import UserError
+from sa_analysis.metrics import PairStatistics, drop_first_keys, sequence_stats_from_maps
+from sa_analysis.streaming import (
+    LayerGroup,
+    QKStore,
+    StreamingStatistics,
+    check_fits,
+    plan_segments,
+    stream_sequence_stats,
+)
+
+FIELDS = ("cosine_flat", "cosine_row", "kl", "entropy", "js_adjacent")
+CUDA = torch.cuda.is_available()
+
+TINY = {
+    "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, vocab_size=128),
+    "mistral": dict(model_type="mistral", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, vocab_size=128, sliding_window=16),
+    "gemma2": dict(model_type="gemma2", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128, sliding_window=16,
+                   attn_logit_softcapping=5.0, query_pre_attn_scalar=16),
+    "qwen3": dict(model_type="qwen3", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128),
+}
+
+
+def tiny_model(name: str, dtype=torch.float32, device="cpu", seed=0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**{**TINY[name], **overrides})
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation("eager" if name == "gemma2" else "sdpa")
+    # sharpen attention a little so that maps are not all near-uniform (random weights are very flat)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("Attention"):
+                module.q_proj.weight.mul_(4.0)
+    return model
+
+
+def maps_stats(model, ids, exclude_first=0, dtype=torch.float32, operand_dtype=None):
+    maps = AttentionMaps(dtype=dtype)
+    with torch.no_grad(), capture_attention(model, maps):
+        model(ids, use_cache=False)
+    log_probs = torch.stack([maps.log_probs[i][0] for i in range(len(maps.log_probs))])
+    return sequence_stats_from_maps(log_probs, exclude_first=exclude_first, block=16, operand_dtype=operand_dtype)
+
+
+def filled_store(model, ids, groups=None) -> QKStore:
+    n_layers = model.config.num_hidden_layers
+    store = QKStore.for_model(model) if groups is None else QKStore(
+        n_layers, [LayerGroup(a, b, torch.device(d)) for a, b, d in groups])
+    with torch.no_grad(), capture_attention(model, store):
+        model(ids, use_cache=False)
+    store.finish()
+    return store
+
+
+def assert_stats_close(got, ref, atol, rtol=0.0):
+    assert got.n_rows == ref.n_rows
+    for name in FIELDS:
+        a, b = getattr(got, name).double().cpu(), getattr(ref, name).double().cpu()
+        assert a.shape == b.shape, name
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: infinite entries differ"
+        finite = torch.isfinite(b)
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a[finite], b[finite], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# ----- streaming == maps path -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("exclude_first", [0, 3])
+def test_streaming_equals_maps_path(name, exclude_first):
+    model = tiny_model(name)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = maps_stats(model, ids, exclude_first)
+    got, logits = stream_sequence_stats(model, ids, exclude_first=exclude_first, block_rows=16)
+    assert logits is None
+    assert_stats_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == ("eager" if name == "gemma2" else "sdpa")
+
+
+def test_sliding_and_global_layers_give_infinite_kl_one_way():
+    model = tiny_model("gemma2")  # layer 0 slides (window 16), layer 1 is global
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    got, _ = stream_sequence_stats(model, ids)
+    assert torch.isinf(got.kl[1, :, 0, :]).all()  # global attends where the window cannot
+    assert torch.isfinite(got.kl[0, :, 1, :]).all()
+    assert torch.isfinite(got.kl[0, :, 2, :]).all()
+
+
+def test_window_longer_than_sequence_is_plain_causal():
+    model = tiny_model("gemma2")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    got, _ = stream_sequence_stats(model, ids)
+    assert torch.isfinite(got.kl).all()
+    assert_stats_close(got, maps_stats(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_key_chunks_and_units_do_not_change_results():
+    model = tiny_model("mistral")
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(4))
+    store = filled_store(model, ids)
+    ref = StreamingStatistics(store, exclude_first=2).run()
+    for rows, chunk, unit in [(8, 8, 64), (16, 24, 1000), (64, 64, 10**6)]:
+        got = StreamingStatistics(store, exclude_first=2, block_rows=rows, key_chunk=chunk, unit_elements=unit).run()
+        assert_stats_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("operand_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_operands_close_to_fp32(operand_dtype):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
+    store = filled_store(model, ids)
+    ref = StreamingStatistics(store).run()
+    got = StreamingStatistics(store, operand_dtype=operand_dtype).run()
+    assert_stats_close(got, ref, atol=1e-3)
+    for name in ("kl",):  # KL(a || a) stays exactly 0 with diag(C) as sum P log P
+        kl = getattr(got, name).reshape(12, 12)
+        assert torch.all(kl.diagonal() == 0)
+
+
+def test_tri_and_full_products_agree():
+    model = tiny_model("qwen3", num_hidden_layers=5)
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(6))
+    store = filled_store(model, ids)
+    full = StreamingStatistics(store, gram="full").run()
+    for chunks in (2, 3, 7):
+        tri = StreamingStatistics(store, gram="tri", tri_chunks=chunks).run()
+        assert_stats_close(tri, full, atol=1e-6, rtol=1e-6)
+    split = StreamingStatistics(store, gram="splitk", tri_chunks=4, block_rows=16, key_chunk=16).run()
+    assert_stats_close(split, full, atol=5e-6, rtol=1e-5)
+
+
+# ----- float64 reference written from the definitions ------------------------------------------------------------------
+def reference_float64(log_probs: torch.Tensor, exclude_first: int):
+    """DESIGN.md section 3, directly: loops over (layer, head) pairs of [L, H, n, n] float64 log-probabilities."""
+    lp = drop_first_keys(log_probs.double(), exclude_first)
+    L, H, n, _ = lp.shape
+    rows = [i for i in range(n) if all(torch.isfinite(lp[l, h, i]).any() for l in range(L) for h in range(H))]
+    lp = lp[:, :, rows]
+    P = lp.exp()
+    R = len(rows)
+    cos_flat = torch.zeros(L, H, L, H, dtype=torch.float64)
+    cos_row = torch.zeros_like(cos_flat)
+    kl = torch.zeros_like(cos_flat)
+    for l in range(L):
+        for h in range(H):
+            for m in range(L):
+                for g in range(H):
+                    a, b = P[l, h], P[m, g]
+                    cos_flat[l, h, m, g] = (a * b).sum() / (a.norm() * b.norm())
+                    cos_row[l, h, m, g] = torch.stack([
+                        torch.dot(a[i], b[i]) / (a[i].norm() * b[i].norm()) for i in range(R)]).mean()
+                    if ((a > 0) & ~torch.isfinite(lp[m, g])).any():
+                        kl[l, h, m, g] = math.inf
+                    else:
+                        terms = torch.where(a > 0, a * (lp[l, h] - lp[m, g]), torch.zeros_like(a))
+                        kl[l, h, m, g] = terms.sum() / R
+    entropy = torch.zeros(L, H, dtype=torch.float64)
+    js = torch.zeros(max(L - 1, 0), H, dtype=torch.float64)
+    for l in range(L):
+        for h in range(H):
+            a = P[l, h]
+            entropy[l, h] = -torch.where(a > 0, a * lp[l, h], torch.zeros_like(a)).sum() / R
+            if l + 1 < L:
+                b = P[l + 1, h]
+                mix = 0.5 * (a + b)
+                kl_am = torch.where(a > 0, a * (torch.log(a) - torch.log(mix)), torch.zeros_like(a)).sum()
+                kl_bm = torch.where(b > 0, b * (torch.log(b) - torch.log(mix)), torch.zeros_like(b)).sum()
+                js[l, h] = 0.5 * (kl_am + kl_bm) / R
+    return dict(cosine_flat=cos_flat, cosine_row=cos_row, kl=kl, entropy=entropy, js_adjacent=js, n_rows=R)
+
+
+@pytest.mark.parametrize("name,exclude_first", [("llama", 0), ("gemma2", 2)])
+def test_against_float64_definitions(name, exclude_first):
+    model = tiny_model(name, dtype=torch.float64, num_hidden_layers=2)
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(7))
+    maps = AttentionMaps(dtype=torch.float64)
+    with torch.no_grad(), capture_attention(model, maps):
+        model(ids, use_cache=False)
+    log_probs = torch.stack([maps.log_probs[i][0] for i in range(2)])
+    ref = reference_float64(log_probs, exclude_first)
+    got, _ = stream_sequence_stats(model, ids, exclude_first=exclude_first)
+    assert got.n_rows == ref["n_rows"]
+    for field in FIELDS:
+        a, b = getattr(got, field).cpu(), ref[field]
+        assert a.dtype == torch.float64
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), field
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], atol=1e-10, rtol=1e-9, msg=lambda m: f"{field}: {m}")
+
+
+# ----- generic (non-causal) masks: the support Gram path --------------------------------------------------------------
+def test_generic_masks_match_pair_statistics():
+    gen = torch.Generator().manual_seed(8)
+    L, H, Hkv, n, D = 3, 4, 2, 20, 8
+    inputs = []
+    for layer in range(L):
+        allowed = torch.rand(n, n, generator=gen) < 0.5
+        allowed = (allowed | torch.eye(n, dtype=torch.bool)) & torch.ones(n, n, dtype=torch.bool).tril()
+        if layer == 1:
+            allowed[:, :2] = False  # padding-like: first keys masked in one layer
+            allowed[:2, :] = False  # rows that see nothing: skipped everywhere
+        mask = allowed[None, None]
+        inputs.append(AttentionInputs(layer, torch.randn(1, H, n, D, generator=gen) * 2,
+                                      torch.randn(1, Hkv, n, D, generator=gen), mask, 0.35))
+    store = QKStore.from_inputs(inputs)
+    assert all(s.generic_mask is not None for s in store.specs)
+    stats = PairStatistics(L, H)
+    log_probs = torch.stack([inp.log_probs()[0] for inp in inputs])
+    for start in range(0, n, 7):
+        stats.add(log_probs[:, :, start:start + 7, :start + 7])
+    ref = stats.result()
+    for groups in (None, [(0, 2), (2, 3)]):
+        store = QKStore.from_inputs(inputs, groups=groups)
+        got = StreamingStatistics(store, block_rows=5).run()
+        assert_stats_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(ref.kl).any()
+
+
+# ----- several devices ---------------------------------------------------------------------------------------------
+def test_layer_groups_on_two_devices_give_the_same_matrices():
+    model = tiny_model("gemma2", num_hidden_layers=5)
+    ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(9))
+    single = StreamingStatistics(filled_store(model, ids), exclude_first=1).run()
+    store = filled_store(model, ids, groups=[(0, 2, "cpu"), (2, 5, "cpu")])
+    # group 1 holds a copy of layer 1 (its halo) for the JS of layers 1-2
+    assert store.groups[1].halo == 1
+    assert torch.equal(store.q[1][0], store.q[0][1]) and torch.equal(store.k[1][0], store.k[0][1])
+    engine = StreamingStatistics(store, exclude_first=1, block_rows=16, key_chunk=16)
+    assert engine.gram == "full" and len(engine.states) == 2
+    assert engine.states[0].acc_xy.shape[0] == 2 * 4 and engine.states[1].acc_xy.shape[0] == 3 * 4
+    got = engine.run()
+    assert_stats_close(got, single, atol=5e-6, rtol=1e-5)
+
+
+def test_store_groups_follow_module_devices():
+    model = tiny_model("llama")
+    store = QKStore.for_model(model)
+    assert [(g.start, g.stop, g.device.type) for g in store.groups] == [(0, 3, "cpu")]
+
+
+# ----- planning ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("windows", [[None, None], [5, 5], [5, None]])
+@pytest.mark.parametrize("exclude_first", [0, 2])
+def test_segments_cover_the_causal_region_once(windows, exclude_first):
+    n = 23
+    units = plan_segments(n, exclude_first, windows, block_rows=4, key_chunk=3, unit_elements=20)
+    seen = torch.zeros(n, n, dtype=torch.long)
+    for unit in units:
+        offset = 0
+        for seg in unit:
+            assert seg.offset == offset
+            offset += seg.elements
+            seen[seg.r0:seg.r0 + seg.rows, seg.k0:seg.k0 + seg.keys] += 1
+        assert offset <= 20 or len(unit) == 1
+    rows, keys = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    needed = (keys <= rows) & (keys >= exclude_first) & (rows >= exclude_first)
+    if all(windows):
+        needed &= keys > rows - max(windows)
+    assert (seen[needed] == 1).all()
+    assert (seen <= 1).all()
+
+
+class _Info:
+    n_layers, n_heads, n_kv_heads, head_dim = 32, 32, 32, 128
+    hidden_size, intermediate_size, vocab_size = 4096, 11008, 32000
+    dtype, architecture, sliding_window, extra = "bfloat16", "llama", None, {}
+
+
+def test_check_fits_plans_and_refuses_with_the_longest_length():
+    plan = check_fits(_Info(), 4096, "cuda:0", free=60 * 1024**3)
+    assert plan.block_rows == 128 and plan.key_chunk == 1024
+    assert plan.bytes_needed < 4 * 1024**3
+    with pytest.raises(UserError) as err:
+        check_fits(_Info(), 32768, "cuda:0", free=20 * 1024**3)
+    msg = str(err.value)
+    assert "needs" in msg and "GiB but only 16.0 GiB are free on cuda:0" in msg
+    longest = int(msg.split("the longest length that fits is ")[1].split(" ")[0])
+    assert f"(use --seq-len {longest})" in msg
+    assert 4096 < longest < 32768
+    check_fits(_Info(), longest, "cuda:0", free=20 * 1024**3)
+    with pytest.raises(UserError):
+        check_fits(_Info(), longest + 256, "cuda:0", free=20 * 1024**3)
+
+
+def test_check_fits_on_cpu_does_not_refuse():
+    plan = check_fits(_Info(), 1 << 20, "cpu")
+    assert plan.bytes_free is None and "cpu" in plan.describe()
+
+
+# ----- CUDA: the Triton kernels -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_cuda_triton_equals_maps_path(name):
+    model = tiny_model(name, device="cuda")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(10)).cuda()
+    for exclude_first in (0, 5):
+        ref = maps_stats(model, ids, exclude_first)
+        store = filled_store(model, ids)
+        engine = StreamingStatistics(store, exclude_first=exclude_first, operand_dtype=torch.float32)
+        assert engine.backend == "triton"
+        assert_stats_close(engine.run(), ref, atol=2e-5, rtol=1e-4)
+        got, _ = stream_sequence_stats(model, ids, exclude_first=exclude_first)  # fp16 operands
+        assert_stats_close(got, ref, atol=1e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", [(1, False), (1, True), (2, False), (2, True)])
+def test_cuda_kernel_variants_equal_maps_path(kernel):
+    model = tiny_model("gemma2", device="cuda")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(14)).cuda()
+    ref = maps_stats(model, ids, 3)
+    engine = StreamingStatistics(filled_store(model, ids), exclude_first=3, operand_dtype=torch.float32, kernel=kernel)
+    assert_stats_close(engine.run(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_bf16_model_against_float64_maps():
+    model = tiny_model("llama", dtype=torch.bfloat16, device="cuda", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(11)).cuda()
+    ref = maps_stats(model, ids, dtype=torch.float64)
+    got, _ = stream_sequence_stats(model, ids)
+    assert_stats_close(got, ref, atol=1e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_two_groups_on_one_gpu_equal_single_group():
+    model = tiny_model("gemma2", device="cuda", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(12)).cuda()
+    single = StreamingStatistics(filled_store(model, ids), operand_dtype=torch.float32).run()
+    split = filled_store(model, ids, groups=[(0, 1, "cuda"), (1, 4, "cuda")])
+    got = StreamingStatistics(split, operand_dtype=torch.float32).run()
+    assert_stats_close(got, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_overlapped_streams_equal_serial():
+    model = tiny_model("mistral", device="cuda", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(13)).cuda()
+    store = filled_store(model, ids)
+    serial = StreamingStatistics(store, unit_elements=128 * 64).run()
+    engine = StreamingStatistics(store, unit_elements=128 * 64, overlap=True)
+    assert engine.overlap and len(engine.units) > 4
+    assert_stats_close(engine.run(), serial, atol=1e-6, rtol=1e-5)
