@@ -39,6 +39,8 @@ def recommend_spans(
     random_init: RandomInitOpt = False,
     device_map: DeviceMapOpt = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
+    validate: Annotated[bool, typer.Option("--validate", help="Measure candidate plans on the model (sensitivity fed back to the planner) and keep the best within --tolerance, checked on held-out text.")] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = 0.05,
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
     from sa_analysis import planner
@@ -70,6 +72,14 @@ def recommend_spans(
     figure_path = out_dir / "plan.png"
     plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure_path)
     wrote([plan_path, figure_path])
+    if validate:
+        from cli.validate import run_search
+
+        spec = model or att.meta.get("model", {}).get("spec") or att.model_name
+        wrote(run_search(att, model=spec, out_dir=out_dir, max_budget=plan.n_shared, tolerance=tolerance, cost=cost,
+                         first_shareable=first_shareable, keep=keep_layers, max_span=plan.constraints.get("max_span"),
+                         device=device, dtype=dtype, random_init=random_init, device_map=device_map, text=text,
+                         n_seqs=n_seqs, seq_len=seq_len))
 
 
 def _get_report(report: Optional[Path], model: Optional[str], out: Optional[Path], **capture: Any):
@@ -86,7 +96,7 @@ def _get_report(report: Optional[Path], model: Optional[str], out: Optional[Path
 
     model = model or DEFAULT_MODEL
     out_dir = ensure_writable_dir(default_out(out, model))
-    att, _paths = run_heatmap(model, out=out_dir, console=console, **capture)
+    att, _paths = run_heatmap(model, out=out_dir, **capture)
     return att, out_dir
 
 

@@ -395,8 +395,8 @@ class SharePlan:
     def from_spans(cls, spec: str, n_layers: int, model: Mapping[str, Any] | None = None) -> "SharePlan":
         """Parse "23-26,28-30": each span a-b shares layers a..b, which reuse layer a-1 (its anchor).
 
-        A span's anchor must not be shared itself: under Shared Attention a follower reuses the *last non-shared*
-        layer, so "23-26,27-30" would really give 27-30 the anchor 22; write "23-30" for that.
+        Under Shared Attention a follower reuses the *last non-shared* layer before it, so adjacent spans such as
+        the seed's "23-26,27-30" are accepted and mean followers 23..30, all reusing layer 22.
         """
         spans = _parse_spans(spec, n_layers)
         followers = [m for first, last in spans for m in range(first, last + 1)]
@@ -535,7 +535,7 @@ class SharePlan:
 
 
 def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
-    """[(first, last)] from "23-26,28-30", checked: in range, not overlapping, anchors not shared."""
+    """[(first, last)] from "23-26,28-30", checked: in range and not overlapping."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("The spans are empty; write followers as first-last ranges, e.g. --spans 23-26,28-30.")
     spans = []
@@ -559,9 +559,6 @@ def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
         if overlap:
             raise UserError(f"Layer {min(overlap)} appears in more than one span; list each shared layer once.")
         shared.update(range(first, last + 1))
-    for first, last in spans:
-        if first - 1 in shared:
-            raise UserError(f"Span {first}-{last} would reuse layer {first - 1}, which is itself shared, so its anchor would really be an earlier layer; merge the spans (e.g. ..-{last}) or leave layer {first - 1} unshared.")
     return spans
 
 

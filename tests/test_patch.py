@@ -1,0 +1,355 @@
+"""Shared Attention patch: parity with an independent eager reference, fast == exact, generate(), the K-less cache,
+clean removal, and clear refusals, on tiny models of every supported shape and on the real default model.
+
+The reference (`reference_logits`) shares nothing with sa_analysis.patch: it runs a deep copy of the model with
+its own eager attention function in float64, in which a follower multiplies its *own* (repeated) values by the
+softmax its anchor computed in the same forward. Sliding windows and softcapping come from the eager mask and
+the model's own call arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from conftest import tiny_model
+from sa_analysis.errors import UserError
+from sa_analysis.patch import SharedAttention, cache_bytes, layer_cache_bytes, plan_anchors, share_attention
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+PLANS = {"span": {2: 1, 3: 1}, "split": {1: 0, 3: 2}}
+SEQ = 12  # longer than the tiny sliding windows (6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them very slow on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(batch=2, seq=SEQ, seed=1):
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+def _tol(model) -> float:
+    """float64 tolerance: Gemma 2 runs eager attention, whose softmax is float32 even in float64 models (its own
+    non-shared layers too), so it matches float64 math only to float32 precision."""
+    return 1e-6 if model.config._attn_implementation == "eager" else 1e-10
+
+
+# ----- the independent reference -------------------------------------------------------------------------------
+def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = False):
+    """A float64 eager copy of `model` in which each follower uses its anchor's softmax with its own V.
+
+    `detach_shared=True` cuts the gradient of the reused softmax (to show what the follower path contributes).
+    """
+    probs: dict[int, torch.Tensor] = {}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_):
+        n_rep = query.shape[1] // key.shape[1]
+        key = torch.repeat_interleave(key, n_rep, dim=1)  # [B, H, K, D]
+        value = torch.repeat_interleave(value, n_rep, dim=1)  # [B, H, K, D]
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * scaling
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        if attention_mask is not None:
+            scores = scores + attention_mask  # eager's additive mask, windows included
+        weights = torch.softmax(scores, dim=-1)
+        layer = module.layer_idx
+        if layer in anchor_of:
+            weights = probs[anchor_of[layer]]
+            weights = weights.detach() if detach_shared else weights
+        else:
+            probs[layer] = weights
+        return torch.einsum("bhqk,bhkd->bqhd", weights, value), weights
+
+    name = "sa_test_reference_detached" if detach_shared else "sa_test_reference"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    reference = copy.deepcopy(model).to(torch.float64)
+    reference.set_attn_implementation(name)
+    return reference
+
+
+def reference_logits(model, ids, anchor_of: dict[int, int]) -> torch.Tensor:
+    """Logits of `reference_model`."""
+    return _logits(reference_model(model, anchor_of), ids)
+
+
+# ----- parity ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_empty_plan_is_bit_identical(arch, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    base = _logits(model, ids)
+    with share_attention(model, {}):
+        assert torch.equal(_logits(model, ids), base)
+        cached = DynamicCache(config=model.config)
+        with torch.no_grad():
+            step = model(input_ids=ids, past_key_values=cached, use_cache=True).logits
+    assert torch.equal(step, base)
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_mode_equals_independent_reference(arch, plan, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    expected = reference_logits(model, ids, PLANS[plan])
+    with share_attention(model, PLANS[plan], mode="exact"):
+        got = _logits(model, ids)
+    assert not torch.allclose(expected, _logits(model, ids), atol=1e-3)  # sharing really changes the output
+    torch.testing.assert_close(got, expected, rtol=_tol(model), atol=_tol(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_equals_exact_float64(arch, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    for plan in PLANS.values():
+        with share_attention(model, plan, mode="fast"):
+            fast = _logits(model, ids)
+        with share_attention(model, plan, mode="exact"):
+            exact = _logits(model, ids)
+        torch.testing.assert_close(fast, exact, rtol=_tol(model), atol=_tol(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_equals_exact_bfloat16(arch, device):
+    model = tiny_model(arch, dtype=torch.bfloat16, device=device)
+    ids = _ids().to(device)
+    base = _logits(model, ids).float()
+    with share_attention(model, PLANS["span"], mode="fast"):
+        fast = _logits(model, ids).float()
+    with share_attention(model, PLANS["span"], mode="exact"):
+        exact = _logits(model, ids).float()
+    scale = exact.abs().max()
+    assert (fast - exact).abs().max() <= 0.02 * scale  # a few bf16 ulps (2^-8 relative) of the logit range
+    assert (base - exact).abs().max() >= 0.2 * scale  # while sharing itself moves the logits far more
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # tiny Gemma 2 gives NaN on padded rows even unpatched
+def test_padding_fast_equals_exact(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in the first sequence
+    with share_attention(model, PLANS["span"], mode="fast"):
+        fast = _logits(model, ids, attention_mask=mask)
+    with share_attention(model, PLANS["span"], mode="exact"):
+        exact = _logits(model, ids, attention_mask=mask)
+    keep = mask.bool()
+    torch.testing.assert_close(fast[keep], exact[keep], rtol=_tol(model), atol=_tol(model))
+
+
+# ----- generate and the KV cache ----------------------------------------------------------------------------------
+def _greedy_without_cache(model, prompt, n_new):
+    tokens = prompt
+    for _ in range(n_new):
+        nxt = _logits(model, tokens)[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_and_without_cache_matches_full_forward_loop(arch, mode, device):
+    model = tiny_model(arch, device=device)
+    model.generation_config.eos_token_id = None  # always generate n_new tokens, like the loop
+    prompt = _ids(seq=5).to(device)
+    n_new = 10  # 15 tokens in all: past the sliding window of 6
+    gen = dict(max_new_tokens=n_new, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    with share_attention(model, PLANS["span"], mode=mode), torch.no_grad():
+        expected = _greedy_without_cache(model, prompt, n_new)
+        with_cache = model.generate(prompt, use_cache=True, **gen)
+        without_cache = model.generate(prompt, use_cache=False, **gen)
+    assert torch.equal(with_cache, expected)
+    assert torch.equal(without_cache, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_follower_cache_holds_values_but_no_keys(arch, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    plan = PLANS["span"]
+    with share_attention(model, plan), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # one decode step
+    per_layer = layer_cache_bytes(cache)
+    for layer, (k_bytes, v_bytes) in enumerate(per_layer):
+        if layer in plan:
+            assert k_bytes == 0 and v_bytes == per_layer[plan[layer]][1] > 0
+        else:
+            assert k_bytes == v_bytes > 0
+    assert cache.get_seq_length() == SEQ + 1
+    total = cache_bytes(cache)
+    assert total["keys"] == sum(k for k, _ in per_layer) and total["total"] == total["keys"] + total["values"]
+
+
+def test_followers_never_call_q_or_k_projections():
+    model = tiny_model("qwen3")  # QK-norm too
+    calls: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "k_proj", "q_norm", "k_norm")):
+            calls[name] = 0
+            handles.append(module.register_forward_hook(lambda *_a, n=name: calls.__setitem__(n, calls[n] + 1)))
+    ids = _ids(seq=5)
+    with share_attention(model, PLANS["span"]), torch.no_grad():
+        model(input_ids=ids)
+        model.generate(ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    for handle in handles:
+        handle.remove()
+    for name, count in calls.items():
+        layer = int(name.split(".")[2])
+        assert (count == 0) == (layer in PLANS["span"]), (name, count)
+
+
+def test_gradients_flow_from_followers_into_the_anchor():
+    """The anchor's q_proj gradient equals the reference's, which differs when the reused softmax is detached."""
+    model = tiny_model("llama")
+    ids = _ids()
+
+    def anchor_q_grad(net):
+        logits = net(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        net.zero_grad()
+        loss.backward()
+        return net.model.layers[1].self_attn.q_proj.weight.grad.clone()
+
+    expected = anchor_q_grad(reference_model(model, PLANS["span"]))
+    without_followers = anchor_q_grad(reference_model(model, PLANS["span"], detach_shared=True))
+    for mode in ("fast", "exact"):
+        with share_attention(model, PLANS["span"], mode=mode):
+            got = anchor_q_grad(model)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(expected, without_followers, rtol=1e-3)
+    assert model.model.layers[2].self_attn.v_proj.weight.grad is not None
+
+
+# ----- applying and removing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_remove_restores_the_model_exactly(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    base = _logits(model, ids)
+    originals = [layer.self_attn for layer in model.model.layers]
+    impl, types = model.config._attn_implementation, getattr(model.config, "layer_types", None)
+    types = list(types) if types else types
+
+    handle = share_attention(model, PLANS["span"])
+    assert isinstance(model.model.layers[2].self_attn, SharedAttention)
+    assert not torch.equal(_logits(model, ids), base)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert torch.equal(_logits(model, ids), base)
+    assert [layer.self_attn for layer in model.model.layers] == originals
+    assert model.config._attn_implementation == impl
+    assert (list(model.config.layer_types) if types else None) == types
+    assert not any("_sa_share" in m.__dict__ for m in model.modules())
+
+    with pytest.raises(KeyError):
+        with share_attention(model, PLANS["split"], mode="exact"):
+            raise KeyError("boom")
+    assert torch.equal(_logits(model, ids), base)
+    assert [layer.self_attn for layer in model.model.layers] == originals
+
+
+def test_shareplan_and_mapping_are_accepted():
+    from sa_analysis.planner import SharePlan
+
+    model = tiny_model("llama")
+    ids = _ids()
+    with share_attention(model, PLANS["span"]):
+        from_mapping = _logits(model, ids)
+    with share_attention(model, SharePlan.from_spans("2-3", 4)) as handle:
+        assert handle.anchor_of == PLANS["span"]
+        assert torch.equal(_logits(model, ids), from_mapping)
+
+
+# ----- refusals ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("plan, words", [
+    ({0: 0}, "layer 0"),
+    ({2: 0}, "last non-shared layer"),
+    ({2: 3}, "earlier layer"),
+    ({2: 1, 1: 0}, "itself shared"),
+    ({5: 4}, "1..3"),
+    ({"a": 1}, "mapping"),
+])
+def test_bad_plans_are_refused_clearly(plan, words):
+    with pytest.raises(UserError, match=words):
+        plan_anchors(plan, 4)
+
+
+def test_plan_for_another_model_is_refused():
+    from sa_analysis.planner import SharePlan
+
+    with pytest.raises(UserError, match="30-layer model"):
+        share_attention(tiny_model("llama"), SharePlan.from_spans("20-22", 30))
+
+
+def test_unsupported_model_is_refused():
+    model = tiny_model("gpt2")
+    with pytest.raises(UserError, match="not supported for 'gpt2'"):
+        share_attention(model, {1: 0})
+
+
+def test_unknown_mode_and_double_patch_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="mode"):
+        share_attention(model, {}, mode="fastest")
+    with share_attention(model, {2: 1}):
+        with pytest.raises(UserError, match="already patched"):
+            share_attention(model, {3: 2})
+
+
+# ----- the real default model -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_parity(default_model):
+    from sa_analysis.data import token_batch
+
+    model = default_model.model
+    ids = token_batch(default_model.tokenizer, split="heldout", n_seqs=2, seq_len=64).input_ids
+    base = _logits(model, ids)
+    with share_attention(model, {}):
+        assert torch.equal(_logits(model, ids), base)
+    plan = {20: 19, 21: 19, 22: 19}
+    with share_attention(model, plan, mode="fast"):
+        fast = _logits(model, ids)
+    with share_attention(model, plan, mode="exact"):
+        exact = _logits(model, ids)
+    assert not torch.allclose(fast, base, atol=1e-2)
+    torch.testing.assert_close(fast, exact, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_logits(model, ids), base)
+
+
+# ----- the benchmark script runs on the CPU ----------------------------------------------------------------------------
+def test_bench_patch_tiny_runs_on_cpu(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patch.py"
+    spec = importlib.util.spec_from_file_location("bench_patch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--tiny", "--prefill-len", "32", "--prompt-len", "16", "--new-tokens", "2", "--batches", "1",
+            "--repeats", "1", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "bench_patch.json").read_text())
+    assert result["prefill"]["result"]["ratio"]["kv_cache_bytes"] == pytest.approx(1 - 8 / 64)
+    assert result["sanity"]["fast_vs_exact_max_abs"] < 1e-4
+    assert "decode tokens/s" in capsys.readouterr().out

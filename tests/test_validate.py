@@ -1,0 +1,219 @@
+"""Validation: metrics against a direct computation, pass/fail, measured speed and KV bytes, the report file, the
+plan search loop and its figure, lm-eval tasks, and the `sa-analyze validate` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from sa_analysis.data import TokenBatch
+from sa_analysis.errors import UserError
+from sa_analysis.loading import LoadedModel, describe
+from sa_analysis.patch import share_attention
+from sa_analysis.planner import SharePlan
+from sa_analysis.report import AttentionReport
+from sa_analysis.validate import (
+    PlanSearch, ValidationReport, candidate_plans, plot_search, run_tasks, search_plans, validate_plan,
+)
+
+PLAN = {2: 1, 3: 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them very slow on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _loaded(arch="llama"):
+    model = tiny_model(arch)
+    return LoadedModel(model=model, tokenizer=None, info=describe(model, f"tiny-{arch}", "tiny", "random-init"))
+
+
+def _batch(split="heldout", n_seqs=4, seq_len=16, seed=1):
+    ids = torch.randint(3, 128, (n_seqs, seq_len), generator=torch.Generator().manual_seed(seed))
+    return TokenBatch(input_ids=ids, source="test", split=split, n_documents=1)
+
+
+# ----- quality ---------------------------------------------------------------------------------------------------
+def test_empty_plan_has_no_quality_change():
+    report = validate_plan(_loaded(), {}, _batch(), measure_speed=False)
+    q = report.quality
+    assert q["ppl_change"] == 0.0 and abs(q["kl_mean"]) < 1e-12 and q["top1_agreement"] == 1.0
+    assert report.passed
+
+
+def test_quality_metrics_equal_a_direct_computation():
+    loaded = _loaded()
+    batch = _batch()
+    report = validate_plan(loaded, PLAN, batch, measure_speed=False, batch_size=3)  # uneven micro-batches
+    ids = batch.input_ids
+    with torch.no_grad():
+        base = torch.log_softmax(loaded.model(input_ids=ids).logits[:, :-1].double(), -1).numpy()
+        with share_attention(loaded.model, PLAN):
+            patched = torch.log_softmax(loaded.model(input_ids=ids).logits[:, :-1].double(), -1).numpy()
+    targets = ids[:, 1:].numpy()
+    rows, cols = np.indices(targets.shape)
+    nll_base = -base[rows, cols, targets].mean()
+    nll_patched = -patched[rows, cols, targets].mean()
+    kl = (np.exp(base) * (base - patched)).sum(-1).mean()
+    agree = (base.argmax(-1) == patched.argmax(-1)).mean()
+    q = report.quality
+    assert q["n_tokens"] == targets.size
+    assert q["ppl_baseline"] == pytest.approx(math.exp(nll_base), rel=1e-5)
+    assert q["ppl_patched"] == pytest.approx(math.exp(nll_patched), rel=1e-5)
+    assert q["ppl_change"] == pytest.approx(math.exp(nll_patched - nll_base) - 1, rel=1e-4, abs=1e-6)
+    assert q["kl_mean"] == pytest.approx(kl, rel=1e-4) and kl > 0
+    assert q["top1_agreement"] == pytest.approx(agree)
+
+
+def test_pass_fail_follows_the_tolerance():
+    loaded, batch = _loaded(), _batch()
+    plan = {3: 2}  # on this random model, a plan that raises perplexity (others lower it by chance)
+    change = validate_plan(loaded, plan, batch, measure_speed=False).ppl_change
+    assert change > 0
+    assert validate_plan(loaded, plan, batch, measure_speed=False, tolerance=change * 1.01).passed
+    assert not validate_plan(loaded, plan, batch, measure_speed=False, tolerance=change * 0.99).passed
+
+
+def test_bad_inputs_are_refused():
+    loaded = _loaded()
+    with pytest.raises(UserError, match="held-out"):
+        validate_plan(loaded, PLAN, _batch(split="calibration"))
+    with pytest.raises(UserError, match="tolerance"):
+        validate_plan(loaded, PLAN, _batch(), tolerance=-1)
+    with pytest.raises(UserError, match="30-layer model"):
+        validate_plan(loaded, SharePlan.from_spans("20-22", 30), _batch())
+    with pytest.raises(UserError, match="made for other-model"):
+        validate_plan(loaded, SharePlan(4, [2, 3], model={"name": "other-model"}), _batch())
+
+
+# ----- speed, memory, the report file ------------------------------------------------------------------------------
+def test_speed_block_measures_kv_bytes_and_throughput(tmp_path):
+    report = validate_plan(_loaded(), "2-3", _batch(), speed_new_tokens=2, speed_repeats=1)
+    speed = report.speed
+    for side in ("baseline", "patched"):
+        assert speed[side]["prefill_tokens_per_s"] > 0 and speed[side]["decode_tokens_per_s"] > 0
+        assert speed[side]["peak_memory_bytes"] is None  # CPU
+    assert speed["patched"]["k_cache_bytes"] * 2 == speed["baseline"]["k_cache_bytes"]  # 2 of 4 layers keep no K
+    assert speed["ratio"]["kv_cache_bytes"] == pytest.approx(0.75)
+    assert report.predicted["kv_cache_fraction_saved"] == pytest.approx(0.25)
+    assert "CUDA" in speed["peak_memory_note"]
+
+    path = report.save(tmp_path / "validation.json")
+    again = ValidationReport.load(path)
+    assert again.to_dict() == json.loads(path.read_text())
+    assert again.passed == report.passed and again.plan["followers"] == [2, 3]
+    with pytest.raises(UserError, match="not an sa-analysis validation report"):
+        ValidationReport.load(tmp_path / "nope.json") if (tmp_path / "nope.json").write_text("{}") else None
+
+
+# ----- the search loop ---------------------------------------------------------------------------------------------------
+def _report(n_layers=4, kl=None):
+    kl = np.full((n_layers, n_layers), 0.5) if kl is None else kl
+    model = {"name": "tiny-llama", "n_layers": n_layers, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "hidden_size": 64}
+    return AttentionReport(meta={"model": model},
+                           arrays={"kl_layers": kl[None]})
+
+
+def test_measured_sensitivity_steers_the_planner():
+    kl = np.full((4, 4), 0.5)
+    plans = candidate_plans(_report(kl=kl), 1, {1: 0.01, 2: 5.0, 3: 0.02})
+    assert plans["sensitivity"].followers == [1]
+    assert plans["similarity+sensitivity"].followers == [1]
+    kl[2, 1] = 0.0  # by similarity alone layer 2 looks free
+    plans = candidate_plans(_report(kl=kl), 1, {1: 0.01, 2: 5.0, 3: 0.02}, nll_change={1: 0.3, 2: 0.2, 3: -0.01})
+    assert plans["similarity"].followers == [2] and plans["sensitivity"].followers == [1]
+    assert plans["perplexity"].followers == [3]
+
+
+def test_search_returns_the_largest_passing_plan_and_a_table(tmp_path):
+    loaded = _loaded()
+    calibration, heldout = _batch("calibration", seed=2), _batch("heldout", seed=3)
+    search = search_plans(loaded, _report(), calibration, heldout, tolerance=0.02)
+    singles = [r for r in search.rows if r["stage"] == "sensitivity"]
+    assert [r["followers"] for r in singles] == [[1], [2], [3]]
+    assert set(search.sensitivity) == {1, 2, 3}
+    passing = [r for r in search.rows if r["passed"]]
+    if search.best is None:
+        assert not passing
+    else:
+        chosen = next(r for r in search.rows if r["followers"] == search.best["followers"])
+        assert chosen["passed"] and chosen["n_shared"] == max(r["n_shared"] for r in passing)
+        assert chosen["kl_mean"] == min(r["kl_mean"] for r in passing if r["n_shared"] == chosen["n_shared"])
+        assert search.validation is not None and search.validation.data["split"] == "heldout"
+    # huge tolerance: every budget passes, so the search goes all the way to the most layers the model allows
+    everything = search_plans(loaded, _report(), calibration, heldout, tolerance=1e9)
+    assert len(everything.best["followers"]) == 3
+
+    path = everything.save(tmp_path / "search.json")
+    again = PlanSearch.load(path)
+    assert again.best == everything.best and again.rows == json.loads(path.read_text())["rows"]
+    assert again.best_plan.followers == [1, 2, 3]
+    figure = plot_search(everything, tmp_path / "search.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_refuses_a_report_of_another_model():
+    with pytest.raises(UserError, match="6-layer model"):
+        search_plans(_loaded(), _report(n_layers=6), _batch("calibration"), _batch())
+
+
+# ----- lm-evaluation-harness ------------------------------------------------------------------------------------------------
+def test_tasks_without_lm_eval_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(UserError, match="pip install lm-eval"):
+        run_tasks(tiny_model("llama"), None, ["sa_tiny_mc"])
+
+
+# ----- the real default model and the CLI ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_validate_run(default_model):
+    from sa_analysis.data import token_batch
+
+    batch = token_batch(default_model.tokenizer, split="heldout", n_seqs=2, seq_len=64)
+    try:
+        import lm_eval  # noqa: F401
+        tasks = ["sa_tiny_mc"]
+    except ImportError:
+        tasks = None
+    report = validate_plan(default_model, "20-22", batch, tasks=tasks, task_limit=4, speed_new_tokens=2, speed_repeats=1)
+    assert report.quality["n_tokens"] == 2 * 63 and report.quality["ppl_change"] != 0
+    assert report.speed["ratio"]["kv_cache_bytes"] == pytest.approx(1 - 3 / 60)
+    assert report.predicted["attn_proj_fraction_saved"] > 0
+    if tasks:
+        for side in ("baseline", "patched"):
+            assert 0.0 <= report.tasks[side]["sa_tiny_mc"]["acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_cli_validate(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    args = ["validate", "--n-seqs", "1", "--seq-len", "32", "--no-speed", "--out", str(tmp_path)]
+    result = runner.invoke(app, args + ["--spans", "20-21"])
+    saved = ValidationReport.load(tmp_path / "validation.json")
+    assert result.exit_code == (0 if saved.passed else 3), result.output  # 3: the plan fails the tolerance
+    assert "perplexity" in result.output
+    assert saved.plan["followers"] == [20, 21] and saved.data["split"] == "heldout"
+    lenient = runner.invoke(app, args + ["--spans", "20-21", "--tolerance", "10"])
+    assert lenient.exit_code == 0 and "PASS" in lenient.output, lenient.output
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "exactly one of --plan" in result.output
+
+    SharePlan.from_spans("2-3", 4).save(tmp_path / "plan.json")
+    result = runner.invoke(app, args + ["--plan", str(tmp_path / "plan.json")])
+    assert result.exit_code == 1 and "4-layer model" in result.output
