@@ -58,7 +58,7 @@ def validate(
     from sa_analysis.patch import MODES
     from sa_analysis.validate import validate_plan
 
-    if (plan is None) == (spans is None):
+    if plan is not None and spans is not None:
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     if mode not in MODES:
         raise UserError(f"Unknown --mode {mode!r}; use fast or exact.")
@@ -73,6 +73,15 @@ def validate(
     load_documents(text)  # a missing text file fails before the model loads
     with console.status(f"[bold]loading {model}[/]"):
         loaded = load_model(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
+    saved = loaded.info.extra.get("shared", {}).get("plan")  # a folder exported by `heal` carries its plan
+    loaded.without_sharing()  # the baseline is the same weights without sharing
+    if share_plan is None and spans is None:
+        if saved is None:
+            raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
+        from sa_analysis.planner import SharePlan
+
+        share_plan = SharePlan.from_dict(saved)
+        share_plan.model["name"] = loaded.info.name  # the folder's own plan: it was exported with these weights
     share_plan = _plan_for(loaded.info, share_plan, spans)
     batch = token_batch(loaded.tokenizer, text=text, split="heldout", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)

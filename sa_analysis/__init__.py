@@ -6,3 +6,12 @@ stay usable without a model.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy access to `load_shared` / `export_shared` (sa_analysis.shared_model) without importing torch up front."""
+    if name in ("load_shared", "export_shared"):
+        from . import shared_model
+
+        return getattr(shared_model, name)
+    raise AttributeError(f"module 'sa_analysis' has no attribute {name!r}")

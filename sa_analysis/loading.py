@@ -68,6 +68,16 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any | None
     info: ModelInfo
+    share: Any | None = None  # the SharedAttentionHandle in force, for a folder saved with a plan (sa_analysis.shared_model)
+
+    def without_sharing(self) -> "LoadedModel":
+        """Remove a saved plan's sharing (measuring and validating need every layer's own attention); the plan
+        stays recorded in `info.extra["shared"]`."""
+        if self.share is not None:
+            self.share.remove()
+            self.share = None
+            self.info.extra.setdefault("shared", {})["removed_for_measurement"] = True
+        return self
 
 
 # ----- device and dtype -----------------------------------------------------------------------------------
@@ -253,7 +263,12 @@ def load_model(
         model = model.to(dev)
     model.eval()
     _set_attention(model, attn_implementation)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, name, spec, source))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, name, spec, source))
+    if source == "folder" and (path / "share_plan.json").is_file():  # exported by `sa-analyze heal`: apply its plan
+        from .shared_model import attach_plan
+
+        attach_plan(loaded, path)
+    return loaded
 
 
 def _load_alias(alias: ModelAlias, dtype, device, device_map):

@@ -150,6 +150,7 @@ def run_heatmap(
     load_documents(text)  # a missing or empty text file fails before the model loads
     with status(f"loading {model}") if status else nullcontext():
         loaded = load_model(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
+    loaded.without_sharing()  # a healed folder: measure each layer's own attention
     batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
     bar = progress(batch.n_seqs) if progress else nullcontext(None)

@@ -469,7 +469,7 @@ def validate_plan(
     `plan`: a SharePlan, `{follower: anchor}`, or a spans string. Passes when the relative perplexity increase is
     at most `tolerance`. Speed uses the first `speed_batch` sequences (default: all, at most 8) as the prompt.
     """
-    if getattr(batch, "split", "heldout") != "heldout":
+    if isinstance(getattr(batch, "split", None), str) and batch.split != "heldout":
         raise UserError("Validation must run on held-out text, never the calibration text the plan was chosen on; use split='heldout'.")
     _check_options(mode, tolerance)
     if tasks:

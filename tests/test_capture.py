@@ -32,7 +32,8 @@ def test_weights_equal_eager_float64(arch, device):
     reference = eager_maps(model, ids)  # [L, B, H, Q, K]
     for layer in range(model.config.num_hidden_layers):
         got = maps.probs(layer).cpu().numpy()
-        np.testing.assert_allclose(got, reference[layer], atol=1e-6, err_msg=f"{arch} layer {layer}")
+        # eager takes the softmax of float64 logits in float32: |logit| ~ 20 leaves ~1e-6 relative error there
+        np.testing.assert_allclose(got, reference[layer], atol=5e-6, err_msg=f"{arch} layer {layer}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,0 +1,166 @@
+"""`sa-analyze heal`: fine-tune a model with Shared Attention in force, compare perplexities, export it with its plan.
+
+One GPU or CPU: `sa-analyze heal --plan plan.json --data alpaca.jsonl`. The GPUs of one host (data parallel):
+`accelerate launch --num_processes 2 -m cli.main heal --plan plan.json --data alpaca.jsonl` (DeepSpeed optional,
+through accelerate's own config; never required).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cli.app import (DEFAULT_MODEL, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
+                     app, console, default_out, user_errors, wrote)
+from sa_analysis.errors import UserError
+
+PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
+SpansOpt = Annotated[Optional[str], typer.Option("--spans", help="Instead of --plan: followers as ranges, e.g. 23-26,28-30.")]
+PHASES = {"before": "perplexity before", "train": "healing", "after": "perplexity after", "export": "exporting"}
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Alpaca-style JSON/JSONL (instruction, input, output; loss on the output) or plain text / JSONL 'text' (language-model loss). Default: the calibration part of the default text.")]
+
+
+@app.command("heal")
+@user_errors
+def heal(
+    plan: PlanOpt = None,
+    spans: SpansOpt = None,
+    data: DataOpt = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged at export), or a full fine-tune.")] = True,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank.")] = 16,
+    lora_mlp: Annotated[bool, typer.Option("--lora-mlp", help="Also adapt the MLP projections (gate/up/down).")] = False,
+    train_layers: Annotated[str, typer.Option("--train-layers", help="all, or from-anchor: freeze the layers below the first anchor (cheaper).")] = "all",
+    full_scope: Annotated[str, typer.Option("--full-scope", help="With --full: all weights, or attention (q/k/v/o projections only).")] = "all",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate. Default: 1e-3 (LoRA), 5e-5 (full).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per micro-batch (per GPU).")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
+    seq_len: SeqLenOpt = 256,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save a training checkpoint every N steps under OUT/checkpoints (0: never).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under OUT/checkpoints.")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast or exact.")] = "fast",
+    seed: Annotated[int, typer.Option("--seed", help="Data order and adapter initialisation.")] = 0,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype. Default: float32 on CPU; on GPU bfloat16 for LoRA, float32 master weights (bf16 autocast) for --full.")] = None,
+    random_init: RandomInitOpt = False,
+    text: TextOpt = None,
+    n_seqs: NSeqsOpt = 16,
+    out: OutOpt = None,
+) -> None:
+    """Heal a shared model: fine-tune with Shared Attention in force (gradients reach the anchors through the reused
+    attention), then report held-out perplexity of baseline, patched and healed, and export the healed model with its
+    plan (load it with `--model OUT/healed-model` or `sa_analysis.load_shared`).
+
+    --text / --n-seqs / --seq-len choose the held-out evaluation text. Writes heal_report.json, heal.png,
+    healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host:
+    `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data parallel).
+    """
+    from sa_analysis.data import token_batch
+    from sa_analysis.heal import HealConfig, heal as run_heal, load_heal_data, make_accelerator
+    from sa_analysis.io import ensure_writable_dir
+    from sa_analysis.loading import load_model, resolve_device
+    from sa_analysis.planner import SharePlan
+
+    if (plan is None) == (spans is None):
+        raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
+    method = "lora" if lora else "full"
+    config = HealConfig(method=method, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
+                        full_scope=full_scope, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                        seq_len=seq_len, save_every=save_every, mode=mode, seed=seed)
+    share_plan = SharePlan.load(plan) if plan is not None else None
+    if data is not None and not Path(data).expanduser().is_file():
+        raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
+    out_dir = ensure_writable_dir(default_out(out, model))
+
+    dev = resolve_device(device)
+    accelerator = make_accelerator(dev)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
+    main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        dev = accelerator.device
+    say = console.print if main else (lambda *a, **k: None)
+    load_dtype = dtype or ("float32" if dev.type == "cpu" or method == "full" else "bfloat16")
+
+    with console.status(f"[bold]loading {model}[/]") if main else _nothing():
+        loaded = load_model(model, device=str(dev), dtype=load_dtype, random_init=random_init)
+    info = loaded.info
+    from sa_analysis.validate import _model_shape, check_plan_for_model
+
+    if share_plan is None:
+        share_plan = SharePlan.from_spans(spans, info.n_layers, model=_model_shape(info))
+    check_plan_for_model(share_plan, info)
+    if info.max_positions and seq_len > info.max_positions:
+        raise UserError(f"--seq-len {seq_len} is longer than this model's context of {info.max_positions} tokens; use --seq-len {info.max_positions} or less.")
+    needed = steps * batch_size * grad_accum * accelerator.num_processes
+    train_data = load_heal_data(data, loaded.tokenizer, seq_len=seq_len, vocab_size=None if loaded.tokenizer else info.vocab_size,
+                                max_examples=needed)
+    eval_batch = token_batch(loaded.tokenizer, text=text, split="heldout", n_seqs=n_seqs, seq_len=seq_len,
+                             max_positions=info.max_positions, vocab_size=info.vocab_size)
+    d = train_data.describe()
+    say(f"[bold]Healing[/] {info.name} with {share_plan.summary()}", highlight=False)
+    say(f"  {method}{f' rank {lora_rank}' if method == 'lora' else ''}, {steps} steps x {batch_size} x {grad_accum} "
+        f"x {accelerator.num_processes} process(es), lr {config.learning_rate:g}, {info.dtype} on {dev}"
+        f"{' with bf16 autocast' if accelerator.mixed_precision == 'bf16' else ''}; data: {d['source']} "
+        f"({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not main)
+    with progress:
+        task = progress.add_task("starting", total=steps, loss="-")
+
+        def on_step(step: int, loss: float) -> None:
+            progress.update(task, completed=step, loss=f"{loss:.4f}")
+
+        def on_phase(phase: str) -> None:
+            progress.update(task, description=PHASES.get(phase, phase))
+
+        report = run_heal(loaded, share_plan, train_data, eval_batch, config, out=out_dir, resume=resume,
+                          accelerator=accelerator, on_step=on_step, on_phase=on_phase)
+    if not main or report is None:
+        return
+    for note in report.notes:
+        console.print(f"[yellow]Note:[/] {note}", highlight=False)
+    print_report(report)
+    console.print(f"Load the healed model with [cyan]--model {report.files['model']}[/] or "
+                  f"[cyan]sa_analysis.load_shared({report.files['model']!r})[/].", highlight=False)
+    wrote([report.files["report"], report.files["figure"], report.files["model"]])
+
+
+def print_report(report) -> None:
+    """Held-out perplexity of baseline, patched and healed, and the run's numbers."""
+    p = report.perplexity
+    table = Table(title=f"Held-out perplexity, {report.eval.get('n_seqs', '?')} x {report.eval.get('seq_len', '?')} tokens",
+                  caption=f"held-out part of {report.eval.get('source', 'the evaluation text')}", title_justify="left",
+                  caption_justify="left")
+    for column in ("", "perplexity", "vs baseline"):
+        table.add_column(column, justify="right" if column else "left")
+    for name in ("baseline", "patched", "healed"):
+        change = "" if name == "baseline" else f"{100 * (p[name] / p['baseline'] - 1):+.2f}%"
+        table.add_row(name, f"{p[name]:.4g}", change)
+    console.print(table)
+    run = report.run
+    rec = "n/a" if report.recovered is None else f"{100 * report.recovered:.0f}%"
+    resumed = f", resumed at step {run['resumed_from']}" if run.get("resumed_from") is not None else ""
+    losses = report.losses
+    loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps run"
+    speed = f", {run['tokens_per_s']:,.0f} tokens/s" if run.get("tokens_per_s") else ""
+    console.print(f"[bold]Recovered {rec}[/] of the perplexity lost to sharing; {run['steps_run']} steps in "
+                  f"{run['seconds']:.0f} s{speed}{resumed}; {loss}.", highlight=False)
+
+
+def _skipped(described: dict) -> str:
+    skipped = sum((described.get("skipped") or {}).values())
+    return f", {skipped} rows skipped" if skipped else ""
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

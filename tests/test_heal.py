@@ -1,0 +1,320 @@
+"""Healing: a tiny random Llama heals with Shared Attention in force on small local files (loss decreases), the
+response-only mask, gradients into the anchor through the follower, export -> load_shared with identical logits,
+resume from a checkpoint, and the user mistakes (no usable rows, a plan for another model, a full fine-tune that
+does not fit).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from sa_analysis.errors import UserError
+from sa_analysis.heal import (IGNORE_INDEX, HealConfig, alpaca_prompt, check_full_fits, full_finetune_bytes,
+                              full_parameters, heal, latest_checkpoint, load_heal_data, lora_targets)
+from sa_analysis.loading import LoadedModel, describe
+from sa_analysis.patch import SharedAttention, share_attention
+from sa_analysis.planner import SharePlan
+
+DATA = Path(__file__).parent / "data"
+VOCAB = 128  # tiny_config's vocabulary: the default tokenizer's ids are folded into it
+PLAN = {2: 1, 3: 1}  # layers 2 and 3 reuse layer 1's attention
+SEQ = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sa_analysis.data import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_data(tokenizer):
+    return load_heal_data(DATA / "heal_text.txt", tokenizer, seq_len=SEQ, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def heldout(tokenizer):
+    from sa_analysis.data import token_batch
+
+    return token_batch(tokenizer, split="heldout", n_seqs=4, seq_len=SEQ, vocab_size=VOCAB)
+
+
+def tiny_loaded(seed: int = 0) -> LoadedModel:
+    model = tiny_model("llama", dtype=torch.float32, seed=seed)
+    return LoadedModel(model, None, describe(model, "tiny-llama", "tiny-llama", "random-init"))
+
+
+def config(**kwargs) -> HealConfig:
+    settings = dict(steps=30, batch_size=4, seq_len=SEQ, lr=1e-2, eval_batch_size=4)
+    settings.update(kwargs)
+    return HealConfig(**settings)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+# ----- data --------------------------------------------------------------------------------------------------
+def test_alpaca_rows_learn_the_response_only(tokenizer):
+    data = load_heal_data(DATA / "heal_alpaca.jsonl", tokenizer, seq_len=128, vocab_size=VOCAB)
+    assert data.kind == "alpaca" and data.n_rows == 14 and len(data) + sum(data.n_skipped.values()) == 14
+    assert data.n_skipped["no_instruction_or_output"] == 2
+    import json
+
+    rows = [json.loads(line) for line in (DATA / "heal_alpaca.jsonl").read_text().splitlines()]
+    usable = [r for r in rows if r.get("instruction") and r.get("output")]
+    for row, (ids, labels) in zip(usable, data.examples):
+        n_prompt = len(tokenizer(alpaca_prompt(row))["input_ids"])
+        response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()
+        assert torch.equal(labels[n_prompt:], ids[n_prompt:])
+        assert labels[n_prompt:].tolist() == [t % VOCAB for t in response][: 128 - n_prompt]
+    lengths = [len(ids) for ids, _ in data.examples]
+    short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
+    batch = data.batch([short, long])  # padded on the right: no loss and no attention there
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"][0].sum() == min(lengths) and (batch["labels"][0, min(lengths):] == IGNORE_INDEX).all()
+    # a prompt longer than --seq-len leaves no response: skipped, counted
+    cut = load_heal_data(DATA / "heal_alpaca.jsonl", tokenizer, seq_len=40, vocab_size=VOCAB)
+    assert cut.n_skipped["prompt_too_long"] > 0 and all(len(ids) <= 40 for ids, _ in cut.examples)
+
+
+def test_text_windows_and_deterministic_order(text_data):
+    assert text_data.kind == "text" and all(len(ids) == SEQ for ids, _ in text_data.examples)
+    assert all(torch.equal(ids, labels) for ids, labels in text_data.examples)
+    a = [text_data.indices(s, m, 4, 2, seed=3) for s in range(5) for m in range(2)]
+    b = [text_data.indices(s, m, 4, 2, seed=3) for s in range(5) for m in range(2)]
+    assert a == b
+    two = [text_data.indices(0, 0, 4, 1, rank=r, world=2) for r in range(2)]  # processes see different examples
+    assert not set(two[0]) & set(two[1])
+
+
+def test_alpaca_json_list_and_text_jsonl(tmp_path, tokenizer):
+    import json
+
+    rows = [json.loads(line) for line in (DATA / "heal_alpaca.jsonl").read_text().splitlines()]
+    listed = tmp_path / "alpaca_data.json"  # Stanford Alpaca ships one JSON list
+    listed.write_text(json.dumps(rows, indent=1))
+    assert load_heal_data(listed, tokenizer, seq_len=128).kind == "alpaca"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": f"document {i} " * 40}) for i in range(10)))
+    data = load_heal_data(texts, tokenizer, seq_len=16)
+    assert data.kind == "text" and len(data) > 0 and all(torch.equal(i, l) for i, l in data.examples)
+
+
+def test_no_usable_rows(tmp_path, tokenizer):
+    with pytest.raises(UserError, match="no usable rows"):
+        load_heal_data(DATA / "heal_no_rows.jsonl", tokenizer, seq_len=SEQ)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(UserError, match="no usable rows"):
+        load_heal_data(empty, tokenizer, seq_len=SEQ)
+    with pytest.raises(UserError, match="does not exist"):
+        load_heal_data(tmp_path / "missing.jsonl", tokenizer)
+
+
+# ----- training ----------------------------------------------------------------------------------------------
+def test_lora_heal_lowers_the_loss_and_exports_a_model_that_reloads_identically(tmp_path, text_data, heldout):
+    from sa_analysis import load_shared
+    from sa_analysis.loading import load_model
+
+    loaded = tiny_loaded()
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    report = heal(loaded, PLAN, text_data, heldout, config(), out=tmp_path)
+    losses = report.losses
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    p = report.perplexity
+    assert p["patched"] != p["baseline"] and p["healed"] < p["patched"]
+    for name in ("report", "figure", "model"):
+        assert Path(report.files[name]).exists()
+    # after heal: LoRA merged (plain Linear layers), patch in force, followers' q/k untouched
+    assert loaded.share is not None and loaded.share.active
+    assert not any(hasattr(m, "lora_A") for m in loaded.model.modules())
+    for layer in (2, 3):
+        follower = loaded.model.model.layers[layer].self_attn
+        assert isinstance(follower, SharedAttention)
+        assert torch.equal(follower.original.q_proj.weight, before[f"model.layers.{layer}.self_attn.q_proj.weight"])
+    assert not torch.equal(loaded.model.model.layers[1].self_attn.q_proj.weight, before["model.layers.1.self_attn.q_proj.weight"])
+
+    ids = heldout.input_ids
+    healed = _logits(loaded.model, ids)
+    reloaded = load_shared(report.files["model"], device="cpu", dtype="float32")
+    assert reloaded.share.active and reloaded.share.anchor_of == PLAN
+    assert isinstance(reloaded.model.model.layers[2].self_attn, SharedAttention)
+    assert torch.equal(_logits(reloaded.model, ids), healed)
+    via_load_model = load_model(report.files["model"], device="cpu", dtype="float32")  # --model PATH
+    assert via_load_model.share.active and torch.equal(_logits(via_load_model.model, ids), healed)
+    reloaded.share.remove()  # the same weights without sharing
+    assert not torch.equal(_logits(reloaded.model, ids), healed)
+
+    plan = SharePlan.load(Path(report.files["model"]) / "share_plan.json")  # also a plain plan file
+    assert plan.anchor_of == PLAN
+
+
+def test_export_loads_without_the_training_code(tmp_path, text_data, heldout):
+    loaded = tiny_loaded()
+    report = heal(loaded, PLAN, text_data, heldout, config(steps=2), out=tmp_path)
+    expected = _logits(loaded.model, heldout.input_ids)
+    torch.save(heldout.input_ids, tmp_path / "ids.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+torch.set_num_threads(1)
+sys.modules["peft"] = None  # LoRA's library must not be needed
+import sa_analysis
+loaded = sa_analysis.load_shared({report.files['model']!r}, device="cpu", dtype="float32")
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+with torch.no_grad():
+    logits = loaded.model(input_ids=ids, use_cache=False).logits
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert torch.equal(logits, expected), (logits - expected).abs().max()
+assert "sa_analysis.heal" not in sys.modules, "training code imported"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_full_heal_sends_gradients_through_the_follower_into_the_anchor(text_data, heldout):
+    loaded = tiny_loaded()
+    model = loaded.model
+    chosen = dict(full_parameters(model, PLAN, config(method="full")))
+    assert "model.layers.1.self_attn.q_proj.weight" in chosen and "model.layers.2.self_attn.v_proj.weight" in chosen
+    assert not any(f"layers.{l}.self_attn.{p}_proj" in n for n in chosen for l in (2, 3) for p in "qk")
+    # the follower's output alone has a gradient with respect to the anchor's q_proj and k_proj
+    outputs = []
+    with share_attention(model, PLAN):
+        follower = model.model.layers[3].self_attn
+        hook = follower.register_forward_hook(lambda _m, _i, out: outputs.append(out[0]))
+        model(input_ids=heldout.input_ids[:1])
+        hook.remove()
+        anchor = model.model.layers[1].self_attn
+        grads = torch.autograd.grad(outputs[0].square().sum(), [anchor.q_proj.weight, anchor.k_proj.weight])
+    assert all(g.abs().sum() > 0 for g in grads)
+    # a full heal trains the anchor's q/k; the followers' unused q/k stay as they were
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = heal(loaded, PLAN, text_data, heldout, config(method="full", steps=4, lr=1e-3))
+    after = dict(loaded.model.named_parameters())
+    assert not torch.equal(after["model.layers.1.self_attn.k_proj.weight"], before["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(loaded.model.model.layers[2].self_attn.original.k_proj.weight, before["model.layers.2.self_attn.k_proj.weight"])
+    assert report.run["n_trainable"] == sum(p.numel() for p in chosen.values())
+
+
+def test_lora_targets_skip_what_followers_never_run():
+    model = tiny_model("llama", dtype=torch.float32)
+    names = lora_targets(model, PLAN, config())
+    assert "model.layers.1.self_attn.q_proj" in names and "model.layers.3.self_attn.v_proj" in names
+    assert not any(f"layers.{l}.self_attn.{p}_proj" in n for n in names for l in (2, 3) for p in "qk")
+    upper = lora_targets(model, PLAN, config(train_layers="from-anchor", lora_mlp=True))
+    assert not any(".layers.0." in n for n in upper) and "model.layers.2.mlp.down_proj" in upper
+
+
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path, text_data, heldout):
+    settings = dict(steps=6, save_every=2)
+    whole = heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "whole", export=False)
+
+    def stop_at_5(step, _loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", on_step=stop_at_5)
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-000004"
+    resumed = heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", resume=True)
+    assert resumed.run["resumed_from"] == 4 and resumed.run["steps_run"] == 2
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert resumed.perplexity["healed"] == pytest.approx(whole.perplexity["healed"], rel=1e-5)
+    with pytest.raises(UserError, match="other settings"):  # a checkpoint of another LoRA rank
+        heal(tiny_loaded(), PLAN, text_data, heldout, config(lora_rank=4, **settings), out=tmp_path / "cut", resume=True)
+
+
+# ----- mistakes ----------------------------------------------------------------------------------------------
+def test_plan_for_another_model(text_data, heldout):
+    other = SharePlan(n_layers=30, followers=[7, 8], model={"name": "smollm2-135m", "n_layers": 30})
+    with pytest.raises(UserError, match="30-layer"):
+        heal(tiny_loaded(), other, text_data, heldout, config(steps=1))
+
+
+def test_full_finetune_that_does_not_fit_suggests_lora(monkeypatch, text_data, heldout):
+    import sa_analysis.heal as heal_module
+
+    loaded = tiny_loaded()
+    params = [p for _, p in full_parameters(loaded.model, PLAN, config(method="full"))]
+    need = full_finetune_bytes(params)
+    assert need["total"] == 4 * sum(p.numel() * 4 for p in params)
+    monkeypatch.setattr(heal_module, "free_memory_bytes", lambda device: need["gradients"])  # room for grads only
+    with pytest.raises(UserError, match="LoRA"):
+        check_full_fits(params, torch.device("cpu"))
+    with pytest.raises(UserError, match="LoRA"):
+        heal(loaded, PLAN, text_data, heldout, config(method="full", steps=1))
+    assert loaded.model.config._attn_implementation == "sdpa"  # refused before patching anything
+
+
+# ----- the command -------------------------------------------------------------------------------------------
+def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
+    from cli.main import app
+    from sa_analysis.loading import load_model
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    args = ["heal", "--model", folder, "--spans", "2-3", "--data", DATA / "heal_alpaca.jsonl", "--steps", 3,
+            "--seq-len", 64, "--n-seqs", 2, "--save-every", 2, "--out", out]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/step-000002/state.json"):
+        assert (out / name).exists(), name
+    assert "healed" in result.output and "Recovered" in result.output
+    healed = load_model(str(out / "healed-model"), device="cpu")
+    assert healed.share.active and healed.info.source == "shared-folder"
+    # the exported folder works as --model for the other commands: measured unshared, validated with its own plan
+    measured = runner.invoke(app, [str(a) for a in ["heatmap", "--model", out / "healed-model", "--n-seqs", 1, "--seq-len", 16, "--out", tmp_path / "hm"]])
+    assert measured.exit_code == 0, measured.output
+    validated = runner.invoke(app, [str(a) for a in ["validate", "--model", out / "healed-model", "--n-seqs", 1, "--seq-len", 16, "--no-speed", "--tolerance", "100", "--out", tmp_path / "va"]])
+    assert validated.exit_code == 0 and "2/4 layers shared" in validated.output, validated.output
+
+    bad = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--spans", "2-3", "--data", DATA / "heal_no_rows.jsonl", "--seq-len", 32, "--out", tmp_path / "bad"]])
+    assert bad.exit_code == 1 and "no usable rows" in bad.output and "Traceback" not in bad.output
+    plan_file = tmp_path / "plan30.json"
+    SharePlan(n_layers=30, followers=[7]).save(plan_file)
+    other = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--plan", plan_file, "--out", tmp_path / "other"]])
+    assert other.exit_code == 1 and "30-layer" in other.output.replace("\n", " ")
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("SA_TEST_MULTIPROCESS"), reason="set SA_TEST_MULTIPROCESS=1 (about 30 s: two processes)")
+def test_two_processes_through_torchrun(tmp_path):
+    """The data-parallel path on CPUs (gloo): what `accelerate launch --num_processes 2` does on two GPUs."""
+    import os
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--nproc_per_node", "2", "-m", "cli.main", "heal", "--model", str(folder), "--spans", "2-3",
+            "--data", str(DATA / "heal_alpaca.jsonl"), "--steps", "4", "--seq-len", "64", "--n-seqs", "2",
+            "--out", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout and result.stdout.count("Recovered") == 1  # only the main process reports
+    from sa_analysis.heal import HealReport
+
+    report = HealReport.load(tmp_path / "out" / "heal_report.json")
+    assert report.run["world_size"] == 2 and report.run["tokens"] > 0 and len(report.losses) == 4
