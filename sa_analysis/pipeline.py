@@ -38,6 +38,16 @@ def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto") -> str:
     return "maps" if maps_bytes <= MAPS_LIMIT_BYTES else "stream"
 
 
+def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto") -> str:
+    """The capture path for this run; a streaming run that cannot fit in memory says so before any work."""
+    path = choose_path(loaded, batch.seq_len, path)
+    if path == "stream":
+        from .streaming import check_fits
+
+        check_fits(loaded.info, batch.seq_len, next(loaded.model.parameters()).device)
+    return path
+
+
 def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, path: str = "maps") -> tuple[SequenceStats, np.ndarray]:
     """Statistics and Block Influence [L] of one sequence `input_ids` [1, n]."""
     with torch.no_grad(), measure_block_influence(model) as influence:
@@ -66,12 +76,8 @@ def analyse(
     """Measure every sequence of `batch` and gather the statistics into an AttentionReport."""
     if exclude_first < 0 or exclude_first >= batch.seq_len - 1:
         raise UserError(f"--exclude-first must be between 0 and {batch.seq_len - 2} for sequences of {batch.seq_len} tokens.")
-    path = choose_path(loaded, batch.seq_len, path)
+    path = preflight(loaded, batch, path)
     device = next(loaded.model.parameters()).device
-    if path == "stream":
-        from .streaming import check_fits
-
-        check_fits(loaded.info, batch.seq_len, device)  # a run that cannot fit says so before it starts
     started = time.perf_counter()
     per_sequence, influence = [], []
     for i in range(batch.n_seqs):
@@ -153,6 +159,7 @@ def run_heatmap(
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
     batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
+    path = preflight(loaded, batch, path)
     bar = progress(batch.n_seqs) if progress else nullcontext(None)
     with bar as advance:
         report = analyse(loaded, batch, exclude_first=exclude_first, path=path, on_sequence=advance)

@@ -24,7 +24,7 @@ import matplotlib
 import numpy as np
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
@@ -39,6 +39,10 @@ __all__ = [
     "plot_head_grid",
     "plot_head_alignment",
     "plot_compare_heatmaps",
+    "plot_compare_isotropy",
+    "plot_attention_map",
+    "plot_attention_maps",
+    "most_misaligned_pair",
     "write_heatmap_figures",
     "save_figure",
 ]
@@ -391,6 +395,159 @@ def plot_isotropy_curve(report: AttentionReport, metric: str = "cosine_flat", wi
         _set_layer_ticks(axes[-1], n, axis="x")
         axes[-1].set_xlabel("layer l")
     return fig
+
+
+# ============================================================================================ comparisons
+def plot_compare_isotropy(reports: Sequence[AttentionReport], labels: Sequence[str] | None = None,
+                          metric: str = "cosine_flat") -> Figure:
+    """Adjacent-layer similarity (`metric` between layer l and l+1, head mean) of several reports overlaid, one line
+    per checkpoint with a ±1 std band over sequences: where each checkpoint's attention stays alike from layer to layer."""
+    info = lookup_metric(metric)
+    reports = list(reports)
+    if not reports:
+        raise UserError("plot_compare_isotropy needs at least one report.")
+    labels = [r.model_name for r in reports] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(reports):
+        raise UserError(f"Got {len(labels)} labels for {len(reports)} reports; give one label per report.")
+    short = _SHORT.get(metric, metric)
+    ylabel = f"{short}, l vs l+1" if info.similarity else "KL(l+1 ‖ l) [nats]"
+    with _style():
+        fig = _new_figure(5.2, 2.4)
+        ax = fig.add_subplot()
+        any_inf = False
+        n_max = 1
+        for i, (report, label) in enumerate(zip(reports, labels)):
+            colour = PALETTE[i % len(PALETTE)]
+            per_seq = np.asarray(report.array(f"{metric}_layers"), dtype=float)  # [S, L, L]
+            n = per_seq.shape[1]
+            n_max = max(n_max, n)
+            x = np.arange(n - 1)
+            curve = report.isotropy_curve(metric, 1)[:-1]
+            ax.plot(x, np.where(np.isfinite(curve), curve, np.nan), color=colour, marker="o", markersize=2, label=label)
+            if per_seq.shape[0] > 1:
+                adjacent = np.array([per_seq[:, l + 1, l] for l in range(n - 1)]).T  # [S, L-1]
+                with np.errstate(invalid="ignore"):
+                    spread = adjacent.std(axis=0)
+                band = np.isfinite(spread) & np.isfinite(curve)
+                ax.fill_between(x, np.where(band, curve - spread, np.nan), np.where(band, curve + spread, np.nan),
+                                color=colour, alpha=0.18, linewidth=0)
+            any_inf |= _mark_infinite(ax, x, curve, colour, i)
+        if any_inf:
+            _infinite_legend_entry(ax)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0)
+        ax.grid(True, axis="y", linewidth=0.4, alpha=0.4)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlim(-0.5, n_max - 1.5)
+        ax.margins(y=0.08)
+        _set_layer_ticks(ax, n_max - 1, axis="x")
+        ax.set_xlabel("layer l (compared with layer l+1)")
+        ax.set_ylabel(ylabel)
+        bands = " (bands: ± 1 std over sequences)" if any(r.array(f"{metric}_layers").shape[0] > 1 for r in reports) else ""
+        ax.set_title(f"Adjacent layers, {short}, head mean{_compare_note(reports)}{bands}", loc="left")
+    return fig
+
+
+def most_misaligned_pair(report: AttentionReport, metric: str = "cosine_flat") -> int:
+    """The layer l where matching the heads of l and l+1 one-to-one (Hungarian) gains the most over matching them by
+    index: the pair `write_heatmap_figures` draws in head_alignment.*."""
+    return _most_misaligned_pair(report, metric)
+
+
+# ========================================================================================= attention maps
+ATTENTION_CMAP = "magma"  # attention weights (probabilities); similarities use viridis, divergences magma_r
+
+
+def plot_attention_map(probs, title: str | None = None, ax=None, vmin: float = 1e-4) -> Figure:
+    """One head's attention matrix `probs` [Q, K] (rows: query positions, columns: key positions), log colour scale.
+
+    `probs` is a numpy array or a tensor, e.g. `AttentionMaps.probs(layer)[0, head]`. Weights below `vmin` are drawn
+    at `vmin` (colour-bar arrow); masked keys (weight exactly 0: the future, or outside a sliding window) are white.
+    Draws into `ax` when given (its figure is returned, without a colour bar), else into a new figure with one.
+    """
+    matrix = _as_matrix(probs)
+    with _style():
+        own = ax is None
+        if own:
+            fig = _new_figure(3.3, 2.75)
+            ax = fig.add_subplot()
+        fig = _root_figure(ax)
+        image = _draw_attention(ax, matrix, LogNorm(vmin=vmin, vmax=1.0))
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+        if title:
+            ax.set_title(title)
+        if own:
+            _attention_colorbar(fig, image, ax)
+    return fig
+
+
+def plot_attention_maps(maps: Sequence, titles: Sequence[str] | None = None, ncols: int | None = None,
+                        suptitle: str | None = None, vmin: float = 1e-4) -> Figure:
+    """A grid of single heads' attention matrices (each [Q, K]) on one log colour scale with one colour bar."""
+    matrices = [_as_matrix(m) for m in maps]
+    if not matrices:
+        raise UserError("plot_attention_maps needs at least one attention matrix.")
+    titles = [""] * len(matrices) if titles is None else [str(t) for t in titles]
+    if len(titles) != len(matrices):
+        raise UserError(f"Got {len(titles)} titles for {len(matrices)} maps; give one title per map.")
+    k = len(matrices)
+    ncols = min(k, ncols or 4)
+    nrows = math.ceil(k / ncols)
+    norm = LogNorm(vmin=vmin, vmax=1.0)
+    with _style():
+        panel = {1: 2.6, 2: 2.2, 3: 1.8}.get(ncols, 1.5)
+        fig = _new_figure(ncols * (panel + 0.2) + 0.9, nrows * (panel + 0.3) + (0.4 if suptitle else 0.1), layout="compressed")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = list(grid.flat)
+        for ax in axes[k:]:
+            ax.remove()
+        axes = axes[:k]
+        image = None
+        for i, (ax, matrix, title) in enumerate(zip(axes, matrices, titles)):
+            image = _draw_attention(ax, matrix, norm)
+            if i >= k - ncols:
+                ax.set_xlabel("key position")
+            if i % ncols == 0:
+                ax.set_ylabel("query position")
+            if title:
+                ax.set_title(title)
+        _attention_colorbar(fig, image, axes, aspect=20 * nrows)
+        if suptitle:
+            fig.suptitle(suptitle)
+    return fig
+
+
+def _as_matrix(probs) -> np.ndarray:
+    if hasattr(probs, "detach"):  # a torch tensor, without importing torch here
+        probs = probs.detach().float().cpu().numpy()
+    matrix = np.asarray(probs, dtype=float)
+    if matrix.ndim != 2:
+        raise UserError(f"An attention map must be one head's [query, key] matrix; got shape {matrix.shape} "
+                        f"(take e.g. maps.probs(layer)[0, head]).")
+    return matrix
+
+
+def _draw_attention(ax, matrix: np.ndarray, norm: LogNorm):
+    cmap = matplotlib.colormaps[ATTENTION_CMAP].with_extremes(bad=NAN_COLOUR)
+    shown = np.where(matrix > 0, np.maximum(matrix, norm.vmin), np.nan)  # exactly 0: masked key
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", origin="upper", aspect="equal")
+    n_q, n_k = matrix.shape
+    for axis, n in ((ax.xaxis, n_k), (ax.yaxis, n_q)):
+        axis.set_major_locator(ticker.MaxNLocator(nbins=4, integer=True, min_n_ticks=2))
+    ax.set_xlim(-0.5, n_k - 0.5)
+    ax.set_ylim(n_q - 0.5, -0.5)
+    ax.tick_params(labelsize=TICK_FONTSIZE)
+    for spine in ax.spines.values():
+        spine.set_linewidth(0.5)
+    return image
+
+
+def _attention_colorbar(fig: Figure, image, ax, aspect: float = 25):
+    bar = fig.colorbar(image, ax=ax, extend="min", fraction=0.06, pad=0.03, aspect=aspect)
+    bar.set_label("attention weight (log scale)")
+    bar.ax.tick_params(labelsize=TICK_FONTSIZE, width=0.5, length=2)
+    bar.outline.set_linewidth(0.5)
+    return bar
 
 
 # ================================================================================================= helpers

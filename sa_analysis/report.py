@@ -169,6 +169,26 @@ class AttentionReport:
         off_diagonal = ~np.eye(mat.shape[0], dtype=bool)
         return float(mat[off_diagonal].mean())
 
+    def off_diagonal_mean(self, name: str = "cosine_flat") -> float:
+        """Mean of the finite off-diagonal cells of the head-mean layer matrix (every pair of distinct layers)."""
+        mat = np.asarray(self.layer_matrix(name), dtype=float)
+        cells = mat[~np.eye(mat.shape[0], dtype=bool)]
+        cells = cells[np.isfinite(cells)]
+        return float(cells.mean()) if cells.size else float("nan")
+
+    def most_isotropic_span(self, name: str = "cosine_flat", length: int = 4) -> tuple[int, int, float]:
+        """(first, last, score) of the run of `length` consecutive layers whose attention is most alike: the highest
+        `span_score` for a similarity, the lowest for a divergence (a span with an infinite pair is never chosen
+        while a finite one exists)."""
+        length = int(min(max(length, 2), self.n_layers))
+        if self.n_layers < 2:
+            raise UserError("A report of a single layer has no span of layers to compare.")
+        similarity = metric(name).similarity
+        scored = [(first, first + length - 1, self.span_score(name, first, first + length - 1))
+                  for first in range(self.n_layers - length + 1)]
+        finite = [s for s in scored if np.isfinite(s[2])] or scored
+        return (max if similarity else min)(finite, key=lambda s: s[2])
+
     # ----- head alignment --------------------------------------------------------------------------------
     def head_alignment(self, name: str, layer_a: int, layer_b: int) -> dict[str, Any]:
         """Best one-to-one head matching between two layers (Hungarian) vs matching heads by index.
@@ -206,3 +226,28 @@ def _stem(path: str | Path) -> Path:
 def _save_npz(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as handle:  # a file handle keeps numpy from appending its own .npz suffix
         np.savez_compressed(handle, **arrays)
+
+
+def compare_summary(reports: list[AttentionReport], labels: list[str] | None = None, name: str = "cosine_flat",
+                    span_len: int = 4) -> list[dict[str, Any]]:
+    """One row per report (checkpoints of one model): mean off-diagonal and mean adjacent-layer `name`, and the most
+    isotropic run of `span_len` layers. Reports of models of different depth cannot be compared layer by layer."""
+    metric(name)
+    labels = [r.model_name for r in reports] if labels is None else list(labels)
+    if len(labels) != len(reports):
+        raise UserError(f"Got {len(labels)} labels for {len(reports)} inputs; give one --label per input.")
+    depths = {label: r.n_layers for label, r in zip(labels, reports)}
+    if len(set(depths.values())) > 1:
+        listed = ", ".join(f"{label}: {n}" for label, n in depths.items())
+        raise UserError(f"These models have different numbers of layers ({listed}); compare checkpoints of one model (same depth).")
+    rows = []
+    for label, report in zip(labels, reports):
+        adjacent = report.isotropy_curve(name, 1)[:-1]
+        finite = adjacent[np.isfinite(adjacent)]
+        first, last, score = report.most_isotropic_span(name, span_len)
+        data = report.meta.get("data") or {}
+        rows.append({"label": label, "model": report.model_name, "n_layers": report.n_layers,
+                     "off_diagonal_mean": report.off_diagonal_mean(name),
+                     "adjacent_mean": float(finite.mean()) if finite.size else float("nan"),
+                     "span": (first, last), "span_score": score, "token_sha1": data.get("token_sha1")})
+    return rows

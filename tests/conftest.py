@@ -70,6 +70,15 @@ def tiny_model(model_type: str, dtype=torch.float64, attn: str = "sdpa", seed: i
     return model.to(device).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them very slow on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The real default model (SmolLM2-135M, packaged GGUF), loaded once per test session in float32 on CPU."""

@@ -28,12 +28,7 @@ PLAN = {2: 1, 3: 1}  # layers 2 and 3 reuse layer 1's attention
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ PLANS = {"span": {2: 1, 3: 1}, "split": {1: 0, 3: 2}}
 SEQ = 12  # longer than the tiny sliding windows (6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them very slow on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(batch=2, seq=SEQ, seed=1):
