@@ -116,8 +116,6 @@ def draw(work: Path, out: Path) -> list[Path]:
 
     plan = planner.plan_spans(report)  # recommend-spans' defaults: 25% of the layers, cost KL(follower ‖ anchor)
     fig = plot_plan_over_heatmap(report, plan, "kl")
-    fig.set_size_inches(6.4, 5.9)  # the library draws it screen-sized; at print size its labels must stay legible
-    fig.tight_layout()
     paths.append(save(fig, "plan", out))
 
     quality = out / "quality_vs_shared.png"

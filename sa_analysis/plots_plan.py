@@ -11,14 +11,17 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from .io import atomic_write
+from .plots import _style
 from .report import AttentionReport, metric as lookup_metric
 
 if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.figure import Figure
-
     from .planner import SharePlan
 
 PLAN_COST_TO_METRIC = {"kl": "kl", "cosine": "cosine_flat", "cosine_row": "cosine_row"}
@@ -32,27 +35,30 @@ def heatmap_metric_for(report: AttentionReport, cost: str | None) -> str:
     return "kl"
 
 
-def plot_plan_over_heatmap(report: AttentionReport, plan: "SharePlan", metric: str = "kl", path: str | Path | None = None) -> "Figure":
+def plot_plan_over_heatmap(report: AttentionReport, plan: "SharePlan", metric: str = "kl", path: str | Path | None = None) -> Figure:
     """Draw the head-mean `metric` matrix (follower rows x reused-layer columns) with the plan's spans outlined.
 
     Only the lower triangle (reused layer before follower) is drawn: Shared Attention only looks backwards.
     Infinite values (KL across different masks) are shown in grey. Saves a PNG atomically when `path` is given.
     """
-    import matplotlib
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
-
     info = lookup_metric(metric)
     values = np.asarray(report.layer_matrix(metric), dtype=float)
     n = values.shape[0]
     below = np.tril(np.ones((n, n), dtype=bool), k=-1)
     shown = np.where(below, values, np.nan)
     finite = shown[np.isfinite(shown)]
-    vmin, vmax = _colour_range(finite, info.similarity)
+    with _style():  # the paper style of `plots`: legible when printed at its nominal size
+        fig = _draw(report, plan, metric, values, shown, below, finite, info, n)
+    if path is not None:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=200))
+    return fig
 
-    size = min(12.0, max(6.0, 0.28 * n + 3))
-    fig = Figure(figsize=(size + 1.5, size))  # no pyplot: no global state, works under any backend
+
+def _draw(report, plan, metric, values, shown, below, finite, info, n) -> Figure:
+    """The heatmap, its colour bar, the span outlines and the legend (inside the paper style)."""
+    vmin, vmax = _colour_range(finite, info.similarity)
+    size = min(7.0, max(4.5, 0.12 * n + 2.5))
+    fig = Figure(figsize=(size + 1.0, size))  # no pyplot: no global state, works under any backend
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps[info.cmap].copy()
     cmap = cmap.with_extremes(bad="white")
@@ -66,20 +72,18 @@ def plot_plan_over_heatmap(report: AttentionReport, plan: "SharePlan", metric: s
 
     for anchor, first, last in plan.spans:
         side = last - anchor + 1
-        ax.add_patch(Rectangle((anchor - 0.5, anchor - 0.5), side, side, fill=False, edgecolor="#00c8ff", linewidth=2.2))
+        ax.add_patch(Rectangle((anchor - 0.5, anchor - 0.5), side, side, fill=False, edgecolor="#00c8ff", linewidth=1.6))
         ax.add_patch(Rectangle((anchor - 0.5, first - 0.5), 1, last - first + 1, fill=False, edgecolor="#ff2a6d",
-                               linewidth=1.6, linestyle="--"))
+                               linewidth=1.1, linestyle="--"))
 
     _axes(ax, n)
     handles = [Patch(fill=False, edgecolor="#00c8ff", linewidth=2.2, label="span block [anchor..last follower]"),
                Patch(fill=False, edgecolor="#ff2a6d", linestyle="--", linewidth=1.6, label="cells paid: followers x anchor")]
     if infinite.any():
         handles.append(Patch(facecolor="#9e9e9e", label="infinite (masks differ)"))
-    ax.legend(handles=handles, loc="upper right", fontsize=9, framealpha=0.9)
-    ax.set_title(_title(report, plan, metric), fontsize=11)
+    ax.legend(handles=handles, loc="upper right", framealpha=0.9)
+    ax.set_title(_title(report, plan, metric))
     fig.tight_layout()
-    if path is not None:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     return fig
 
 
@@ -107,6 +111,6 @@ def _axes(ax, n: int) -> None:
 def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
     spans = ", ".join(f"{a}\u2192{f}-{l}" if l > f else f"{a}\u2192{f}" for a, f, l in plan.spans) or "nothing shared"
     cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
-    spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=90)
+    spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=70)
     return (f"{report.model_name}: {plan.method} plan over head-mean {metric}\n"
             f"{plan.n_shared}/{plan.n_layers} layers shared{cost}\n{spans}")
