@@ -381,7 +381,7 @@ def add_lora(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealC
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise UserError("LoRA healing needs peft: `pip install 'sa-analysis[heal]'` (or `pip install peft`), or use a full fine-tune (--full).") from None
+        raise UserError("LoRA healing needs peft: `pip install peft`, or use a full fine-tune (--full).") from None
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
                       lora_dropout=config.lora_dropout, target_modules=lora_targets(model, anchor_of, config), bias="none")
     with warnings.catch_warnings():

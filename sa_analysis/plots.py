@@ -51,7 +51,7 @@ DPI = 200
 SAVE_FORMATS = ("png", "pdf", "svg")
 INF_COLOUR = "#a8a8a8"  # infinite KL: a neutral grey that none of the colour maps used here contains
 NAN_COLOUR = "#ffffff"
-# seaborn's "colorblind" palette, written out so that plotting does not import seaborn (and pandas) at all
+# seaborn's "colorblind" palette (colour-blind safe), written out: the figures are plain matplotlib, no seaborn/pandas
 PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#949494", "#56b4e9")
 
 # Sizes in points for a figure printed at its nominal size (a 7 in wide double-column figure, or 3.5 in single).
