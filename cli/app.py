@@ -74,5 +74,16 @@ def wrote(paths) -> None:
         console.print(f"  wrote [cyan]{path}[/]", highlight=False)
 
 
+def format_bytes(value: float | None, missing: str = "-") -> str:
+    """1536 -> '1.50 KiB'; `missing` when the value is unknown."""
+    if value is None:
+        return missing
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return str(value)
+
+
 def is_interactive() -> bool:
     return sys.stderr.isatty()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.app import (
     DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
-    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, user_errors, wrote,
+    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, format_bytes, user_errors, wrote,
 )
 from sa_analysis.errors import UserError
 
@@ -168,14 +168,8 @@ def _print_savings(plan) -> None:
     console.print(table)
 
 
-def _bytes(value: int | None) -> str:
-    if value is None:
-        return "n/a (shape unknown)"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return str(value)
+def _bytes(value) -> str:
+    return format_bytes(value, missing="n/a (shape unknown)")
 
 
 def _count(value: int | None) -> str:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.app import (
     DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
-    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, user_errors, wrote,
+    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, format_bytes, user_errors, wrote,
 )
 from sa_analysis.errors import UserError
 
@@ -174,14 +174,8 @@ def _num(value: Optional[float], spec: str = ",.1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _bytes(value: Optional[int]) -> str:
-    if value is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return str(value)
+def _bytes(value) -> str:
+    return format_bytes(value, missing="-")
 
 
 # ----- the validate loop, for `recommend-spans --validate` -------------------------------------------------------

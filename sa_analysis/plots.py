@@ -199,12 +199,7 @@ def plot_compare_heatmaps(reports: Sequence[AttentionReport], labels: Sequence[s
     """The Shared Attention paper's figure: one heatmap per report (checkpoints, before/after a fine-tune...),
     one shared colour scale and a single colour bar. `labels` name the panels (default: the model names)."""
     info = lookup_metric(metric)
-    reports = list(reports)
-    if not reports:
-        raise UserError("plot_compare_heatmaps needs at least one report.")
-    labels = [r.model_name for r in reports] if labels is None else [str(x) for x in labels]
-    if len(labels) != len(reports):
-        raise UserError(f"Got {len(labels)} labels for {len(reports)} reports; give one label per report.")
+    reports, labels = _reports_and_labels(reports, labels, "plot_compare_heatmaps")
     matrices = [np.asarray(r.layer_matrix(metric), dtype=float) for r in reports]
     vmin, vmax = _colour_range(matrices, info.similarity)
     k = len(reports)
@@ -403,12 +398,7 @@ def plot_compare_isotropy(reports: Sequence[AttentionReport], labels: Sequence[s
     """Adjacent-layer similarity (`metric` between layer l and l+1, head mean) of several reports overlaid, one line
     per checkpoint with a ±1 std band over sequences: where each checkpoint's attention stays alike from layer to layer."""
     info = lookup_metric(metric)
-    reports = list(reports)
-    if not reports:
-        raise UserError("plot_compare_isotropy needs at least one report.")
-    labels = [r.model_name for r in reports] if labels is None else [str(x) for x in labels]
-    if len(labels) != len(reports):
-        raise UserError(f"Got {len(labels)} labels for {len(reports)} reports; give one label per report.")
+    reports, labels = _reports_and_labels(reports, labels, "plot_compare_isotropy")
     short = _SHORT.get(metric, metric)
     ylabel = f"{short}, l vs l+1" if info.similarity else "KL(l+1 ‖ l) [nats]"
     with _style():
@@ -572,6 +562,18 @@ def _root_figure(ax) -> Figure:
         return ax.get_figure(root=True)
     except TypeError:  # matplotlib < 3.10
         return ax.figure
+
+
+def _reports_and_labels(reports: Sequence[AttentionReport], labels: Sequence[str] | None,
+                        what: str) -> tuple[list[AttentionReport], list[str]]:
+    """The reports as a list and one label each (default: the model names), or a user error."""
+    reports = list(reports)
+    if not reports:
+        raise UserError(f"{what} needs at least one report.")
+    labels = [r.model_name for r in reports] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(reports):
+        raise UserError(f"Got {len(labels)} labels for {len(reports)} reports; give one label per report.")
+    return reports, labels
 
 
 def _available_metrics(report: AttentionReport) -> list[str]:
