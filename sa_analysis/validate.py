@@ -757,7 +757,11 @@ def plot_search(search: PlanSearch, path: str | Path) -> Path:
                    edgecolor="black", linewidth=1.2, label="chosen, on held-out text")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layers shared")
-    ax.set_ylabel("perplexity change (%)")
+    ax.set_yscale("symlog", linthresh=10)  # linear near the tolerance, logarithmic for the large losses
+    low, high = ax.get_ylim()
+    ticks = [t for t in (-50, -20, -10, -5, 0, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low <= t <= high]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylabel("perplexity change (%, log scale above 10)")
     ax.set_title("Shared Attention plans tried (calibration text)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
