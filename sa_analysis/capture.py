@@ -161,15 +161,16 @@ def capture_attention_forward(
     return output
 
 
-def _register(base: str) -> str:
-    """Register the capture function under `sa_capture_<base>`, with `<base>`'s mask function; return the name."""
+def register_attention(prefix: str, base: str, function: Callable) -> str:
+    """Register `function` as `<prefix><base>` with `<base>`'s mask function (without it transformers silently
+    passes no mask); return the name to select with `model.set_attn_implementation`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    name = CAPTURE_PREFIX + base
     if base not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise ValueError(f"cannot capture attention implementation {base!r}; load the model with sdpa or eager attention")
-    AttentionInterface.register(name, capture_attention_forward)
+        raise ValueError(f"attention implementation {base!r} has no mask function to reuse; load the model with sdpa or eager attention")
+    name = prefix + base
+    AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
@@ -212,7 +213,7 @@ def capture_attention(model: torch.nn.Module, recorder: Recorder) -> Iterator[Re
     base = model.config._attn_implementation
     if base.startswith(CAPTURE_PREFIX):
         raise RuntimeError("capture_attention is already active on this model; nested captures are not supported")
-    name = _register(base)
+    name = register_attention(CAPTURE_PREFIX, base, capture_attention_forward)
     try:
         for module in modules:
             module._sa_capture = _Session(original_attention(module, base), recorder, module.layer_idx in layers)

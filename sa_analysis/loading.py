@@ -151,7 +151,7 @@ def _missing_weights(spec: str, hub_id: str, looked: list[str]) -> UserError:
     )
 
 
-def _from_pretrained_kwargs(dtype: torch.dtype, device: torch.device, device_map: str | None) -> dict[str, Any]:
+def _from_pretrained_kwargs(dtype: torch.dtype, device_map: str | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if device_map:
         kwargs["device_map"] = device_map
@@ -162,7 +162,7 @@ def _load_folder(folder: Path, dtype, device, device_map):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **_from_pretrained_kwargs(dtype, device, device_map))
+        model = AutoModelForCausalLM.from_pretrained(folder, **_from_pretrained_kwargs(dtype, device_map))
     except (OSError, ValueError) as exc:
         raise UserError(f"The folder {folder} does not hold a loadable causal LM ({_first_line(exc)}); pass a folder with config.json and weights.") from None
     tokenizer = _try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))

@@ -50,7 +50,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .capture import CAPTURE_PREFIX, AttentionInputs, attention_modules, decoder_layers, original_attention
+from .capture import (CAPTURE_PREFIX, AttentionInputs, attention_modules, decoder_layers, original_attention,
+                      register_attention)
 from .errors import UserError
 
 SHARE_PREFIX = "sa_share_"
@@ -329,7 +330,7 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast") -> SharedAt
     state = _ShareState(mode=mode, followers_of=followers_of)
     handle = SharedAttentionHandle(model, anchor_of, mode)
     try:
-        name = _register(base)
+        name = register_attention(SHARE_PREFIX, base, shared_attention_forward)
         _align_layer_types(model, anchor_of, handle)
         for idx, module in enumerate(modules):
             if idx in anchor_of:
@@ -371,17 +372,6 @@ def _check_follower(block: nn.Module, module: nn.Module) -> None:
         raise UserError(f"Layer {module.layer_idx}'s attention has no {', '.join(missing)}; this attention module is not supported.")
     if hasattr(module, "v_norm"):
         raise UserError(f"Layer {module.layer_idx}'s attention normalises its values (v_norm), which Shared Attention does not support.")
-
-
-def _register(base: str) -> str:
-    """Register the Shared Attention function as `sa_share_<base>`, with `<base>`'s mask function; return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    name = SHARE_PREFIX + base
-    AttentionInterface.register(name, shared_attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
 
 
 def _align_layer_types(model: nn.Module, anchor_of: Mapping[int, int], handle: SharedAttentionHandle) -> None:

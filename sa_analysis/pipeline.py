@@ -54,8 +54,7 @@ def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, pa
         if path == "stream":
             from .streaming import stream_sequence_stats
 
-            stats = stream_sequence_stats(model, input_ids, exclude_first=exclude_first)
-            stats = stats[0] if isinstance(stats, tuple) else stats
+            stats, _ = stream_sequence_stats(model, input_ids, exclude_first=exclude_first)
         else:
             maps = AttentionMaps()
             with capture_attention(model, maps):

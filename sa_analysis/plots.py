@@ -375,13 +375,7 @@ def plot_isotropy_curve(report: AttentionReport, metric: str = "cosine_flat", wi
                 ax.plot(x, ent.mean(axis=1), color=PALETTE[0], marker="o", markersize=2, label="mean over heads")
                 ax.set_ylabel("entropy [nats]")
                 ax.set_title("attention entropy (thin lines: single heads)", loc="left")
-            if any_inf:
-                _infinite_legend_entry(ax)
-            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0)
-            ax.grid(True, axis="y", linewidth=0.4, alpha=0.4)
-            ax.spines[["top", "right"]].set_visible(False)
-            ax.set_xlim(-0.5, n - 0.5)
-            ax.margins(y=0.08)
+            _finish_line_panel(ax, any_inf, n)
             if any_inf:  # headroom for the ∞ markers above the data
                 lo, hi = ax.get_ylim()
                 ax.set_ylim(lo, hi + 0.3 * (hi - lo))
@@ -422,13 +416,7 @@ def plot_compare_isotropy(reports: Sequence[AttentionReport], labels: Sequence[s
                 ax.fill_between(x, np.where(band, curve - spread, np.nan), np.where(band, curve + spread, np.nan),
                                 color=colour, alpha=0.18, linewidth=0)
             any_inf |= _mark_infinite(ax, x, curve, colour, i)
-        if any_inf:
-            _infinite_legend_entry(ax)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0)
-        ax.grid(True, axis="y", linewidth=0.4, alpha=0.4)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.set_xlim(-0.5, n_max - 1.5)
-        ax.margins(y=0.08)
+        _finish_line_panel(ax, any_inf, n_max - 1)
         _set_layer_ticks(ax, n_max - 1, axis="x")
         ax.set_xlabel("layer l (compared with layer l+1)")
         ax.set_ylabel(ylabel)
@@ -562,6 +550,17 @@ def _root_figure(ax) -> Figure:
         return ax.get_figure(root=True)
     except TypeError:  # matplotlib < 3.10
         return ax.figure
+
+
+def _finish_line_panel(ax, any_inf: bool, n_points: int) -> None:
+    """Shared look of the line panels: legend outside on the right (with the ∞ entry), light grid, open frame."""
+    if any_inf:
+        _infinite_legend_entry(ax)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0)
+    ax.grid(True, axis="y", linewidth=0.4, alpha=0.4)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_xlim(-0.5, n_points - 0.5)
+    ax.margins(y=0.08)
 
 
 def _reports_and_labels(reports: Sequence[AttentionReport], labels: Sequence[str] | None,
