@@ -281,7 +281,7 @@ def run_variant(store, kw: dict) -> dict:
 
 
 def sweep(store, deadline: float) -> tuple[list[dict], dict]:
-    """Greedy: emit tile, then row-statistics tile, then products (tri chunks) with and without overlap."""
+    """Greedy: emit tile, then row-statistics tile, then the unit size (operand memory vs product efficiency)."""
     rows: list[dict] = []
     best: dict = {}
 
@@ -298,9 +298,10 @@ def sweep(store, deadline: float) -> tuple[list[dict], dict]:
         if scored:
             best = {**best, **min(scored, key=lambda t: t[0])[1]}
 
-    pick([dict(kernel=k) for k in [(1, True), (1, False), (2, True), (2, False)]], "emit_ms")
-    pick([dict(tile=t) for t in [(64, 64, 4), (64, 64, 8), (64, 32, 4), (128, 64, 8), (64, 128, 8)]], "emit_ms")
-    pick([dict(), dict(overlap=True), dict(unit_elements=262144)], "ms")
+    pick([dict(tile=t) for t in [(64, 64, 4), (64, 64, 4, 2), (64, 64, 4, 2, 168), (64, 64, 4, 1, 128),
+                                 (128, 64, 8, 2)]], "emit_ms")
+    pick([dict(stats_tile=t) for t in [(128, 64, 4), (128, 64, 8), (64, 64, 4)]], "row_stats_ms")
+    pick([dict(), dict(unit_elements=262144)], "ms")
     log("best engine options", best)
     return rows, best
 

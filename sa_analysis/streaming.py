@@ -35,6 +35,7 @@ the other devices for the products, and the rows are gathered at the end on the 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -47,7 +48,9 @@ from .metrics import SequenceStats, js_divergence
 
 GIB = 1024**3
 OPERAND_SCALE_FP16 = 2.0**14  # P * 2^14 <= 16384 < 65504: fp16 keeps probabilities down to ~1e-12 normal
-DEFAULT_OPERAND_BYTES = 768 * 1024**2  # per unit: big enough for efficient matmuls, small next to a 7B model
+# operand bytes per unit: big enough for efficient matmuls (on an H100, 1.5 GiB units run the products 3 % faster
+# than 0.75 GiB ones), small next to a 7B model; the check in `check_fits` shrinks them when memory is short
+OPERAND_BYTES = {"cuda": 1536 * 1024**2, "cpu": 768 * 1024**2}
 MIN_BLOCK_ROWS = 64
 TRITON_BM, TRITON_BN = 64, 64
 
@@ -138,8 +141,8 @@ class QKStore:
         g = self.groups[gi]
         if self.q[gi] is None:
             slots = g.n_layers + g.halo
-            self.q[gi] = torch.empty((slots,) + tuple(q.shape[1:]), dtype=q.dtype, device=q.device)
-            self.k[gi] = torch.empty((slots,) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
+            self.q[gi] = _stacked_like(q[0], slots)
+            self.k[gi] = _stacked_like(k[0], slots)
             g.device = q.device
         self.q[gi][layer - g.first_stored].copy_(q[0])
         self.k[gi][layer - g.first_stored].copy_(k[0])
@@ -192,6 +195,18 @@ class QKStore:
             store.record(moved)
         store.finish()
         return store
+
+
+def _stacked_like(t: torch.Tensor, slots: int) -> torch.Tensor:
+    """An empty `[slots, H, n, D]` buffer laid out like `t` `[H, n, D]`, so that recording a layer is a plain copy.
+
+    Models project queries/keys as `[n, H, D]` and transpose, so `t` is usually token-major (head stride D); a
+    head-major buffer would turn every recording into a strided transpose. The kernels take any strides.
+    """
+    H, n, D = t.shape
+    if t.stride(1) > t.stride(0):  # token-major
+        return torch.empty((slots, n, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty((slots, H, n, D), dtype=t.dtype, device=t.device)
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -283,7 +298,7 @@ def free_bytes(device: torch.device | str) -> int | None:
 
 def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_dtype: torch.dtype | None = None,
                block_rows: int | None = None, memory_fraction: float = 0.8,
-               free: int | None = None, max_operand_bytes: int = DEFAULT_OPERAND_BYTES) -> StreamPlan:
+               free: int | None = None, max_operand_bytes: int | None = None) -> StreamPlan:
     """Plan a streaming run of `seq_len` tokens on `device`, or raise a UserError that says the longest length that fits.
 
     `info` is a `ModelInfo` (for a model split over several devices, pass the share of the layers on this device).
@@ -309,7 +324,7 @@ def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_d
         rows = max(16, min(rows, _round_up(n, 16)))
         qk, _, fwd = _bytes(shape, n, model_item, op_item, 0, eager, windowed)
         fixed = qk + max(fwd, 2 * N * n * 4 + 3 * N * N * 4 * 2)
-        target = max_operand_bytes
+        target = max_operand_bytes or OPERAND_BYTES.get(device.type, OPERAND_BYTES["cpu"])
         if budget is not None:
             target = min(target, max(budget - fixed, 0))
         elements = max(target // (3 * N * op_item), rows * TRITON_BN)
@@ -424,8 +439,8 @@ class StreamingStatistics:
     Tuning knobs (defaults measured best on an H100 at Llama-2-7B shape, see benchmarks/README.md):
     `block_rows`/`key_chunk`/`unit_elements` cut the causal plane into segments and units; `gram` is "tri"
     (upper block-triangle of the symmetric products, `tri_chunks` row chunks), "full" or "splitk"; `tile` is the
-    emit kernel's (rows, keys, warps[, stages]) and `stats_tile` the row-statistics kernel's; `kernel` is
-    (math variant, per-row partial sums); `overlap` runs products on a side stream with a second operand buffer
+    emit kernel's (rows, keys, warps[, pipeline stages[, register cap]]) and `stats_tile` the row-statistics
+    kernel's (rows, keys, warps[, stages]); `overlap` runs products on a side stream with a second operand buffer
     (no gain measured: cuBLAS fills the GPU; it doubles operand memory, which `check_fits` does not count).
     `backend` "auto" uses Triton on CUDA for causal/sliding masks, plain torch otherwise.
     """
@@ -433,8 +448,8 @@ class StreamingStatistics:
     def __init__(self, store: QKStore, *, exclude_first: int = 0, operand_dtype: torch.dtype | None = None,
                  block_rows: int | None = None, key_chunk: int | None = None, unit_elements: int | None = None,
                  backend: str = "auto", gram: str = "auto", tri_chunks: int = 2,
-                 tile: tuple[int, ...] = (TRITON_BM, TRITON_BN, 4), stats_tile: tuple[int, ...] = (128, 64, 4),
-                 overlap: bool = False, kernel: tuple[int, bool] = (2, True), profile: bool = False):
+                 tile: tuple[int, ...] = (TRITON_BM, TRITON_BN, 4, 2), stats_tile: tuple[int, ...] = (128, 64, 4),
+                 overlap: bool = False, profile: bool = False):
         if store.seq_len is None or store.q[0] is None:
             raise ValueError("the store is empty; run a forward inside capture_attention(model, store) first")
         self.store = store
@@ -473,9 +488,8 @@ class StreamingStatistics:
             self.gram = "full"
         self.tri_chunks = max(1, tri_chunks)
         self.bm, self.bn, self.warps = tile[:3]
-        self.stages = tile[3] if len(tile) > 3 else None
+        self.launch = dict(zip(("num_stages", "maxnreg"), tile[3:]))  # optional pipeline stages, register cap
         self.stats_tile = stats_tile
-        self.kernel_math, self.kernel_rowsum = kernel
         self.overlap = overlap and on_cuda and single
         self.compiled: dict[str, Any] = {}
         rows = block_rows or (128 if backend == "triton" else 64)
@@ -483,7 +497,8 @@ class StreamingStatistics:
             rows = _round_up(rows, self.bm)
         self.block_rows = rows
         align = self.bn if backend == "triton" else 1
-        elements = unit_elements or max(DEFAULT_OPERAND_BYTES // (3 * self.N * self.operand_dtype.itemsize),
+        unit_bytes = OPERAND_BYTES.get(primary.type, OPERAND_BYTES["cpu"])
+        elements = unit_elements or max(unit_bytes // (3 * self.N * self.operand_dtype.itemsize),
                                         rows * align)
         chunk = key_chunk or max(align, (elements // rows) // align * align)
         self.key_chunk = _round_up(min(chunk, self.n), align)
@@ -560,9 +575,9 @@ class StreamingStatistics:
         for st in self.states:
             st.buffer = None
             rows = getattr(st, "neg_entropy_rows", None)
-            if rows is not None:
-                st.neg_entropy += rows.sum(dim=1).to(st.neg_entropy.dtype)
-                st.js += st.js_rows.sum(dim=1).to(st.js.dtype)
+            if rows is not None:  # the Triton kernels' per-row sums, in bits
+                st.neg_entropy += rows.sum(dim=1).to(st.neg_entropy.dtype) * math.log(2)
+                st.js += st.js_rows.sum(dim=1).to(st.js.dtype) * math.log(2)
                 st.neg_entropy_rows = st.js_rows = None
         self._event("result", True)
         result = self._result()
@@ -649,6 +664,8 @@ class StreamingStatistics:
         gram = gram / (s * s)
         acc_r = acc_r / (s * s)
         cross = cross / s
+        if self.backend == "triton":  # the kernels write Y = log2 P
+            cross = cross * math.log(2)
         rows = max(self.n_rows, 1)
         tiny = torch.finfo(self.acc_dtype).tiny
         diag = gram.diagonal().clamp_min(tiny)
@@ -676,7 +693,9 @@ class StreamingStatistics:
         w = torch.tensor([s.window if s.window else inf for s in self.specs], dtype=torch.float64)
         bites = (n - 1 - w) >= k  # some valid row i >= k has keys <= i - w_b that are >= k
         miss_layers = (w[None, :] < w[:, None]) & bites[None, :]
-        return miss_layers.repeat_interleave(H, 0).repeat_interleave(H, 1).to(device)
+        if not miss_layers.any():  # every layer sees the same keys: nothing to copy to the device
+            return torch.zeros(self.N, self.N, dtype=torch.bool, device=device)
+        return miss_layers.to(device).repeat_interleave(H, 0).repeat_interleave(H, 1)
 
     # -- triton backend
     def _layer_arrays(self, st: _GroupState):
@@ -694,10 +713,10 @@ class StreamingStatistics:
         slots = q.shape[0]
         st.lse = torch.empty(slots * self.n_heads, self.n, dtype=torch.float32, device=q.device)
         st.lse2 = torch.empty_like(st.lse)
-        if self.kernel_rowsum:  # per-row partial sums of sum P log P and of the JS terms, folded in _finish
-            st.neg_entropy_rows = torch.zeros(self.N, self.n, dtype=torch.float32, device=q.device)
-            st.js_rows = torch.zeros(max(self.n_layers - 1, 0) * self.n_heads, self.n, dtype=torch.float32,
-                                     device=q.device)
+        # per-row partial sums of sum P log P and of the JS terms (no block-wide reductions), folded in _finish
+        st.neg_entropy_rows = torch.zeros(self.N, self.n, dtype=torch.float32, device=q.device)
+        st.js_rows = torch.zeros(max(self.n_layers - 1, 0) * self.n_heads, self.n, dtype=torch.float32,
+                                 device=q.device)
         st.arrays = self._layer_arrays(st)
         win, scale, cap, softcap = st.arrays
         r0 = self.exclude_first
@@ -719,19 +738,17 @@ class StreamingStatistics:
         win, scale, cap, softcap = st.arrays
         g = st.group
         grid = (triton_cdiv(seg.rows, self.bm), triton_cdiv(seg.keys, self.bn), self.n_heads)
-        extra = {"num_stages": self.stages} if self.stages else {}
+        extra = {k: v for k, v in self.launch.items() if v}
         with _on_device(q.device):
             self.compiled["emit"] = kernels.emit[grid](
                 q, k, win, scale, cap, st.lse, st.lse2, U,
-                st.neg_entropy_rows if self.kernel_rowsum else st.neg_entropy,
-                st.js_rows if self.kernel_rowsum else st.js,
+                st.neg_entropy_rows, st.js_rows,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 self.n, seg.r0, seg.rows, seg.k0, seg.keys, seg.offset, self.exclude_first,
                 U.stride(0), U.stride(1), g.first_stored, q.shape[0], g.halo, self.out_scale,
                 HQ=self.n_heads, REP=self.n_heads // self.n_kv, D=self.head_dim,
                 DP=_next_pow2(self.head_dim), BM=self.bm, BN=self.bn, SOFTCAP=softcap,
-                IEEE=q.dtype == torch.float32, MATH=self.kernel_math, ROWSUM=self.kernel_rowsum,
-                num_warps=self.warps, **extra)
+                IEEE=q.dtype == torch.float32, num_warps=self.warps, **extra)
 
 
 def _chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -741,10 +758,9 @@ def _chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
 
 def _block_upper(n: int, chunks: int, device) -> torch.Tensor:
     """[n, n] bool: True in the blocks (i, j) with i <= j of the chunking used by the triangular products."""
-    idx = torch.zeros(n, dtype=torch.long)
-    for ci, (a, b) in enumerate(_chunk_bounds(n, chunks)):
-        idx[a:b] = ci
-    return (idx[:, None] <= idx[None, :]).to(device)
+    size = _chunk_bounds(n, chunks)[0][1]
+    idx = torch.arange(n, device=device) // size  # chunk of each row (built on the device: no host copy)
+    return idx[:, None] <= idx[None, :]
 
 
 _MM_DTYPE_OK: bool | None = None

@@ -231,6 +231,28 @@ def test_generic_masks_match_pair_statistics():
     assert torch.isinf(ref.kl).any()
 
 
+def test_store_keeps_the_recorded_layout_and_values():
+    """Queries/keys arrive token-major (a transposed [n, H, D] projection): the store copies them as they are."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    store = filled_store(model, ids)
+    q, k = store.q[0], store.k[0]  # [L, H, n, D] views
+    assert q.shape == (3, 4, 40, 16) and k.shape == (3, 2, 40, 16)
+    assert q.stride(1) < q.stride(2) and k.stride(1) < k.stride(2)  # token-major underneath
+    inputs = []
+
+    class Keep:
+        layers = None
+
+        def record(self, inp):
+            inputs.append(inp)
+
+    with torch.no_grad(), capture_attention(model, Keep()):
+        model(ids, use_cache=False)
+    for layer, inp in enumerate(inputs):
+        assert torch.equal(q[layer], inp.query[0]) and torch.equal(k[layer], inp.key[0])
+
+
 # ----- several devices ---------------------------------------------------------------------------------------------
 def test_layer_groups_on_two_devices_give_the_same_matrices():
     model = tiny_model("gemma2", num_hidden_layers=5)
@@ -283,8 +305,10 @@ class _Info:
 
 def test_check_fits_plans_and_refuses_with_the_longest_length():
     plan = check_fits(_Info(), 4096, "cuda:0", free=60 * 1024**3)
-    assert plan.block_rows == 128 and plan.key_chunk == 1024
+    assert plan.block_rows == 128 and plan.key_chunk == 2048  # 1.5 GiB of fp16 operands per unit on a GPU
     assert plan.bytes_needed < 4 * 1024**3
+    small = check_fits(_Info(), 4096, "cuda:0", free=60 * 1024**3, max_operand_bytes=768 * 1024**2)
+    assert small.key_chunk == 1024 and small.bytes_needed < plan.bytes_needed
     with pytest.raises(UserError) as err:
         check_fits(_Info(), 32768, "cuda:0", free=20 * 1024**3)
     msg = str(err.value)
@@ -319,12 +343,20 @@ def test_cuda_triton_equals_maps_path(name):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("kernel", [(1, False), (1, True), (2, False), (2, True)])
-def test_cuda_kernel_variants_equal_maps_path(kernel):
-    model = tiny_model("gemma2", device="cuda")
-    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(14)).cuda()
-    ref = maps_stats(model, ids, 3)
-    engine = StreamingStatistics(filled_store(model, ids), exclude_first=3, operand_dtype=torch.float32, kernel=kernel)
+@pytest.mark.parametrize("tiles", [((64, 64, 4), (128, 64, 4)), ((64, 128, 8), (128, 128, 8)),
+                                   ((128, 64, 8), (64, 64, 4)), ((32, 32, 4), (32, 32, 2)),
+                                   ((64, 64, 4, 2, 168), (64, 64, 4))])
+@pytest.mark.parametrize("name, overrides, n, exclude_first", [
+    ("gemma2", {}, 200, 3),
+    ("mistral", dict(sliding_window=100), 400, 70),  # window edges and excluded keys cut through tiles
+    ("qwen3", dict(head_dim=24), 260, 0),  # head_dim padded to 32 inside the kernels
+])
+def test_cuda_tiles_and_mask_free_paths_equal_maps_path(tiles, name, overrides, n, exclude_first):
+    model = tiny_model(name, device="cuda", **overrides)
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(14)).cuda()
+    ref = maps_stats(model, ids, exclude_first)
+    engine = StreamingStatistics(filled_store(model, ids), exclude_first=exclude_first, operand_dtype=torch.float32,
+                                 tile=tiles[0], stats_tile=tiles[1], unit_elements=128 * 256)
     assert_stats_close(engine.run(), ref, atol=2e-5, rtol=1e-4)
 
 
