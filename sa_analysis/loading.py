@@ -210,6 +210,7 @@ def _cache_folder(model, tokenizer, folder: Path) -> None:
 
 
 def _random_init(alias: ModelAlias, dtype, device):
+    """Random weights built on `device` (on a GPU in seconds; a 7B model takes minutes on the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**alias.config)
@@ -217,6 +218,31 @@ def _random_init(alias: ModelAlias, dtype, device):
     with torch.device(device if device.type == "cuda" else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, None
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def spread_over_devices(model, device_map: str, max_memory: dict | None = None):
+    """Place a model built in memory over this host's GPUs (then CPU) as `from_pretrained(device_map=...)` would.
+
+    `device_map` is one of DEVICE_MAPS ("auto" = "balanced": equal shares of the GPUs); `max_memory`
+    ({device: bytes}) caps what each device may take. Decoder layers are never split. Uses accelerate.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map {device_map!r} is not one of {DEVICE_MAPS}")
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    dtype = next(model.parameters()).dtype
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    model = dispatch_model(model, device_map=placement)
+    model.hf_device_map = placement
+    return model
 
 
 def load_model(
@@ -229,6 +255,9 @@ def load_model(
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
     """Load `spec` (alias, hub id in the local cache, folder or .gguf) for analysis, offline."""
+    if device_map is not None and device_map not in DEVICE_MAPS:  # before any (slow) building or loading
+        raise UserError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}; use auto to spread the "
+                        f"model over this host's GPUs.")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     alias = find_alias(spec)
@@ -236,7 +265,7 @@ def load_model(
 
     if random_init:
         alias = require_alias(spec)
-        model, tokenizer = _random_init(alias, torch_dtype, dev)
+        model, tokenizer = _random_init(alias, torch_dtype, dev)  # then spread below when device_map is given
         source, name = "random-init", alias.name
     elif alias is not None:
         model, tokenizer, source = _load_alias(alias, torch_dtype, dev, device_map)
@@ -261,6 +290,8 @@ def load_model(
 
     if device_map is None:
         model = model.to(dev)
+    elif not hasattr(model, "hf_device_map"):  # built here (random init, first GGUF load), not by from_pretrained
+        model = spread_over_devices(model, device_map)
     model.eval()
     _set_attention(model, attn_implementation)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, name, spec, source))

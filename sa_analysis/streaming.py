@@ -115,7 +115,9 @@ class QKStore:
     def for_model(cls, model: torch.nn.Module) -> "QKStore":
         """A store whose groups follow the devices of the model's attention modules (one group per device run)."""
         modules = attention_modules(model)
-        devices = [_module_device(m) for m in modules]
+        by_name = dict(model.named_modules())
+        name_of = {id(m): n for n, m in by_name.items()}
+        devices = [_execution_device(m, name_of[id(m)], by_name) for m in modules]
         groups: list[LayerGroup] = []
         for layer, dev in enumerate(devices):
             if groups and groups[-1].device == dev:
@@ -209,9 +211,20 @@ def _stacked_like(t: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.empty((slots, H, n, D), dtype=t.dtype, device=t.device)
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
+def _execution_device(module: torch.nn.Module, name: str, by_name: dict[str, torch.nn.Module]) -> torch.device:
+    """Where `module` computes: its weights' device, or, for weights offloaded by accelerate (on "meta" between
+    forwards), the execution device of the hook on it or on its nearest ancestor."""
     for p in module.parameters():
-        return p.device
+        if p.device.type != "meta":
+            return p.device
+        break
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        hook = getattr(by_name.get(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     return torch.device("cpu")
 
 

@@ -66,6 +66,12 @@ def test_unknown_alias(tmp_path):
     assert_user_error(run("heatmap", "--model", "llama9-70b", "--out", out), "neither a known alias", out)
 
 
+def test_unknown_device_map_is_refused_before_building(tmp_path):
+    out = tmp_path / "o"
+    result = run("heatmap", "--model", "llama2-7b", "--random-init", "--device-map", "fastest", "--out", out)
+    assert_user_error(result, "--device-map 'fastest' is not one of auto, balanced, balanced_low_0, sequential", out)
+
+
 def test_alias_without_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "o"

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from sa_analysis.aliases import ALIASES, require_alias
 from sa_analysis.errors import UserError
-from sa_analysis.loading import DTYPES, load_model, resolve_dtype
+from sa_analysis.loading import DTYPES, load_model, resolve_dtype, spread_over_devices
 
 REQUIRED_ALIASES = ["llama2-7b", "llama2-13b", "llama3-8b", "llama3.1-8b", "mistral-7b", "qwen2.5-7b", "gemma2-9b", "smollm2-135m"]
 
@@ -72,6 +72,21 @@ def test_local_folder_and_bad_specs(tmp_path):
 def test_random_init_needs_an_alias():
     with pytest.raises(UserError, match="Unknown model alias"):
         load_model("not-an-alias", random_init=True, device="cpu")
+
+
+def test_device_map_places_models_built_in_memory():
+    """--device-map with --random-init goes through accelerate like from_pretrained(device_map=...) (CPU here)."""
+    loaded = load_model("smollm2-135m", random_init=True, device="cpu", device_map="sequential")
+    gpus = set(range(torch.cuda.device_count()))
+    assert loaded.model.hf_device_map and set(loaded.model.hf_device_map.values()) <= {"cpu"} | gpus
+    model = tiny_model("llama", dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        spread = spread_over_devices(model, "auto", max_memory={"cpu": 10**9})
+        torch.testing.assert_close(spread(ids).logits, ref)
+    with pytest.raises(ValueError, match="device_map 'fastest' is not one of"):
+        spread_over_devices(model, "fastest")
 
 
 def test_dtypes_and_devices():

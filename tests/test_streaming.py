@@ -254,6 +254,23 @@ def test_store_keeps_the_recorded_layout_and_values():
 
 
 # ----- several devices ---------------------------------------------------------------------------------------------
+def test_layers_offloaded_by_accelerate_are_grouped_where_they_compute(tmp_path):
+    """Offloaded weights sit on "meta" between forwards; the store must follow the hook's execution device."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(16))
+    plain, _ = stream_sequence_stats(model, ids)
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = dispatch_model(model, device_map=placement, main_device="cpu", offload_dir=str(tmp_path))
+    assert next(offloaded.model.layers[1].parameters()).device.type == "meta"
+    store = QKStore.for_model(offloaded)
+    assert [(g.start, g.stop, g.device.type) for g in store.groups] == [(0, 3, "cpu")]
+    got, _ = stream_sequence_stats(offloaded, ids)
+    assert_stats_close(got, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_layer_groups_on_two_devices_give_the_same_matrices():
     model = tiny_model("gemma2", num_hidden_layers=5)
     ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(9))
@@ -377,6 +394,23 @@ def test_cuda_two_groups_on_one_gpu_equal_single_group():
     split = filled_store(model, ids, groups=[(0, 1, "cuda"), (1, 4, "cuda")])
     got = StreamingStatistics(split, operand_dtype=torch.float32).run()
     assert_stats_close(got, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_model_spread_over_gpu_and_cpu_by_accelerate_gives_the_same_matrices():
+    """A real device map (accelerate hooks, layers 0-1 on the GPU, 2-3 on the CPU) equals the one-device run."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("mistral", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(15))
+    single, _ = stream_sequence_stats(model, ids, exclude_first=2, operand_dtype=torch.float32)
+    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                 "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    spread = dispatch_model(model, device_map=placement, main_device="cpu")  # the "cpu" layers compute there
+    store = QKStore.for_model(spread)
+    assert [(g.start, g.stop, g.device.type) for g in store.groups] == [(0, 2, "cuda"), (2, 4, "cpu")]
+    got, _ = stream_sequence_stats(spread, ids, exclude_first=2, operand_dtype=torch.float32)
+    assert_stats_close(got, single, atol=2e-5, rtol=1e-4)  # layers 0-1 computed on the GPU, 2-3 on the CPU
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
