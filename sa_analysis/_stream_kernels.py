@@ -1,7 +1,7 @@
 """Triton kernels of the streaming engine (imported only when Triton is available; see `streaming.py`).
 
-Tensors: Q `[S, Hq, n, D]` and K `[S, Hkv, n, D]` (S stored layers of one device group, model dtype, any strides), per stored
-layer WIN (int32 window, 0 = none), SCALE and CAP (fp32 softcap, 0 = none); LSE/LSE2 `[S * Hq, n]` fp32.
+Tensors: Q `[S, Hq, n, D]` and K `[S, Hkv, n, D]` (S stored layers of one device group, model dtype, any
+strides), per stored layer WIN (int32 window, 0 = none), SCALE and CAP (fp32 softcap, 0 = none); LSE/LSE2 `[S * Hq, n]` fp32.
 
 Both kernels work in base 2 (logits times log2(e)), so that every exponential and logarithm is one hardware
 instruction (ex2, lg2) without a multiply: LSE, Y, NEGENT and JS below are in bits; the engine multiplies by ln 2.
@@ -20,9 +20,11 @@ stores are visible, once per layer.
 Both kernels take a mask-free path for tiles that lie wholly inside the causal (and window) region and inside the
 segment, which is all but the diagonal and window-edge tiles: no index compares, no `where`, unmasked (vectorised)
 stores. Loads stay unconditional (masks constant along the head dimension, so still vectorised): a load inside an
-`if` is not pipelined by Triton, which cost more than the masks. JS of adjacent layers a, b per element is a log a + b log b - (a + b) log((a + b) / 2); the first
-two terms are the P log P sums already kept for the entropies, so only the last one is computed per element and no
-log P tile of the previous layer is carried (fewer registers, see benchmarks/README.md for the measurements).
+`if` is not pipelined by Triton, which cost more than the masks.
+
+JS of adjacent layers a, b per element is a log a + b log b - (a + b) log((a + b) / 2); the first two terms are
+the P log P sums already kept for the entropies, so only the last one is computed per element and no log P tile
+of the previous layer is carried (fewer registers; see benchmarks/README.md for the measurements).
 """
 
 import triton

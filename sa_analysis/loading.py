@@ -223,6 +223,13 @@ def _random_init(alias: ModelAlias, dtype, device):
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def check_device_map(device_map: str) -> None:
+    """Refuse a --device-map value that neither accelerate nor from_pretrained would place as the user expects."""
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}; use auto to spread the "
+                        f"model over this host's GPUs.")
+
+
 def spread_over_devices(model, device_map: str, max_memory: dict | None = None):
     """Place a model built in memory over this host's GPUs (then CPU) as `from_pretrained(device_map=...)` would.
 
@@ -232,8 +239,7 @@ def spread_over_devices(model, device_map: str, max_memory: dict | None = None):
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    if device_map not in DEVICE_MAPS:
-        raise ValueError(f"device_map {device_map!r} is not one of {DEVICE_MAPS}")
+    check_device_map(device_map)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     dtype = next(model.parameters()).dtype
     if device_map != "sequential":
@@ -255,9 +261,8 @@ def load_model(
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
     """Load `spec` (alias, hub id in the local cache, folder or .gguf) for analysis, offline."""
-    if device_map is not None and device_map not in DEVICE_MAPS:  # before any (slow) building or loading
-        raise UserError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}; use auto to spread the "
-                        f"model over this host's GPUs.")
+    if device_map is not None:
+        check_device_map(device_map)  # before any (slow) building or loading
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     alias = find_alias(spec)

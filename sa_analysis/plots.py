@@ -208,11 +208,7 @@ def plot_compare_heatmaps(reports: Sequence[AttentionReport], labels: Sequence[s
     with _style():
         panel = {1: 2.6, 2: 2.3, 3: 1.75}.get(ncols, 1.45)
         fig = _new_figure(ncols * (panel + 0.25) + 0.9, nrows * (panel + 0.35) + 0.45, layout="compressed")
-        grid = fig.subplots(nrows, ncols, squeeze=False)
-        axes = list(grid.flat)
-        for ax in axes[k:]:
-            ax.remove()
-        axes = axes[:k]
+        axes = _panel_axes(fig, k, nrows, ncols)
         has_inf = False
         image = None
         for i, (ax, values, label) in enumerate(zip(axes, matrices, labels)):
@@ -239,11 +235,7 @@ def plot_head_grid(report: AttentionReport, metric: str = "cosine_flat") -> Figu
         panel = float(np.clip(6.0 / ncols, 0.9, 1.6))
         fig = _new_figure(ncols * panel + 1.1, nrows * (panel + 0.12) + 0.7, layout="compressed")
         fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.03, hspace=0.03)
-        grid = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-        axes = list(grid.flat)
-        for ax in axes[n_heads:]:
-            ax.remove()
-        axes = axes[:n_heads]
+        axes = _panel_axes(fig, n_heads, nrows, ncols, sharex=True, sharey=True)
         has_inf = False
         image = None
         for h, ax in enumerate(axes):
@@ -475,11 +467,7 @@ def plot_attention_maps(maps: Sequence, titles: Sequence[str] | None = None, nco
     with _style():
         panel = {1: 2.6, 2: 2.2, 3: 1.8}.get(ncols, 1.5)
         fig = _new_figure(ncols * (panel + 0.2) + 0.9, nrows * (panel + 0.3) + (0.4 if suptitle else 0.1), layout="compressed")
-        grid = fig.subplots(nrows, ncols, squeeze=False)
-        axes = list(grid.flat)
-        for ax in axes[k:]:
-            ax.remove()
-        axes = axes[:k]
+        axes = _panel_axes(fig, k, nrows, ncols)
         image = None
         for i, (ax, matrix, title) in enumerate(zip(axes, matrices, titles)):
             image = _draw_attention(ax, matrix, norm)
@@ -534,6 +522,14 @@ def _style() -> Iterator[None]:
     """Paper styling for everything created inside (fonts are fixed when an artist is made)."""
     with matplotlib.rc_context(PAPER_RC):
         yield
+
+
+def _panel_axes(fig: Figure, k: int, nrows: int, ncols: int, **shared) -> list:
+    """The first k axes of an nrows x ncols grid, row by row; the unused cells are removed."""
+    axes = list(fig.subplots(nrows, ncols, squeeze=False, **shared).flat)
+    for ax in axes[k:]:
+        ax.remove()
+    return axes[:k]
 
 
 def _new_figure(width: float, height: float, layout: str = "constrained") -> Figure:

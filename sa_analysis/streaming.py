@@ -51,6 +51,11 @@ OPERAND_SCALE_FP16 = 2.0**14  # P * 2^14 <= 16384 < 65504: fp16 keeps probabilit
 # operand bytes per unit: big enough for efficient matmuls (on an H100, 1.5 GiB units run the products 3 % faster
 # than 0.75 GiB ones), small next to a 7B model; the check in `check_fits` shrinks them when memory is short
 OPERAND_BYTES = {"cuda": 1536 * 1024**2, "cpu": 768 * 1024**2}
+
+
+def operand_bytes(device: torch.device) -> int:
+    """The default operand bytes per unit on `device` (CPU sizes for anything that is not CUDA)."""
+    return OPERAND_BYTES.get(device.type, OPERAND_BYTES["cpu"])
 MIN_BLOCK_ROWS = 64
 TRITON_BM, TRITON_BN = 64, 64
 
@@ -214,10 +219,9 @@ def _stacked_like(t: torch.Tensor, slots: int) -> torch.Tensor:
 def _execution_device(module: torch.nn.Module, name: str, by_name: dict[str, torch.nn.Module]) -> torch.device:
     """Where `module` computes: its weights' device, or, for weights offloaded by accelerate (on "meta" between
     forwards), the execution device of the hook on it or on its nearest ancestor."""
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-        break
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type != "meta":
+        return first.device
     parts = name.split(".")
     for i in range(len(parts), -1, -1):
         hook = getattr(by_name.get(".".join(parts[:i])), "_hf_hook", None)
@@ -337,7 +341,7 @@ def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_d
         rows = max(16, min(rows, _round_up(n, 16)))
         qk, _, fwd = _bytes(shape, n, model_item, op_item, 0, eager, windowed)
         fixed = qk + max(fwd, 2 * N * n * 4 + 3 * N * N * 4 * 2)
-        target = max_operand_bytes or OPERAND_BYTES.get(device.type, OPERAND_BYTES["cpu"])
+        target = max_operand_bytes or operand_bytes(device)
         if budget is not None:
             target = min(target, max(budget - fixed, 0))
         elements = max(target // (3 * N * op_item), rows * TRITON_BN)
@@ -500,8 +504,8 @@ class StreamingStatistics:
         if self.gram in ("tri", "splitk") and not single:
             self.gram = "full"
         self.tri_chunks = max(1, tri_chunks)
+        self.tile = tuple(tile)
         self.bm, self.bn, self.warps = tile[:3]
-        self.launch = dict(zip(("num_stages", "maxnreg"), tile[3:]))  # optional pipeline stages, register cap
         self.stats_tile = stats_tile
         self.overlap = overlap and on_cuda and single
         self.compiled: dict[str, Any] = {}
@@ -510,8 +514,7 @@ class StreamingStatistics:
             rows = _round_up(rows, self.bm)
         self.block_rows = rows
         align = self.bn if backend == "triton" else 1
-        unit_bytes = OPERAND_BYTES.get(primary.type, OPERAND_BYTES["cpu"])
-        elements = unit_elements or max(unit_bytes // (3 * self.N * self.operand_dtype.itemsize),
+        elements = unit_elements or max(operand_bytes(primary) // (3 * self.N * self.operand_dtype.itemsize),
                                         rows * align)
         chunk = key_chunk or max(align, (elements // rows) // align * align)
         self.key_chunk = _round_up(min(chunk, self.n), align)
@@ -734,7 +737,7 @@ class StreamingStatistics:
         win, scale, cap, softcap = st.arrays
         r0 = self.exclude_first
         bm, bn, warps = self.stats_tile[:3]
-        extra = {"num_stages": self.stats_tile[3]} if len(self.stats_tile) > 3 else {}
+        extra = _launch_options(self.stats_tile)
         grid = (triton_cdiv(self.n - r0, bm), slots * self.n_heads)
         with _on_device(q.device):
             self.compiled["row_stats"] = kernels.row_stats[grid](
@@ -751,7 +754,7 @@ class StreamingStatistics:
         win, scale, cap, softcap = st.arrays
         g = st.group
         grid = (triton_cdiv(seg.rows, self.bm), triton_cdiv(seg.keys, self.bn), self.n_heads)
-        extra = {k: v for k, v in self.launch.items() if v}
+        extra = _launch_options(self.tile)
         with _on_device(q.device):
             self.compiled["emit"] = kernels.emit[grid](
                 q, k, win, scale, cap, st.lse, st.lse2, U,
@@ -762,6 +765,11 @@ class StreamingStatistics:
                 HQ=self.n_heads, REP=self.n_heads // self.n_kv, D=self.head_dim,
                 DP=_next_pow2(self.head_dim), BM=self.bm, BN=self.bn, SOFTCAP=softcap,
                 IEEE=q.dtype == torch.float32, num_warps=self.warps, **extra)
+
+
+def _launch_options(tile: Sequence[int]) -> dict[str, int]:
+    """Triton launch options from the optional tail of a tile tuple (rows, keys, warps[, stages[, registers]])."""
+    return {name: v for name, v in zip(("num_stages", "maxnreg"), tile[3:]) if v}
 
 
 def _chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:

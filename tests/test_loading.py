@@ -85,7 +85,7 @@ def test_device_map_places_models_built_in_memory():
         ref = model(ids).logits
         spread = spread_over_devices(model, "auto", max_memory={"cpu": 10**9})
         torch.testing.assert_close(spread(ids).logits, ref)
-    with pytest.raises(ValueError, match="device_map 'fastest' is not one of"):
+    with pytest.raises(UserError, match="--device-map 'fastest' is not one of auto, balanced"):
         spread_over_devices(model, "fastest")
 
 
