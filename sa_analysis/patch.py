@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from . import compat
 from .capture import (CAPTURE_PREFIX, AttentionInputs, attention_modules, decoder_layers, original_attention,
                       register_attention)
 from .errors import UserError
@@ -207,14 +208,17 @@ class SharedAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: Any = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """`hidden_states` [B, T, hidden] -> `o_proj(attention(anchor) @ V_own)`; the anchor's mask replaces ours."""
+        """`hidden_states` [B, T, hidden] -> `o_proj(attention(anchor) @ V_own)`; the anchor's mask replaces ours.
+
+        The KV cache arrives as `cache=` (transformers >= 5.24) or `past_key_values=` (before): both are accepted.
+        """
         input_shape = hidden_states.shape[:-1]
         value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        if past_key_values is not None:
-            value = self._cache_values(past_key_values, value)  # [B, Hkv, K, D]
+        cache = compat.cache_from_kwargs(kwargs)
+        if cache is not None:
+            value = self._cache_values(cache, value)  # [B, Hkv, K, D]
         anchor = _on_device(self._state.read(self.anchor_idx, self.layer_idx), value.device)
         if anchor.inputs.key.shape[-2] != value.shape[-2]:
             raise RuntimeError(
@@ -273,7 +277,7 @@ class SharedAttentionHandle:
         self._base: str | None = None
         self._sessions: list[nn.Module] = []
         self._swapped: list[tuple[nn.Module, nn.Module, SharedAttention]] = []  # (decoder layer, original, follower)
-        self._layer_types: tuple[Any, list[str]] | None = None  # (config, original list)
+        self._layer_types: list[str] | None = None  # the config's own list, while followers take their anchor's
         self.active = False
 
     @property
@@ -289,7 +293,7 @@ class SharedAttentionHandle:
     def remove(self) -> None:
         """Undo everything `share_attention` did, in reverse; safe to call twice or after a partial install."""
         try:
-            if self._base is not None and self.model.config._attn_implementation != self._base:
+            if self._base is not None and compat.attention_implementation(self.model) != self._base:
                 self.model.set_attn_implementation(self._base)
         finally:
             for block, original, follower in reversed(self._swapped):
@@ -300,8 +304,7 @@ class SharedAttentionHandle:
                 module.__dict__.pop("_sa_share", None)
             self._sessions.clear()
             if self._layer_types is not None:
-                config, types = self._layer_types
-                config.layer_types = types
+                compat.set_layer_types(self.model, self._layer_types)
                 self._layer_types = None
             self.active = False
 
@@ -355,7 +358,7 @@ def _check_model(model: nn.Module) -> str:
     model_type = config.get_text_config().model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"Shared Attention is not supported for {model_type!r} models; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    base = config._attn_implementation
+    base = compat.attention_implementation(model)
     if base.startswith((SHARE_PREFIX, CAPTURE_PREFIX)):
         raise UserError("This model is already patched (Shared Attention or attention capture is active); remove that first.")
     if base not in SUPPORTED_BASES:
@@ -380,30 +383,27 @@ def _align_layer_types(model: nn.Module, anchor_of: Mapping[int, int], handle: S
     The follower reuses the anchor's softmax, so it attends within the anchor's window; its cache layer (built from
     `config.layer_types` by generate()) must then keep as many values as the anchor keeps keys.
     """
-    config = model.config.get_text_config()
-    types = getattr(config, "layer_types", None)
+    types = compat.layer_types(model)
     if not types or all(types[f] == types[a] for f, a in anchor_of.items()):
         return
     aligned = list(types)
     for follower, anchor in anchor_of.items():
         aligned[follower] = types[anchor]
-    handle._layer_types = (config, types)
-    config.layer_types = aligned
+    handle._layer_types = types
+    compat.set_layer_types(model, aligned)
 
 
 # ----- measuring the cache -----------------------------------------------------------------------------------
 def cache_bytes(cache: Any) -> dict[str, int]:
     """Bytes held by a transformers cache after a forward: {"keys", "values", "total"} summed over layers."""
-    keys = values = 0
-    for layer in getattr(cache, "layers", []):
-        keys += _nbytes(getattr(layer, "keys", None))
-        values += _nbytes(getattr(layer, "values", None))
+    per_layer = layer_cache_bytes(cache)
+    keys, values = sum(k for k, _ in per_layer), sum(v for _, v in per_layer)
     return {"keys": keys, "values": values, "total": keys + values}
 
 
 def layer_cache_bytes(cache: Any) -> list[tuple[int, int]]:
     """[(key bytes, value bytes)] per layer of a transformers cache."""
-    return [(_nbytes(getattr(l, "keys", None)), _nbytes(getattr(l, "values", None))) for l in getattr(cache, "layers", [])]
+    return [(_nbytes(keys), _nbytes(values)) for keys, values in compat.cache_layer_tensors(cache)]
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:

@@ -59,7 +59,8 @@ def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, pa
             maps = AttentionMaps()
             with capture_attention(model, maps):
                 model(input_ids=input_ids, use_cache=False)
-            log_probs = torch.stack([maps.log_probs[l][0] for l in sorted(maps.log_probs)])  # [L, H, n, n]
+            device = input_ids.device  # with a device map, each layer's maps sit on that layer's GPU
+            log_probs = torch.stack([maps.log_probs[l][0].to(device) for l in sorted(maps.log_probs)])  # [L, H, n, n]
             stats = sequence_stats_from_maps(log_probs, exclude_first=exclude_first)
     return stats, influence.values().numpy()
 

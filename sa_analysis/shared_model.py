@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import compat
 from .errors import UserError
 from .io import read_json, write_json
 
@@ -51,7 +52,7 @@ def export_shared(loaded: Any, plan: Any, path: str | Path, *, mode: str = "fast
         raise UserError("The model still holds LoRA adapters; merge them (peft's merge_and_unload) before exporting.")
     handle = getattr(loaded, "share", None)
     was_patched = handle is not None and handle.active
-    if model.config._attn_implementation.startswith(SHARE_PREFIX) and not was_patched:
+    if compat.attention_implementation(model).startswith(SHARE_PREFIX) and not was_patched:
         raise UserError("This model is patched by a handle the export cannot see; remove the patch (handle.remove()) and export again.")
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)

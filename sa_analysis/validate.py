@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from . import compat
 from .errors import UserError
 from .io import atomic_write, read_json, write_json
 from .patch import MODES, cache_bytes, plan_anchors, share_attention
@@ -234,18 +235,11 @@ class _Timer:
         return "cuda-events" if self.cuda else "perf_counter"
 
 
-def _new_cache(model: torch.nn.Module):
-    """A fresh dynamic cache for `model`, built from its (possibly patched) config."""
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
 @torch.inference_mode()
 def _prefill(model: torch.nn.Module, prompt: torch.Tensor):
     """Run the prompt `[B, T]` into a new cache; returns (cache, next token [B, 1])."""
-    cache = _new_cache(model)
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = compat.new_cache(model)  # built from the (possibly patched) config
+    out = model(input_ids=prompt, **compat.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1:].argmax(-1)
 
 
@@ -253,7 +247,7 @@ def _prefill(model: torch.nn.Module, prompt: torch.Tensor):
 def _decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, n_new: int) -> torch.Tensor:
     """Greedy decoding of `n_new` tokens, one forward per token, on an existing cache."""
     for _ in range(n_new):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **compat.cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return token
 

@@ -12,6 +12,7 @@ import torch
 
 from conftest import TINY_SHAPES, tiny_model
 from reference import eager_maps
+from sa_analysis.compat import attention_implementation
 from sa_analysis.capture import AttentionMaps, capture_attention, measure_block_influence
 
 ARCHS = list(TINY_SHAPES)
@@ -79,7 +80,7 @@ def test_chosen_layers_only_and_clean_exit():
     with torch.no_grad(), capture_attention(model, maps):
         model(input_ids=_ids())
     assert sorted(maps.log_probs) == [1, 2]
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
     assert not any("_sa_capture" in m.__dict__ for m in model.modules())
 
 
@@ -88,7 +89,7 @@ def test_restores_after_an_exception():
     with pytest.raises(RuntimeError, match="boom"):
         with capture_attention(model, AttentionMaps()):
             raise RuntimeError("boom")
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
     assert not any("_sa_capture" in m.__dict__ for m in model.modules())
 
 

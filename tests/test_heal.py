@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_model
+from sa_analysis.compat import attention_implementation
 from sa_analysis.errors import UserError
 from sa_analysis.heal import (IGNORE_INDEX, HealConfig, alpaca_prompt, check_full_fits, full_finetune_bytes,
                               full_parameters, heal, latest_checkpoint, load_heal_data, lora_targets)
@@ -259,7 +260,7 @@ def test_full_finetune_that_does_not_fit_suggests_lora(monkeypatch, text_data, h
         check_full_fits(params, torch.device("cpu"))
     with pytest.raises(UserError, match="LoRA"):
         heal(loaded, PLAN, text_data, heldout, config(method="full", steps=1))
-    assert loaded.model.config._attn_implementation == "sdpa"  # refused before patching anything
+    assert attention_implementation(loaded.model) == "sdpa"  # refused before patching anything
 
 
 # ----- the command -------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 
 from conftest import tiny_model
+from sa_analysis.compat import attention_implementation, cache_kwargs
 from sa_analysis.errors import UserError
 from sa_analysis.patch import SharedAttention, cache_bytes, layer_cache_bytes, plan_anchors, share_attention
 
@@ -40,7 +40,7 @@ def _logits(model, ids, **kwargs):
 def _tol(model) -> float:
     """float64 tolerance: Gemma 2 runs eager attention, whose softmax is float32 even in float64 models (its own
     non-shared layers too), so it matches float64 math only to float32 precision."""
-    return 1e-6 if model.config._attn_implementation == "eager" else 1e-10
+    return 1e-6 if attention_implementation(model) == "eager" else 1e-10
 
 
 # ----- the independent reference -------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = Fals
 
     name = "sa_test_reference_detached" if detach_shared else "sa_test_reference"
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    AttentionMaskInterface.register(name, AttentionMaskInterface()["eager"])
     reference = copy.deepcopy(model).to(torch.float64)
     reference.set_attn_implementation(name)
     return reference
@@ -92,7 +92,7 @@ def test_empty_plan_is_bit_identical(arch, device):
         assert torch.equal(_logits(model, ids), base)
         cached = DynamicCache(config=model.config)
         with torch.no_grad():
-            step = model(input_ids=ids, past_key_values=cached, use_cache=True).logits
+            step = model(input_ids=ids, **cache_kwargs(model, cached), use_cache=True).logits
     assert torch.equal(step, base)
 
 
@@ -180,8 +180,8 @@ def test_follower_cache_holds_values_but_no_keys(arch, device):
     plan = PLANS["span"]
     with share_attention(model, plan), torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # one decode step
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+        model(input_ids=ids[:, :1], **cache_kwargs(model, cache), use_cache=True)  # one decode step
     per_layer = layer_cache_bytes(cache)
     for layer, (k_bytes, v_bytes) in enumerate(per_layer):
         if layer in plan:
@@ -241,7 +241,7 @@ def test_remove_restores_the_model_exactly(arch):
     ids = _ids()
     base = _logits(model, ids)
     originals = [layer.self_attn for layer in model.model.layers]
-    impl, types = model.config._attn_implementation, getattr(model.config, "layer_types", None)
+    impl, types = attention_implementation(model), getattr(model.config, "layer_types", None)
     types = list(types) if types else types
 
     handle = share_attention(model, PLANS["span"])
@@ -251,7 +251,7 @@ def test_remove_restores_the_model_exactly(arch):
     handle.remove()  # idempotent
     assert torch.equal(_logits(model, ids), base)
     assert [layer.self_attn for layer in model.model.layers] == originals
-    assert model.config._attn_implementation == impl
+    assert attention_implementation(model) == impl
     assert (list(model.config.layer_types) if types else None) == types
     assert not any("_sa_share" in m.__dict__ for m in model.modules())
 
