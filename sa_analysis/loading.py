@@ -147,7 +147,7 @@ def hf_cache_snapshot(hub_id: str) -> Path | None:
 def _missing_weights(spec: str, hub_id: str, looked: list[str]) -> UserError:
     return UserError(
         f"No weights for {spec!r} were found (looked in {', '.join(looked) or hub_cache_dir()}); "
-        f"download them where there is internet with `huggingface-cli download {hub_id}` and copy the cache "
+        f"download them where there is internet with `hf download {hub_id}` and copy the cache "
         f"(or set HF_HOME), pass a local folder or .gguf file to --model, or use --random-init for timing work."
     )
 
@@ -407,8 +407,11 @@ def _try_tokenizer(make):
 
 
 def _file_key(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    """A key for a model file's content, not its place: its size and a hash of its first 4 MiB (a GGUF header holds
+    the metadata and vocabulary). The same packaged file in another virtual environment finds the same cache."""
+    with path.open("rb") as handle:
+        head = handle.read(4 * 1024 * 1024)
+    return hashlib.sha1(f"{path.stat().st_size}|".encode() + head).hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:

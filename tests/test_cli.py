@@ -75,7 +75,7 @@ def test_unknown_device_map_is_refused_before_building(tmp_path):
 def test_alias_without_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "o"
-    assert_user_error(run("heatmap", "--model", "llama2-7b", "--out", out), "huggingface-cli download", out)
+    assert_user_error(run("heatmap", "--model", "llama2-7b", "--out", out), "hf download", out)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_absent_weights_say_where_we_looked(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         load_model("llama2-7b", device="cpu")
     message = str(err.value)
-    assert str(tmp_path) in message and "huggingface-cli download meta-llama/Llama-2-7b-hf" in message
+    assert str(tmp_path) in message and "hf download meta-llama/Llama-2-7b-hf" in message
     with pytest.raises(UserError, match="No weights"):
         load_model("someorg/somemodel", device="cpu")
 
@@ -109,3 +109,31 @@ def test_default_model_from_its_packaged_gguf(default_model):
     with torch.no_grad():
         logits = default_model.model(ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_the_gguf_cache_key_follows_the_content_not_the_path(tmp_path):
+    """Another virtual environment's copy of the same packaged file finds the same dequantised cache."""
+    from sa_analysis.loading import _file_key
+
+    data = bytes(range(256)) * 40000  # ~10 MB: past the hashed head
+    a, b, c = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c.gguf"
+    for path, content in ((a, data), (b, data), (c, data + b"x")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    assert _file_key(a) == _file_key(b)
+    assert _file_key(a) != _file_key(c)  # same head, another size
+    c.write_bytes(b"y" + data[1:])
+    assert _file_key(a) != _file_key(c)  # same size, another head
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from sa_analysis.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
