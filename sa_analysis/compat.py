@@ -94,15 +94,6 @@ def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
     return found
 
 
-def output_cache(output: Any) -> Any:
-    """The cache a model's forward returned (`output.cache` from 5.24, `output.past_key_values` before)."""
-    for name in CACHE_KEYWORDS:
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 def new_cache(model: Any) -> Any:
     """A fresh dynamic cache laid out for `model`'s config (per-layer sliding windows included)."""
     from transformers import DynamicCache
@@ -164,5 +155,5 @@ def set_layer_types(model: Any, types: list[str]) -> None:
 __all__ = [
     "CACHE_KEYWORDS", "TESTED_RANGES", "attention_implementation", "base_attention_function", "cache_from_kwargs",
     "cache_keyword", "cache_kwargs", "cache_layer_tensors", "check_versions", "in_range", "layer_types",
-    "new_cache", "output_cache", "register_attention", "set_layer_types", "untested_versions",
+    "new_cache", "register_attention", "set_layer_types", "untested_versions",
 ]
