@@ -182,10 +182,15 @@ def gguf_tokenizer(path: Path):
     as another tokenizer class), so each release converts the GGUF's vocabulary once and keeps its own copy; the
     weights beside it are plain safetensors, shared by every release.
     """
+    return _cached_gguf_tokenizer(path, _gguf_cache(path))
+
+
+def _cached_gguf_tokenizer(path: Path, cached: Path):
+    """`gguf_tokenizer` for a GGUF file whose cache folder is `cached` (its key read once per load)."""
     import transformers
     from transformers import AutoTokenizer
 
-    folder = _gguf_cache(path) / f"tokenizer-{transformers.__version__}"
+    folder = cached / f"tokenizer-{transformers.__version__}"
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     with warnings.catch_warnings():
@@ -201,7 +206,7 @@ def _load_gguf(path: Path, dtype, device, device_map):
 
     cached = _gguf_cache(path)
     try:
-        tokenizer = gguf_tokenizer(path)
+        tokenizer = _cached_gguf_tokenizer(path, cached)
         if (cached / "config.json").is_file():
             model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
             return model, tokenizer

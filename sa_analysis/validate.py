@@ -246,8 +246,9 @@ def _prefill(model: torch.nn.Module, prompt: torch.Tensor):
 @torch.inference_mode()
 def _decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, n_new: int) -> torch.Tensor:
     """Greedy decoding of `n_new` tokens, one forward per token, on an existing cache."""
+    cache_kwargs = compat.cache_kwargs(model, cache)  # read the keyword once, outside the timed loop
     for _ in range(n_new):
-        out = model(input_ids=token, **compat.cache_kwargs(model, cache), use_cache=True)
+        out = model(input_ids=token, **cache_kwargs, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return token
 
