@@ -123,7 +123,7 @@ def correctness(results: dict, quick: bool = False) -> None:
 
 # ----- (2) Gram products -----------------------------------------------------------------------------------------
 def gemm_bench(results: dict, N=1024, M=131072) -> None:
-    from sa_analysis import streaming as S
+    from sa_analysis.streaming import engine as S
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -436,14 +436,3 @@ def test_cuda_model_spread_over_gpu_and_cpu_by_accelerate_gives_the_same_matrice
     assert [(g.start, g.stop, g.device.type) for g in store.groups] == [(0, 2, "cuda"), (2, 4, "cpu")]
     got, _ = stream_sequence_stats(spread, ids, exclude_first=2, operand_dtype=torch.float32)
     assert_stats_close(got, single, atol=2e-5, rtol=1e-4)  # layers 0-1 computed on the GPU, 2-3 on the CPU
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_overlapped_streams_equal_serial():
-    model = tiny_model("mistral", device="cuda", num_hidden_layers=4)
-    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(13)).cuda()
-    store = filled_store(model, ids)
-    serial = StreamingStatistics(store, unit_elements=128 * 64).run()
-    engine = StreamingStatistics(store, unit_elements=128 * 64, overlap=True)
-    assert engine.overlap and len(engine.units) > 4
-    assert_stats_close(engine.run(), serial, atol=1e-6, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Triton kernels of the streaming engine (imported only when Triton is available; see `streaming.py`).
+"""Triton kernels of the streaming engine (imported only when Triton is available; see `engine.triton_kernels`).
 
 Tensors: Q `[S, Hq, n, D]` and K `[S, Hkv, n, D]` (S stored layers of one device group, model dtype, any
 strides), per stored layer WIN (int32 window, 0 = none), SCALE and CAP (fp32 softcap, 0 = none); LSE/LSE2 `[S * Hq, n]` fp32.

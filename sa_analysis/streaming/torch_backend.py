@@ -1,0 +1,124 @@
+"""The streaming operands in plain torch: on the CPU, for padding (generic) masks, and where Triton is missing."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..capture import causal_allowed, masked_log_softmax
+from ..metrics import js_divergence
+from .memory import Segment
+from .store import LayerSpec
+
+if TYPE_CHECKING:
+    from .engine import GroupState, StreamingStatistics
+
+# ----- torch backend (CPU, generic masks, fallback) ------------------------------------------------------------------
+class TorchEmitter:
+    """Writes operands with plain torch ops: per row block, the log-probabilities of all stored layers over all keys."""
+
+    def __init__(self, engine: StreamingStatistics):
+        self.e = engine
+        self._cache: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._rows_counted: set[int] = set()
+        self._new_rows = 0
+
+    def take_rows(self) -> int:
+        rows, self._new_rows = self._new_rows, 0
+        return rows
+
+    def _row_block(self, gi: int, st: GroupState, r0: int, rows: int, k_lo: int):
+        """(log-probs [S, H, b, K] over keys [k_lo, r0+rows), valid rows [b]) for the group's stored layers."""
+        cached = self._cache.get(gi)
+        if cached is not None and cached[0] == r0 and cached[1] == k_lo:
+            return cached[2], cached[3]
+        e = self.e
+        q, k = e.store.q[gi], e.store.k[gi]
+        g = st.group
+        k_hi = r0 + rows
+        work = e.acc_dtype
+        slots, H, _, D = q.shape
+        rep = H // e.n_kv
+        qb = q[:, :, r0:k_hi].to(work).reshape(slots * e.n_kv, rep * rows, D)
+        kb = k[:, :, k_lo:k_hi].to(work).reshape(slots * e.n_kv, k_hi - k_lo, D)
+        logits = torch.bmm(qb, kb.transpose(1, 2)).view(slots, H, rows, k_hi - k_lo)
+        out = []
+        for s in range(slots):
+            spec = e.specs[g.first_stored + s]
+            x = logits[s] * spec.scaling
+            if spec.softcap:
+                x = torch.tanh(x / spec.softcap) * spec.softcap
+            allowed = self._allowed(spec, r0, rows, k_lo, k_hi, x.device)
+            out.append(x.masked_fill(~allowed, float("-inf")))
+        logp = masked_log_softmax(torch.stack(out))
+        valid = torch.isfinite(logp).any(dim=-1).all(dim=(0, 1))
+        self._cache[gi] = (r0, k_lo, logp, valid)
+        return logp, valid
+
+    def _allowed(self, spec: LayerSpec, r0: int, rows: int, k_lo: int, k_hi: int, device) -> torch.Tensor:
+        n, excl = self.e.n, self.e.exclude_first
+        sl = slice(r0, r0 + rows)
+        if spec.generic_mask is None:
+            allowed = causal_allowed(sl, n, n, k_hi, spec.window, device)[0, 0, :, k_lo:]
+        else:
+            allowed = spec.inputs.allowed(sl, k_hi)[0, 0, :, k_lo:]
+            allowed = allowed.to(device)
+        if excl > k_lo:
+            allowed = allowed & (torch.arange(k_lo, k_hi, device=device) >= excl)[None, :]
+        return allowed
+
+    def emit(self, gi: int, st: GroupState, seg: Segment, U: torch.Tensor) -> None:
+        e = self.e
+        g = st.group
+        k_lo = self._k_lo(seg.r0)
+        logp_all, valid_all = self._row_block(gi, st, seg.r0, seg.rows, k_lo)
+        # Every layer of the model must agree on which rows are valid (PairStatistics drops rows where any layer
+        # sees no key); for iota masks that is every row >= exclude_first, for generic masks we need all groups.
+        valid = self._valid_rows(seg.r0, seg.rows, k_lo, valid_all)
+        logp = logp_all[:, :, :, seg.k0 - k_lo: seg.k0 - k_lo + seg.keys]
+        logp = torch.where(valid[None, None, :, None], logp, torch.full_like(logp, float("-inf")))
+        visible = torch.isfinite(logp)
+        probs = torch.exp(logp)
+        y = torch.where(visible, logp, torch.zeros_like(logp))
+        full_logp = logp_all[:, :, valid]
+        norm = torch.exp(full_logp).norm(dim=-1).clamp_min(torch.finfo(e.acc_dtype).tiny)  # [S, H, b_valid]
+        row_norm = torch.ones(logp.shape[:3], dtype=logp.dtype, device=logp.device)
+        row_norm[:, :, valid] = norm
+        xr = probs / row_norm[..., None]
+        out = slice(g.halo, None)  # the halo layer is only there for JS
+        lo, hi = g.start * e.n_heads, g.stop * e.n_heads
+        n_out = (g.stop - g.start) * e.n_heads
+        sl = slice(seg.offset, seg.offset + seg.elements)
+        scale = e.out_scale
+        U[0, lo:hi, sl] = (xr[out] * scale).reshape(n_out, -1).to(U.dtype)
+        U[1, lo:hi, sl] = (probs[out] * scale).reshape(n_out, -1).to(U.dtype)
+        U[2, lo:hi, sl] = y[out].reshape(n_out, -1).to(U.dtype)
+        if U.shape[0] > 3:
+            U[3, lo:hi, sl] = (~visible[out]).reshape(n_out, -1).to(U.dtype)
+        st.neg_entropy[lo:hi] += (probs[out] * y[out]).sum(dim=(-1, -2)).reshape(-1).to(e.acc_dtype)
+        if logp.shape[0] > 1:
+            js = js_divergence(logp[:-1], logp[1:]).sum(dim=-1)  # [S-1, H] summed over rows and keys
+            a = g.first_stored * e.n_heads
+            st.js[a: a + js.numel()] += js.reshape(-1).to(e.acc_dtype)
+        if gi == 0 and (seg.r0 not in self._rows_counted):
+            self._rows_counted.add(seg.r0)
+            self._new_rows += int(valid.sum())
+
+    def _k_lo(self, r0: int) -> int:
+        e = self.e
+        for unit in e.units:
+            for seg in unit:
+                if seg.r0 == r0:
+                    return seg.k0
+        raise KeyError(r0)
+
+    def _valid_rows(self, r0: int, rows: int, k_lo: int, own: torch.Tensor) -> torch.Tensor:
+        e = self.e
+        if not e.generic or len(e.states) == 1:
+            return own
+        valid = own
+        for gi, st in enumerate(e.states):
+            _, v = self._row_block(gi, st, r0, rows, k_lo)
+            valid = valid & v.to(own.device)
+        return valid
