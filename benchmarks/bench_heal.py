@@ -58,13 +58,12 @@ def synthetic_data(vocab: int, seq_len: int, n: int, seed: int = 0):
 
 def make_plan(loaded, args, out: Path):
     from sa_analysis.planner import SharePlan
-    from sa_analysis.validate import _model_shape
 
     info = loaded.info
     if args.plan:
         return SharePlan.load(args.plan)
     if args.spans:
-        return SharePlan.from_spans(args.spans, info.n_layers, model=_model_shape(info))
+        return SharePlan.from_spans(args.spans, info.n_layers, model=info.shape())
     from sa_analysis.data import token_batch
     from sa_analysis.pipeline import analyse
     from sa_analysis.planner import plan_spans

@@ -88,10 +88,10 @@ def heal(
     with console.status(f"[bold]loading {model}[/]") if main else _nothing():
         loaded = load_model(model, device=str(dev), dtype=load_dtype, random_init=random_init)
     info = loaded.info
-    from sa_analysis.validate import _model_shape, check_plan_for_model
+    from sa_analysis.validate import check_plan_for_model
 
     if share_plan is None:
-        share_plan = SharePlan.from_spans(spans, info.n_layers, model=_model_shape(info))
+        share_plan = SharePlan.from_spans(spans, info.n_layers, model=info.shape())
     check_plan_for_model(share_plan, info)
     if info.max_positions and seq_len > info.max_positions:
         raise UserError(f"--seq-len {seq_len} is longer than this model's context of {info.max_positions} tokens; use --seq-len {info.max_positions} or less.")

@@ -44,7 +44,7 @@ def recommend_spans(
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
     from sa_analysis import planner
-    from sa_analysis.plots_plan import heatmap_metric_for, plot_plan_over_heatmap
+    from sa_analysis.plots import heatmap_metric_for, plot_plan_over_heatmap
 
     parsed_budget = planner.parse_budget(budget) if budget is not None else None
     keep_layers = planner.parse_layers(keep)

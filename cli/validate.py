@@ -109,10 +109,10 @@ def _load_plan_file(path: Path):
 def _plan_for(info: Any, plan: Any, spans: Optional[str]):
     """The plan to validate, checked against the loaded model (layers, shape, name)."""
     from sa_analysis.planner import SharePlan
-    from sa_analysis.validate import _model_shape, check_plan_for_model
+    from sa_analysis.validate import check_plan_for_model
 
     if plan is None:
-        return SharePlan.from_spans(spans, info.n_layers, model=_model_shape(info))
+        return SharePlan.from_spans(spans, info.n_layers, model=info.shape())
     check_plan_for_model(plan, info)
     return plan
 
@@ -191,7 +191,8 @@ def run_search(att: Any, *, model: str, out_dir: Path, max_budget: int, toleranc
     """
     from sa_analysis.data import token_batch
     from sa_analysis.loading import load_model
-    from sa_analysis.validate import plot_search, search_plans
+    from sa_analysis.plots import plot_search
+    from sa_analysis.validate import search_plans
 
     if max_budget < 1:
         raise UserError("--validate needs a plan that shares at least one layer; raise --budget or --max-cost.")

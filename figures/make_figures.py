@@ -32,7 +32,7 @@ from sa_analysis.capture import AttentionMaps, capture_attention
 from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
-from sa_analysis.plots_plan import plot_plan_over_heatmap
+from sa_analysis.plots import plot_plan_over_heatmap
 from sa_analysis.report import AttentionReport
 
 HERE = Path(__file__).resolve().parent

@@ -583,40 +583,6 @@ class HealReport:
         return cls.from_dict(read_json(path, "heal report"), source=str(path))
 
 
-def plot_heal(report: HealReport, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """One figure: held-out perplexity bars (baseline / patched / healed) and the training loss per step."""
-    from .plots import PALETTE, _new_figure, _style, save_figure
-
-    with _style():
-        fig = _new_figure(9.0, 3.4)
-        bars, curve = fig.subplots(1, 2, width_ratios=[1, 1.6])
-        names = ["baseline", "patched", "healed"]
-        values = [report.perplexity[n] for n in names]
-        drawn = bars.bar(names, values, color=[PALETTE[0], PALETTE[3], PALETTE[2]])
-        labels = [f"{values[0]:.4g}"] + [f"{v:.4g}\n({100 * (v / values[0] - 1):+.1f}%)" for v in values[1:]]
-        bars.bar_label(drawn, labels=labels, padding=2, fontsize=8)
-        bars.axhline(values[0], color=PALETTE[0], linewidth=0.8, linestyle="--", alpha=0.6, zorder=0)
-        bars.set_ylabel("perplexity (held-out)")
-        bars.set_ylim(0, max(values) * 1.22)
-        rec = "" if report.recovered is None else f", recovered {100 * report.recovered:.0f}%"
-        bars.set_title(f"{report.plan.get('n_shared', len(report.plan.get('followers', [])))} layers shared{rec}")
-        steps = range(1, len(report.losses) + 1)
-        curve.plot(steps, report.losses, color=PALETTE[6], linewidth=0.8, label="step loss")
-        if len(report.losses) >= 5:
-            k = max(2, len(report.losses) // 10)
-            smooth = [sum(report.losses[max(0, i - k + 1):i + 1]) / len(report.losses[max(0, i - k + 1):i + 1]) for i in range(len(report.losses))]
-            curve.plot(steps, smooth, color=PALETTE[0], linewidth=1.6, label=f"mean of {k}")
-        from matplotlib.ticker import MaxNLocator
-
-        curve.xaxis.set_major_locator(MaxNLocator(integer=True))
-        curve.set_xlabel("optimizer step")
-        curve.set_ylabel("training loss (nats)")
-        kind = "response tokens" if report.data.get("kind") == "alpaca" else "all tokens"
-        curve.set_title(f"{report.config.get('method', '')} heal, loss on {kind}")
-        curve.legend(frameon=False)
-        return save_figure(fig, path_stem, formats)
-
-
 # ======================================================================================================
 # Healing
 # ======================================================================================================
@@ -654,13 +620,13 @@ def heal(
     the healed weights (LoRA merged) with the patch in force, `loaded.share` its handle.
     """
     from .patch import share_attention
-    from .validate import _model_shape, as_plan, check_plan_for_model
+    from .validate import as_plan, check_plan_for_model
 
     config = config or HealConfig()
     info = loaded.info
     if getattr(loaded, "share", None) is not None and loaded.share.active:
         raise UserError("This model already runs with Shared Attention (it was loaded from a shared folder); heal the base model, or call loaded.share.remove() first.")
-    share_plan = as_plan(plan, info.n_layers, _model_shape(info))
+    share_plan = as_plan(plan, info.n_layers, info.shape())
     check_plan_for_model(share_plan, info)
     anchor_of = share_plan.anchor_of
     ids_eval = eval_batch.input_ids if hasattr(eval_batch, "input_ids") else eval_batch
@@ -747,6 +713,8 @@ def heal(
             report.files["report"] = str(out / "heal_report.json")
             report.files["figure"] = str(out / "heal.png")
             report.save(out / "heal_report.json")
+            from .plots import plot_heal
+
             plot_heal(report, out / "heal")
     acc.wait_for_everyone()
     return report
@@ -868,5 +836,5 @@ def _meta(device: torch.device) -> dict[str, Any]:
 __all__ = [
     "ALPACA_PROMPT", "HealConfig", "HealData", "HealReport", "IGNORE_INDEX", "alpaca_example", "alpaca_prompt",
     "check_full_fits", "free_memory_bytes", "full_parameters", "heal", "latest_checkpoint", "load_heal_data",
-    "lora_targets", "make_accelerator", "perplexity", "plot_heal", "recovered_fraction",
+    "lora_targets", "make_accelerator", "perplexity", "recovered_fraction",
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .errors import UserError
 
@@ -75,6 +76,23 @@ def read_user_text(path: str | Path, what: str, hint: str) -> str:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise UserError(f"The {what} {path} could not be read ({exc.strerror}); check its permissions.") from None
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON: dict keys as strings, inf/NaN as strings/None, tensors and numpy scalars as numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return json_safe(value.item())
+    return value
 
 
 def _json_default(value: Any) -> Any:

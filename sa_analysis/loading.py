@@ -61,6 +61,11 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def shape(self) -> dict[str, Any]:
+        """What a plan records of the model it was made for (checked when the plan is applied elsewhere)."""
+        return {"name": self.name, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                "head_dim": self.head_dim, "hidden_size": self.hidden_size}
+
 
 @dataclass
 class LoadedModel:

@@ -120,7 +120,7 @@ def test_follower_uses_the_cache_under_either_keyword(spelling):
 
 def test_no_deprecation_warning_from_our_calls():
     """Patched generate(), a cached forward and the validation speed helpers raise no FutureWarning/DeprecationWarning."""
-    from sa_analysis.validate import _decode, _prefill
+    from sa_analysis.validate.speed import decode, prefill
 
     model = tiny_model("gemma3_text", dtype=torch.float32)
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -129,5 +129,5 @@ def test_no_deprecation_warning_from_our_calls():
         warnings.simplefilter("error", DeprecationWarning)
         with share_attention(model, {2: 1, 3: 1}):
             model.generate(ids, max_new_tokens=3, do_sample=False)
-            cache, token = _prefill(model, ids)
-            _decode(model, cache, token, 2)
+            cache, token = prefill(model, ids)
+            decode(model, cache, token, 2)

@@ -443,7 +443,7 @@ def test_default_budget_is_a_quarter_capped_by_constraints():
 
 # ----- figure -----------------------------------------------------------------------------------------------
 def test_plot_plan_over_heatmap(tmp_path):
-    from sa_analysis.plots_plan import heatmap_metric_for, plot_plan_over_heatmap
+    from sa_analysis.plots import heatmap_metric_for, plot_plan_over_heatmap
 
     kl = identical_block_kl(16, (5, 9))
     kl[12, 3] = np.inf

@@ -18,8 +18,9 @@ from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.patch import share_attention
 from sa_analysis.planner import SharePlan
 from sa_analysis.report import AttentionReport
+from sa_analysis.plots import plot_search
 from sa_analysis.validate import (
-    PlanSearch, ValidationReport, candidate_plans, plot_search, run_tasks, search_plans, validate_plan,
+    PlanSearch, ValidationReport, candidate_plans, run_tasks, search_plans, validate_plan,
 )
 
 PLAN = {2: 1, 3: 1}

@@ -1,4 +1,5 @@
-"""A SharePlan drawn over the layer x layer heatmap it was chosen from (matplotlib only, no model, no torch).
+"""Plans: a SharePlan drawn over the layer x layer heatmap it was chosen from, and every plan a search tried
+(matplotlib only, no model, no torch).
 
 Rows are follower layers, columns the layer whose attention would be reused, so a follower's predicted cost is
 the cell (follower, its anchor). Each span is outlined as the square block [anchor..last follower], and the cells
@@ -17,12 +18,13 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .io import atomic_write
-from .plots import _style
-from .report import AttentionReport, metric as lookup_metric
+from ..io import atomic_write
+from ..report import AttentionReport, metric as lookup_metric
+from .style import PALETTE, new_figure, paper_style, save_figure
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .planner import SharePlan
+    from ..planner import SharePlan
+    from ..validate import PlanSearch
 
 PLAN_COST_TO_METRIC = {"kl": "kl", "cosine": "cosine_flat", "cosine_row": "cosine_row"}
 
@@ -47,7 +49,7 @@ def plot_plan_over_heatmap(report: AttentionReport, plan: "SharePlan", metric: s
     below = np.tril(np.ones((n, n), dtype=bool), k=-1)
     shown = np.where(below, values, np.nan)
     finite = shown[np.isfinite(shown)]
-    with _style():  # the paper style of `plots`: legible when printed at its nominal size
+    with paper_style():  # the paper style of `plots`: legible when printed at its nominal size
         fig = _draw(report, plan, metric, values, shown, below, finite, info, n)
     if path is not None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=200))
@@ -114,3 +116,42 @@ def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
     spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=70)
     return (f"{report.model_name}: {plan.method} plan over head-mean {metric}\n"
             f"{plan.n_shared}/{plan.n_layers} layers shared{cost}\n{spans}")
+
+
+SEARCH_STYLES = {  # method of a plan the search tried -> marker style
+    "single layer": dict(color="0.6", marker=".", s=30), "similarity": dict(color=PALETTE[0], marker="o", s=40),
+    "similarity+sensitivity": dict(color=PALETTE[2], marker="s", s=40), "sensitivity": dict(color=PALETTE[1], marker="^", s=40),
+    "perplexity": dict(color=PALETTE[4], marker="v", s=40)}
+
+
+def plot_search(search: "PlanSearch", path: str | Path) -> Path:
+    """Quality change (% perplexity, calibration text) vs layers shared for every plan tried, with the tolerance."""
+    from matplotlib.ticker import MaxNLocator
+
+    with paper_style():
+        fig = new_figure(7, 4.5)
+        ax = fig.subplots()
+        for method, style in SEARCH_STYLES.items():
+            rows = [r for r in search.rows if r["method"] == method]
+            if rows:
+                ax.scatter([r["n_shared"] for r in rows], [100 * r["ppl_change"] for r in rows], label=method, **style)
+        ax.axhline(100 * search.tolerance, color=PALETTE[3], linestyle="--", linewidth=1, label=f"tolerance {100 * search.tolerance:g}%")
+        if search.best is not None:
+            best = next(r for r in search.rows if r["followers"] == search.best["followers"])
+            ax.scatter([best["n_shared"]], [100 * best["ppl_change"]], marker="*", s=220, facecolor="none",
+                       edgecolor="black", linewidth=1.2, label=f"chosen: {best['spans']}")
+        if search.validation is not None:
+            held = search.validation
+            ax.scatter([len(held.plan["followers"])], [100 * held.ppl_change], marker="D", s=60, facecolor="none",
+                       edgecolor="black", linewidth=1.2, label="chosen, on held-out text")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layers shared")
+        ax.set_yscale("symlog", linthresh=10)  # linear near the tolerance, logarithmic for the large losses
+        low, high = ax.get_ylim()
+        ticks = [t for t in (-50, -20, -10, -5, 0, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low <= t <= high]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_ylabel("perplexity change (%, log scale above 10)")
+        ax.set_title("Shared Attention plans tried (calibration text)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return save_figure(fig, path, ("png",))[0]

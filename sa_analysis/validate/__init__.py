@@ -1,0 +1,26 @@
+"""Validate: prove a Shared Attention plan by measurement, baseline vs patched, in one `ValidationReport`.
+
+Quality on held-out text (never the calibration text the plan was chosen on): perplexity and its relative change,
+next-token KL(baseline || patched), top-1 agreement, and a pass/fail against a tolerance on the relative
+perplexity increase (`quality`). Optionally lm-evaluation-harness tasks (`tasks`: `HFLM` wrapping the patched model
+object; local task files, offline). Efficiency, measured (`speed`): prefill and decode tokens/s, peak memory and
+KV-cache bytes. `run.validate_plan` puts them together into a `report.ValidationReport`.
+
+`search.search_plans` closes the loop of DESIGN.md section 4: it measures each layer's real quality loss when shared
+alone (its *sensitivity*), feeds that back to the planner, measures the candidate plans it proposes, and returns
+the best plan within the tolerance, with a table of everything tried.
+"""
+
+from .plans import as_plan, check_plan_for_model, predicted_savings
+from .quality import Baseline, baseline, compare_log_probs, measure_quality
+from .report import DEFAULT_TOLERANCE, ValidationReport
+from .run import validate_plan
+from .search import PlanSearch, candidate_plans, measure_sensitivity, search_plans
+from .speed import compare_speed, measure_speed
+from .tasks import check_tasks, compare_tasks, run_tasks
+
+__all__ = [
+    "DEFAULT_TOLERANCE", "Baseline", "PlanSearch", "ValidationReport", "as_plan", "baseline", "candidate_plans",
+    "check_plan_for_model", "check_tasks", "compare_log_probs", "compare_speed", "compare_tasks", "measure_quality",
+    "measure_sensitivity", "measure_speed", "predicted_savings", "run_tasks", "search_plans", "validate_plan",
+]

@@ -1,0 +1,80 @@
+"""`validate_plan`: one plan proved by measurement on held-out text, in one ValidationReport."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..patch import MODES
+from .plans import as_plan, check_plan_for_model, predicted_savings
+from .quality import Baseline, baseline, measure_quality, model_device, token_ids
+from .report import DEFAULT_TOLERANCE, ValidationReport
+from .speed import compare_speed
+from .tasks import check_tasks, compare_tasks
+
+
+def validate_plan(
+    loaded: Any,
+    plan: Any,
+    batch: Any,
+    *,
+    mode: str = "fast",
+    tolerance: float = DEFAULT_TOLERANCE,
+    tasks: Sequence[str] | None = None,
+    task_limit: int | None = None,
+    measure_speed: bool = True,
+    speed_batch: int | None = None,
+    speed_new_tokens: int = 32,
+    speed_repeats: int = 3,
+    batch_size: int = 4,
+    baseline_outputs: Baseline | None = None,
+) -> ValidationReport:
+    """Baseline vs patched on the held-out `batch` (a TokenBatch of split "heldout", or ids [S, T]).
+
+    `plan`: a SharePlan, `{follower: anchor}`, or a spans string. Passes when the relative perplexity increase is
+    at most `tolerance`. Speed uses the first `speed_batch` sequences (default: all, at most 8) as the prompt.
+    """
+    if isinstance(getattr(batch, "split", None), str) and batch.split != "heldout":
+        raise UserError("Validation must run on held-out text, never the calibration text the plan was chosen on; use split='heldout'.")
+    check_options(mode, tolerance)
+    if tasks:
+        check_tasks(tasks)
+    model, info = loaded.model, loaded.info
+    share_plan = as_plan(plan, info.n_layers, info.shape())
+    check_plan_for_model(share_plan, info)
+    base = baseline_outputs or baseline(model, batch, batch_size)
+    quality = measure_quality(model, share_plan, base, mode)
+    ids = token_ids(batch)
+    speed = None
+    if measure_speed:
+        prompt = ids[: speed_batch or min(ids.shape[0], 8)]
+        speed = compare_speed(model, share_plan, prompt, mode, speed_new_tokens, repeats=speed_repeats)
+    task_results = compare_tasks(model, loaded.tokenizer, share_plan, tasks, mode, task_limit) if tasks else None
+    return ValidationReport(
+        model=info.to_dict(), plan=share_plan.to_dict(), mode=mode, tolerance=float(tolerance),
+        data=batch.describe() if hasattr(batch, "describe") else {"n_seqs": ids.shape[0], "seq_len": ids.shape[1]},
+        quality=quality, passed=bool(quality["ppl_change"] <= tolerance), speed=speed,
+        predicted=predicted_savings(share_plan, info, ids.shape[1]), tasks=task_results, meta=run_meta(model),
+    )
+
+
+def check_options(mode: str, tolerance: float) -> None:
+    if mode not in MODES:
+        raise UserError(f"Unknown Shared Attention mode {mode!r}; use fast or exact.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise UserError(f"The tolerance must be a number >= 0 (a relative perplexity increase, e.g. 0.05); got {tolerance!r}.")
+
+
+def run_meta(model: torch.nn.Module) -> dict[str, Any]:
+    import transformers
+
+    device = model_device(model)
+    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    return meta

@@ -1,0 +1,137 @@
+"""Speed and memory, measured: prefill and decode tokens/s, peak memory and KV-cache bytes, baseline vs patched."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from .. import compat
+from ..patch import cache_bytes, share_attention
+from .quality import model_device
+
+
+class Timer:
+    """Seconds taken by a callable: CUDA events on a GPU (after synchronising), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if not self.cuda:
+            start = time.perf_counter()
+            result = fn()
+            return time.perf_counter() - start, result
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        start.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        return start.elapsed_time(end) / 1000.0, result
+
+    @property
+    def name(self) -> str:
+        return "cuda-events" if self.cuda else "perf_counter"
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, prompt: torch.Tensor):
+    """Run the prompt `[B, T]` into a new cache; returns (cache, next token [B, 1])."""
+    cache = compat.new_cache(model)  # built from the (possibly patched) config
+    out = model(input_ids=prompt, **compat.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.inference_mode()
+def decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy decoding of `n_new` tokens, one forward per token, on an existing cache."""
+    cache_kwargs = compat.cache_kwargs(model, cache)  # read the keyword once, outside the timed loop
+    for _ in range(n_new):
+        out = model(input_ids=token, **cache_kwargs, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return token
+
+
+def _round(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, timer: Timer) -> tuple[float, float]:
+    """One timed prefill of `prompt` [B, T] and `n_new` greedy decode steps on its cache: (prefill s, decode s)."""
+    t_pre, (cache, token) = timer(lambda: prefill(model, prompt))
+    t_dec = timer(lambda: decode(model, cache, token, n_new))[0] if n_new else 0.0
+    return t_pre, t_dec
+
+
+def _summarise(times: list[tuple[float, float]], prompt: torch.Tensor, n_new: int, timer: Timer) -> dict[str, Any]:
+    batch, length = prompt.shape
+    t_pre = statistics.median(t for t, _ in times)
+    t_dec = statistics.median(t for _, t in times)
+    return {"batch": int(batch), "prompt_len": int(length), "n_new": int(n_new), "repeats": len(times),
+            "timer": timer.name, "prefill_s": t_pre, "decode_s": t_dec,
+            "prefill_tokens_per_s": batch * length / t_pre if t_pre > 0 else None,
+            "decode_tokens_per_s": batch * n_new / t_dec if n_new and t_dec > 0 else None}
+
+
+def _memory(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> dict[str, Any]:
+    """KV-cache bytes after a prefill (summed over the cache's tensors) and peak memory (CUDA only)."""
+    cache, _ = prefill(model, prompt)
+    kv = cache_bytes(cache)
+    del cache
+    return {"kv_cache_bytes": kv["total"], "k_cache_bytes": kv["keys"], "v_cache_bytes": kv["values"],
+            "peak_memory_bytes": _peak_memory(model, prompt, n_new)}
+
+
+def measure_speed(model: torch.nn.Module, prompt: torch.Tensor, n_new: int = 32, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Prefill and decode throughput of the model as it is now (median of `repeats` after `warmup` rounds), KV bytes, peak memory.
+
+    `prompt` [B, T]. Prefill tokens/s = B*T / prefill time; decode tokens/s = B*n_new / time of n_new greedy steps
+    on the prefilled cache. Timing: CUDA events after synchronising on a GPU, perf_counter on the CPU.
+    """
+    prompt = prompt.to(model_device(model))
+    timer = Timer(prompt.device)
+    times = [_round(model, prompt, n_new, timer) for _ in range(warmup + repeats)][warmup:]
+    return {**_summarise(times, prompt, n_new, timer), **_memory(model, prompt, n_new)}
+
+
+def _peak_memory(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> int | None:
+    """CUDA: peak allocated bytes over one prefill + decode (weights included). CPU: None (not measured)."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    cache, token = prefill(model, prompt)
+    decode(model, cache, token, n_new)
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def compare_speed(model: torch.nn.Module, plan: Any, prompt: torch.Tensor, mode: str = "fast", n_new: int = 32,
+                  warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Baseline and patched speed and memory on the same prompt, with patched / baseline ratios.
+
+    Rounds alternate baseline, patched, baseline, ... so that drift (clocks, other processes) hits both alike.
+    """
+    prompt = prompt.to(model_device(model))
+    timer = Timer(prompt.device)
+    times: dict[str, list[tuple[float, float]]] = {"baseline": [], "patched": []}
+    for i in range(warmup + repeats):
+        for name in times:
+            with share_attention(model, plan, mode=mode) if name == "patched" else contextlib.nullcontext():
+                sample = _round(model, prompt, n_new, timer)
+            if i >= warmup:
+                times[name].append(sample)
+    base = {**_summarise(times["baseline"], prompt, n_new, timer), **_memory(model, prompt, n_new)}
+    with share_attention(model, plan, mode=mode):
+        patched = {**_summarise(times["patched"], prompt, n_new, timer), **_memory(model, prompt, n_new)}
+    ratio = {key: _ratio(patched[key], base[key]) for key in
+             ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes", "k_cache_bytes", "peak_memory_bytes")}
+    note = None if base["peak_memory_bytes"] is not None else "peak memory is measured on CUDA only (None on the CPU)"
+    return {"baseline": base, "patched": patched, "ratio": ratio, "warmup": warmup, "peak_memory_note": note}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
