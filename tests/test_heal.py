@@ -249,7 +249,7 @@ def test_plan_for_another_model(text_data, heldout):
 
 
 def test_full_finetune_that_does_not_fit_suggests_lora(monkeypatch, text_data, heldout):
-    import sa_analysis.heal as heal_module
+    import sa_analysis.heal.params as heal_module  # where check_full_fits looks it up
 
     loaded = tiny_loaded()
     params = [p for _, p in full_parameters(loaded.model, PLAN, config(method="full"))]

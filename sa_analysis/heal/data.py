@@ -1,0 +1,214 @@
+"""Heal training data: Alpaca rows (loss on the response only), JSONL text or plain text (loss on every token)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..io import read_user_text
+
+
+IGNORE_INDEX = -100
+
+
+# Stanford Alpaca's prompt template (the SA reference heals on Alpaca with it); the loss covers the response only.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass
+class HealData:
+    """Training examples: token ids and labels (IGNORE_INDEX where no loss is taken), each at most seq_len long."""
+
+    examples: list[tuple[torch.Tensor, torch.Tensor]]
+    kind: str  # "alpaca" (loss on responses) or "text" (language-model loss)
+    source: str
+    pad_id: int
+    n_rows: int = 0
+    n_skipped: dict[str, int] = field(default_factory=dict)
+    _orders: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def describe(self) -> dict[str, Any]:
+        lengths = [len(ids) for ids, _ in self.examples]
+        loss_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in self.examples)
+        return {"source": self.source, "kind": self.kind, "n_rows": self.n_rows, "n_examples": len(self.examples),
+                "skipped": dict(self.n_skipped), "n_tokens": sum(lengths), "n_loss_tokens": loss_tokens,
+                "max_len": max(lengths) if lengths else 0}
+
+    def indices(self, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0, world: int = 1,
+                seed: int = 0) -> list[int]:
+        """The examples of micro-batch `micro` of optimizer step `step` on process `rank`: a fixed function of its
+        arguments (epochs are seeded permutations), so a resumed run sees the same data as an uninterrupted one."""
+        first = ((step * grad_accum + micro) * world + rank) * batch_size
+        return [self._example_at(position, seed) for position in range(first, first + batch_size)]
+
+    def _example_at(self, position: int, seed: int) -> int:
+        epoch, index = divmod(position, len(self.examples))
+        order = self._orders.get(epoch)
+        if order is None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = self._orders[epoch] = torch.randperm(len(self.examples), generator=generator)
+        return int(order[index])
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids`, `attention_mask`, `labels` [b, longest] for the given examples."""
+        rows = [self.examples[i] for i in indices]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, lab) in enumerate(rows):
+            input_ids[r, :len(ids)] = ids
+            labels[r, :len(ids)] = lab
+            mask[r, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def alpaca_prompt(row: Mapping[str, Any]) -> str:
+    """The Alpaca prompt for a row with `instruction` and optional `input`."""
+    instruction = str(row.get("instruction") or "").strip()
+    extra = str(row.get("input") or "").strip()
+    if extra:
+        return ALPACA_PROMPT.format(instruction=instruction, input=extra)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def alpaca_example(tokenizer: Any, row: Mapping[str, Any], seq_len: int,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids, labels) for one Alpaca row: labels are IGNORE_INDEX on the prompt, the response + EOS is learned.
+
+    The response is cut to fit `seq_len`; None when the prompt leaves no room for a response token.
+    """
+    prompt = tokenizer(alpaca_prompt(row))["input_ids"]
+    response = tokenizer(str(row["output"]).strip(), add_special_tokens=False)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        response = response + [eos]
+    room = seq_len - len(prompt)
+    if room < 1 or not response:
+        return None
+    response = response[:room]
+    ids = torch.tensor(prompt + response, dtype=torch.long)
+    if vocab_size is not None:
+        ids = ids % vocab_size
+    labels = ids.clone()
+    labels[:len(prompt)] = IGNORE_INDEX
+    return ids, labels
+
+
+def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len: int = 256,
+                   vocab_size: int | None = None, max_examples: int | None = None) -> HealData:
+    """Training data from an Alpaca-style JSON/JSONL file (instruction, input, output: loss on the output only), a
+    JSONL file with a `text` field or a plain-text file (language-model loss on windows of `seq_len` tokens), or the
+    default text (None). From plain text only the calibration part is used (the held-out part is for evaluation,
+    see `data.split_documents`). Without a tokenizer (random-init models) the default tokenizer's ids are folded into
+    `vocab_size`. `max_examples` stops tokenizing once that many text windows are collected.
+    """
+    from ..data import DEFAULT_TEXT, default_tokenizer, split_documents
+
+    if tokenizer is None:
+        tokenizer = default_tokenizer()
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
+    pad = int(pad) % vocab_size if vocab_size else int(pad)
+    if source is None or str(source) == DEFAULT_TEXT:
+        from pydoc_data.topics import topics
+
+        docs = split_documents(sorted(topics.items()), "calibration")
+        return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{DEFAULT_TEXT} (calibration)", pad, len(docs))
+    path = Path(source).expanduser()
+    raw = read_user_text(path, "data file", "pass an Alpaca-style JSON/JSONL file or a text file to --data")
+    if path.suffix.lower() in (".json", ".jsonl"):
+        rows = _json_rows(raw, path)
+        if any(isinstance(r, dict) and ("instruction" in r or "output" in r) for r in rows):
+            return _alpaca_data(rows, tokenizer, seq_len, vocab_size, str(path), pad)
+        docs = [(f"{path.name}#{i}", r["text"]) for i, r in enumerate(rows)
+                if isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip()]
+        if not docs:
+            raise UserError(f"The data file {path} has no usable rows: {len(rows)} rows, none with Alpaca fields "
+                            f"(instruction, output) or a non-empty 'text' field.")
+        n_rows = len(rows)
+    else:
+        docs = [(f"{path.name}#{i}", p) for i, p in enumerate(p for p in raw.split("\n\n") if p.strip())]
+        if not docs:
+            raise UserError(f"The data file {path} has no usable rows: it holds no text.")
+        n_rows = len(docs)
+    docs = split_documents(docs, "calibration") or docs
+    return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{path} (calibration part)", pad, n_rows)
+
+
+def _json_rows(raw: str, path: Path) -> list[Any]:
+    """Rows of a JSON list (Alpaca's alpaca_data.json) or of a JSONL file."""
+    text = raw.strip()
+    if not text:
+        raise UserError(f"The data file {path} has no usable rows: it is empty.")
+    if text.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"The data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); write a list of objects or one object per line.") from None
+        return rows if isinstance(rows, list) else [rows]
+    rows = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"Line {number} of {path} is not valid JSON; each line of a JSONL file must be one object.") from None
+    return rows
+
+
+def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int | None, source: str, pad: int) -> HealData:
+    examples, missing, too_long = [], 0, 0
+    for row in rows:
+        if not isinstance(row, dict) or not str(row.get("instruction") or "").strip() or not str(row.get("output") or "").strip():
+            missing += 1
+            continue
+        example = alpaca_example(tokenizer, row, seq_len, vocab_size)
+        if example is None:
+            too_long += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise UserError(f"The data file {source} has no usable rows: {len(rows)} rows, {missing} without an instruction "
+                        f"and an output, {too_long} whose prompt fills --seq-len {seq_len}; fix the file or raise --seq-len.")
+    return HealData(examples, "alpaca", source, pad, len(rows), {"no_instruction_or_output": missing, "prompt_too_long": too_long})
+
+
+def _text_data(docs: list[tuple[str, str]], tokenizer: Any, seq_len: int, vocab_size: int | None,
+               max_examples: int | None, source: str, pad: int, n_rows: int) -> HealData:
+    """Windows of `seq_len` tokens over the documents joined by EOS (a shorter text gives one shorter window)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    needed = None if max_examples is None else max_examples * seq_len
+    for _, body in docs:
+        ids.extend(tokenizer(body, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if needed is not None and len(ids) >= needed:
+            break
+    if len(ids) < 2:
+        raise UserError(f"The data {source} has no usable rows: fewer than 2 tokens of text.")
+    stream = torch.tensor(ids, dtype=torch.long)
+    if vocab_size is not None:
+        stream = stream % vocab_size
+    n = len(ids) // seq_len
+    windows = list(stream[: n * seq_len].view(n, seq_len)) if n else [stream]
+    if max_examples is not None:
+        windows = windows[:max_examples]
+    return HealData([(w.clone(), w.clone()) for w in windows], "text", source, pad, n_rows)

@@ -1,0 +1,129 @@
+"""What a heal trains: LoRA targets or full-weight parameters, chosen around the plan, and whether they fit."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Sequence
+
+import torch
+
+from ..errors import UserError
+from .config import GIB, HealConfig
+
+
+
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+FOLLOWER_UNUSED = ("q_proj", "k_proj", "q_norm", "k_norm")  # out of the module tree while patched
+
+
+def _layer_of_names(model: torch.nn.Module) -> dict[str, int]:
+    """{module name: decoder layer index} for every module inside a decoder layer."""
+    from ..capture import decoder_layers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, int] = {}
+    for index, block in enumerate(decoder_layers(model)):
+        prefix = names[id(block)]
+        for sub, _ in block.named_modules():
+            out[f"{prefix}.{sub}" if sub else prefix] = index
+    return out
+
+
+def lora_targets(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig) -> list[str]:
+    """Full names of the linear modules that get a LoRA adapter: attention projections (+ MLP) of the trained
+    layers, except followers' q_proj / k_proj, which Shared Attention never runs."""
+    layer_of = _layer_of_names(model)
+    lowest = min(anchor_of.values()) if (config.train_layers == "from-anchor" and anchor_of) else 0
+    wanted = ATTENTION_PROJ + (MLP_PROJ if config.lora_mlp else ())
+    targets = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        layer = layer_of.get(name)
+        if layer is None or leaf not in wanted or not isinstance(module, torch.nn.Linear) or layer < lowest:
+            continue
+        if layer in anchor_of and leaf in FOLLOWER_UNUSED:
+            continue
+        targets.append(name)
+    if not targets:
+        raise UserError("No linear q/k/v/o projections were found to adapt with LoRA; use a full fine-tune (--full).")
+    return targets
+
+
+def add_lora(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig):
+    """Inject LoRA adapters in place (before patching); returns the peft wrapper (for merging)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("LoRA healing needs peft: `pip install peft`, or use a full fine-tune (--full).") from None
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+                      lora_dropout=config.lora_dropout, target_modules=lora_targets(model, anchor_of, config), bias="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated transformers property
+        return get_peft_model(model, lora)
+
+
+def full_parameters(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) trained by a full fine-tune: everything (or the attention projections) of the trained
+    layers, minus followers' unused q/k projections and norms; embeddings, final norm and head only with scope "all"
+    and train_layers "all"."""
+    layer_of = _layer_of_names(model)
+    lowest = min(anchor_of.values()) if (config.train_layers == "from-anchor" and anchor_of) else 0
+    chosen = []
+    for name, param in model.named_parameters():
+        module_name = name.rsplit(".", 1)[0]
+        parts = module_name.split(".")
+        layer = next((layer_of[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in layer_of), None)
+        if layer is None:
+            if config.full_scope == "all" and config.train_layers == "all":
+                chosen.append((name, param))
+            continue
+        if layer < lowest:
+            continue
+        if layer in anchor_of and any(p in FOLLOWER_UNUSED for p in parts):
+            continue
+        if config.full_scope == "attention" and not any(p in ATTENTION_PROJ for p in parts):
+            continue
+        chosen.append((name, param))
+    return chosen
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where training runs: CUDA's free bytes, or MemAvailable from /proc/meminfo on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def full_finetune_bytes(params: Sequence[torch.nn.Parameter]) -> dict[str, int]:
+    """Bytes of a full fine-tune's state: weights, gradients, AdamW's two moments (kept in the parameter dtype)."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return {"weights": weights, "gradients": weights, "optimizer": 2 * weights, "total": 4 * weights}
+
+
+def check_full_fits(params: Sequence[torch.nn.Parameter], device: torch.device, margin: float = 0.9) -> dict[str, int]:
+    """Refuse (UserError, suggesting LoRA) a full fine-tune whose gradients + optimizer states exceed free memory.
+
+    The weights are already resident; activations come on top, so only `margin` of the free memory is offered.
+    """
+    need = full_finetune_bytes(params)
+    extra = need["gradients"] + need["optimizer"]
+    free = free_memory_bytes(device)
+    if free is not None and extra > margin * free:
+        raise UserError(
+            f"A full fine-tune of {sum(p.numel() for p in params) / 1e6:,.1f}M parameters needs about "
+            f"{need['total'] / GIB:.1f} GiB on {device} (weights, gradients and two AdamW states) but only "
+            f"{free / GIB:.1f} GiB more is free; heal with LoRA instead (--lora, the default), or train fewer weights "
+            f"(--full-scope attention, --train-layers from-anchor).")
+    return {**need, "free": free}
