@@ -1,0 +1,278 @@
+"""SharePlan: a set of followers with its anchors, spans, predicted cost and savings; saved as JSON (also in the SA
+reference code's form, the list of layers not shared)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+from ..errors import UserError
+from ..io import read_json, write_json
+from ..report import AttentionReport
+from .layers import anchors_for, as_layers, spans_for
+
+
+
+PLAN_FORMAT = "sa-analysis/share-plan"
+
+
+PLAN_VERSION = 1
+
+
+DEFAULT_CONTEXT_LEN = 4096
+
+
+@dataclass
+class SharePlan:
+    """Which layers share attention, why (method, cost, constraints) and what it is predicted to cost and save.
+
+    `followers` is the one source of truth; `anchor_of`, `spans` and `non_shared_layers()` derive from it.
+    `follower_costs` holds the predicted cost of each follower (None for a plan written by hand).
+    """
+
+    n_layers: int
+    followers: list[int]
+    model: dict[str, Any] = field(default_factory=dict)
+    method: str = "manual"
+    cost_name: str | None = None
+    follower_costs: dict[int, float] | None = None
+    constraints: dict[str, Any] = field(default_factory=dict)
+    context_len: int = DEFAULT_CONTEXT_LEN
+
+    def __post_init__(self) -> None:
+        self.n_layers = int(self.n_layers)
+        if self.n_layers < 1:
+            raise UserError(f"A plan needs at least one layer; got n_layers={self.n_layers}.")
+        followers = as_layers(self.followers)
+        bad = [m for m in followers if not 1 <= m < self.n_layers]
+        if bad:
+            raise UserError(f"Layers {bad} cannot be shared: followers must lie in 1..{self.n_layers - 1} (layer 0 is never shared).")
+        self.followers = followers
+        model = dict(self.model or {})
+        if model.get("n_layers") is not None and int(model["n_layers"]) != self.n_layers:
+            raise UserError(f"The plan says {self.n_layers} layers but its model has {model['n_layers']}; the plan belongs to another model.")
+        self.model = {"name": model.pop("name", None), "n_layers": self.n_layers, **{k: v for k, v in model.items() if k != "n_layers"}}
+        if self.follower_costs is not None:
+            self.follower_costs = {int(m): float(c) for m, c in self.follower_costs.items()}
+            if set(self.follower_costs) != set(followers):
+                raise UserError("The plan's follower costs do not match its followers; re-create the plan with `sa-analyze recommend-spans`.")
+
+    # ----- constructors ----------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, n_layers: int, model: Mapping[str, Any] | None = None, method: str = "empty") -> "SharePlan":
+        """A plan that shares nothing (the baseline; patching with it must leave the model unchanged)."""
+        return cls(n_layers=n_layers, followers=[], model=dict(model or {}), method=method, follower_costs={})
+
+    @classmethod
+    def from_spans(cls, spec: str, n_layers: int, model: Mapping[str, Any] | None = None) -> "SharePlan":
+        """Parse "23-26,28-30": each span a-b shares layers a..b, which reuse layer a-1 (its anchor).
+
+        Under Shared Attention a follower reuses the *last non-shared* layer before it, so adjacent spans such as
+        the seed's "23-26,27-30" are accepted and mean followers 23..30, all reusing layer 22.
+        """
+        spans = _parse_spans(spec, n_layers)
+        followers = [m for first, last in spans for m in range(first, last + 1)]
+        return cls(n_layers=n_layers, followers=followers, model=dict(model or {}), method="manual",
+                   constraints={"spans": spec.strip()})
+
+    # ----- derived views ---------------------------------------------------------------------------------
+    @property
+    def n_shared(self) -> int:
+        return len(self.followers)
+
+    @property
+    def anchor_of(self) -> dict[int, int]:
+        return anchors_for(self.followers, self.n_layers)
+
+    @property
+    def spans(self) -> list[tuple[int, int, int]]:
+        return spans_for(self.followers)
+
+    def non_shared_layers(self) -> list[int]:
+        """The seed repo's form: indices of layers that keep their own attention."""
+        shared = set(self.followers)
+        return [layer for layer in range(self.n_layers) if layer not in shared]
+
+    def is_shared(self, layer: int) -> bool:
+        return layer in set(self.followers)
+
+    def spans_spec(self) -> str:
+        """The spans in `from_spans` syntax ("23-26,28-30"); empty string for an empty plan."""
+        return ",".join(f"{first}-{last}" if last > first else f"{first}" for _, first, last in self.spans)
+
+    @property
+    def span_costs(self) -> list[float] | None:
+        if self.follower_costs is None:
+            return None
+        return [float(sum(self.follower_costs[m] for m in range(first, last + 1))) for _, first, last in self.spans]
+
+    @property
+    def total_cost(self) -> float | None:
+        if self.follower_costs is None:
+            return None
+        return float(sum(self.follower_costs.values()))
+
+    def summary(self) -> str:
+        """One line: how many layers are shared, in which spans, at what predicted cost."""
+        spans = ", ".join(f"{a}->{f}-{l}" if l > f else f"{a}->{f}" for a, f, l in self.spans) or "none"
+        cost = "" if self.total_cost is None else f", predicted {self.cost_name} {self.total_cost:.4g}"
+        return f"{self.n_shared}/{self.n_layers} layers shared (anchor->followers: {spans}){cost}"
+
+    # ----- predicted savings -----------------------------------------------------------------------------
+    def savings(self, context_len: int | None = None, bytes_per_element: int = 2) -> dict[str, Any]:
+        """Predicted savings for this model's shape, absolute and as fractions; None where the shape is unknown.
+
+        - K cache: followers drop their K cache; saved share of all KV bytes = n_f * K / (L * (K + V)).
+        - Q/K projections: a follower skips q_proj and k_proj, 2 * hidden * (Hq*d + Hkv*d) FLOPs per token,
+          compared with all attention projections (q, k, v, o) of all layers.
+        - Scores: reusing the anchor's softmax skips QK^T, 2 * Hq * d * n FLOPs per token at context n (only
+          when the softmax is materialised; a fast kernel that recomputes SDPA from the anchor's Q, K keeps them).
+        """
+        n = int(context_len or self.context_len)
+        shape = model_shape_numbers(self.model)
+        L, nf = self.n_layers, self.n_shared
+        out: dict[str, Any] = {"n_shared": nf, "n_layers": L, "context_len": n, "bytes_per_element": bytes_per_element,
+                               "kv_cache_fraction_saved": nf / (2 * L),
+                               "score_fraction_saved": nf / L}
+        hq, hkv, d, hidden = (shape[k] for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size"))
+        if hkv and d:
+            k_bytes = hkv * d * bytes_per_element
+            out.update(kv_cache_bytes_per_token=L * 2 * k_bytes, k_cache_bytes_saved_per_token=nf * k_bytes,
+                       k_cache_bytes_saved_at_context=nf * k_bytes * n)
+        if hq and hkv and d and hidden:
+            qk = 2 * hidden * (hq * d + hkv * d)
+            total_proj = L * 2 * hidden * (2 * hq * d + 2 * hkv * d)
+            out.update(qk_proj_flops_saved_per_token=nf * qk, attn_proj_flops_per_token=total_proj,
+                       attn_proj_fraction_saved=nf * qk / total_proj)
+        if hq and d:
+            out.update(score_flops_saved_per_token=nf * 2 * hq * d * n, score_flops_per_token=L * 2 * hq * d * n)
+        return out
+
+    # ----- (de)serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        costs = self.span_costs
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "n_layers": self.n_layers,
+            "method": self.method,
+            "cost": self.cost_name,
+            "followers": self.followers,
+            "non_shared_layers": self.non_shared_layers(),
+            "anchor_of": {str(m): a for m, a in self.anchor_of.items()},
+            "spans": [
+                {"anchor": a, "first": f, "last": l, "predicted_cost": None if costs is None else _num_out(costs[i])}
+                for i, (a, f, l) in enumerate(self.spans)
+            ],
+            "follower_costs": None if self.follower_costs is None else {str(m): _num_out(c) for m, c in self.follower_costs.items()},
+            "total_cost": _num_out(self.total_cost),
+            "constraints": self.constraints,
+            "context_len": self.context_len,
+            "savings": self.savings(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> "SharePlan":
+        """Rebuild and check a plan; derived fields (anchors, spans) must agree with the followers."""
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            raise UserError(f"{source} is not an sa-analysis share plan; pass a plan.json written by `sa-analyze recommend-spans`.")
+        if int(data.get("version", 0)) > PLAN_VERSION:
+            raise UserError(f"{source} was written by a newer sa-analysis (plan version {data.get('version')}); upgrade sa-analysis.")
+        try:
+            raw_costs = data.get("follower_costs")
+            plan = cls(
+                n_layers=int(data["n_layers"]),
+                followers=[int(m) for m in data["followers"]],
+                model=dict(data.get("model") or {}),
+                method=str(data.get("method", "manual")),
+                cost_name=data.get("cost"),
+                follower_costs=None if raw_costs is None else {int(m): _num_in(c) for m, c in raw_costs.items()},
+                constraints=dict(data.get("constraints") or {}),
+                context_len=int(data.get("context_len", DEFAULT_CONTEXT_LEN)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{source} is a damaged share plan ({type(exc).__name__}: {exc}); re-create it with `sa-analyze recommend-spans`.") from None
+        if "anchor_of" in data and {int(k): int(v) for k, v in data["anchor_of"].items()} != plan.anchor_of:
+            raise UserError(f"{source} lists anchors that contradict its followers (a follower reuses the last non-shared layer); re-create the plan.")
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SharePlan":
+        return cls.from_dict(read_json(path, "plan"), source=str(path))
+
+
+def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
+    """[(first, last)] from "23-26,28-30", checked: in range and not overlapping."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("The spans are empty; write followers as first-last ranges, e.g. --spans 23-26,28-30.")
+    spans = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"Could not read span {part.strip()!r}; write followers as first-last ranges, e.g. 23-26,28-30.")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise UserError(f"The span {part.strip()} runs backwards; write it as {last}-{first}.")
+        if first < 1:
+            raise UserError(f"The span {part.strip()} shares layer 0, which has no earlier layer to reuse; start spans at 1 or later.")
+        if last >= n_layers:
+            raise UserError(f"The span {part.strip()} goes past the last layer ({n_layers - 1}) of this model; use indices 1..{n_layers - 1}.")
+        spans.append((first, last))
+    spans.sort()
+    shared: set[int] = set()
+    for first, last in spans:
+        overlap = shared & set(range(first, last + 1))
+        if overlap:
+            raise UserError(f"Layer {min(overlap)} appears in more than one span; list each shared layer once.")
+        shared.update(range(first, last + 1))
+    return spans
+
+
+def _num_out(value: float | None) -> float | str | None:
+    """JSON-safe number: inf becomes the string "inf" (plain JSON has no infinity)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return float(value)
+
+
+def _num_in(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)  # float("inf") reads the string form back
+
+
+def model_shape(report: AttentionReport) -> dict[str, Any]:
+    """Name and shape of the report's model (n_layers, n_heads, n_kv_heads, head_dim, hidden_size; None if unknown)."""
+    info = dict(report.meta.get("model", {}))
+    shape = {"name": info.get("name"), "n_layers": report.n_layers}
+    shape.update(model_shape_numbers(info))
+    if info.get("spec"):
+        shape["spec"] = info["spec"]  # how the model was named on the command line (alias, path, hub id)
+    return shape
+
+
+def model_shape_numbers(info: Mapping[str, Any]) -> dict[str, int | None]:
+    """n_heads, n_kv_heads, head_dim, hidden_size from a model dict, inferring what follows from the rest."""
+    def get(key: str) -> int | None:
+        value = info.get(key)
+        return int(value) if value is not None else None
+
+    hq, hkv, d, hidden = get("n_heads"), get("n_kv_heads"), get("head_dim"), get("hidden_size")
+    hkv = hkv if hkv is not None else hq
+    if d is None and hq and hidden:
+        d = hidden // hq
+    if hidden is None and hq and d:
+        hidden = hq * d
+    return {"n_heads": hq, "n_kv_heads": hkv, "head_dim": d, "hidden_size": hidden}
