@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sa_analysis import defaults
 from sa_analysis.errors import UserError
 
 app = typer.Typer(
@@ -38,17 +41,16 @@ NSeqsOpt = Annotated[int, typer.Option("--n-seqs", min=1, help="Number of sequen
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per sequence.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: sa-output/<model>/.")]
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_N_SEQS = 8
-DEFAULT_SEQ_LEN = 256
+DEFAULT_MODEL = defaults.MODEL  # every default the CLI shows comes from the library (sa_analysis/defaults.py)
+DEFAULT_N_SEQS = defaults.N_SEQS
+DEFAULT_SEQ_LEN = defaults.SEQ_LEN
 
 
 def default_out(out: Optional[Path], model: str) -> Path:
-    """The output folder: `--out` when given, else sa-output/<model name made path-safe>/."""
-    if out is not None:
-        return out
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
-    return Path("sa-output") / safe
+    """The output folder: `--out` when given, else sa-output/<model name made path-safe>/ (the library's default)."""
+    from sa_analysis.io import default_out_dir
+
+    return default_out_dir(out, model)
 
 
 def user_errors(command: Callable) -> Callable:
@@ -66,6 +68,26 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+@contextmanager
+def sequence_progress(total: int):
+    """A rich progress bar over sequences; yields the callback the pipeline calls after each one."""
+    columns = (TextColumn("[bold]capturing attention"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("capture", total=total)
+        yield lambda _i: progress.advance(task)
+
+
+def loading_status(message: str):
+    """A spinner while the model loads (the first use of a GGUF dequantises it, which takes a while)."""
+    return console.status(f"[bold]{message}[/] (the first use of a GGUF file dequantises and caches it)")
+
+
+def spinner(message: str):
+    """A spinner with `message` while a step runs (the library's `status` callback)."""
+    return console.status(f"[bold]{message}[/]")
 
 
 def wrote(paths) -> None:

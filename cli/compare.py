@@ -102,7 +102,7 @@ def compare(
 def _measure(models, labels, folders, out_dir: Path, formats, **capture) -> tuple[list, list[Path]]:
     """Measure each model on the same token ids into a hidden work folder; move the results under `out_dir` only once
     every model has been measured and their depths match, so a mistake leaves no partial output."""
-    from cli.heatmap import loading_status, sequence_progress
+    from cli.app import loading_status, sequence_progress
     from sa_analysis.pipeline import run_heatmap
     from sa_analysis.report import compare_summary
 

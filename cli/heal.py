@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.app import (DEFAULT_MODEL, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
-                     app, console, default_out, user_errors, wrote)
-from sa_analysis.errors import UserError
+                     app, console, default_out, spinner, user_errors, wrote)
+from sa_analysis import defaults
 
 PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
 SpansOpt = Annotated[Optional[str], typer.Option("--spans", help="Instead of --plan: followers as ranges, e.g. 23-26,28-30.")]
@@ -39,7 +39,7 @@ def heal(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per micro-batch (per GPU).")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
-    seq_len: SeqLenOpt = 256,
+    seq_len: SeqLenOpt = defaults.SEQ_LEN,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save a training checkpoint every N steps under OUT/checkpoints (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under OUT/checkpoints.")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast or exact.")] = "fast",
@@ -49,7 +49,7 @@ def heal(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype. Default: float32 on CPU; on GPU bfloat16 for LoRA, float32 master weights (bf16 autocast) for --full.")] = None,
     random_init: RandomInitOpt = False,
     text: TextOpt = None,
-    n_seqs: NSeqsOpt = 16,
+    n_seqs: NSeqsOpt = defaults.HEAL_N_SEQS,
     out: OutOpt = None,
 ) -> None:
     """Heal a shared model: fine-tune with Shared Attention in force (gradients reach the anchors through the reused
@@ -60,68 +60,44 @@ def heal(
     healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host:
     `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data parallel).
     """
-    from sa_analysis.data import token_batch
-    from sa_analysis.heal import HealConfig, heal as run_heal, load_heal_data, make_accelerator
-    from sa_analysis.io import ensure_writable_dir
-    from sa_analysis.loading import load_model, resolve_device
-    from sa_analysis.planner import SharePlan
+    from sa_analysis.heal import HealConfig
+    from sa_analysis.pipeline import ModelSpec, TextSpec, run_heal
 
-    if (plan is None) == (spans is None):
-        raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     method = "lora" if lora else "full"
     config = HealConfig(method=method, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
                         full_scope=full_scope, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                         seq_len=seq_len, save_every=save_every, mode=mode, seed=seed)
-    share_plan = SharePlan.load(plan) if plan is not None else None
-    if data is not None and not Path(data).expanduser().is_file():
-        raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
-    out_dir = ensure_writable_dir(default_out(out, model))
+    bar: dict = {}  # the progress bar, made once the main process starts training
 
-    dev = resolve_device(device)
-    accelerator = make_accelerator(dev)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
-    main = accelerator.is_main_process
-    if accelerator.num_processes > 1:
-        dev = accelerator.device
-    say = console.print if main else (lambda *a, **k: None)
-    load_dtype = dtype or ("float32" if dev.type == "cpu" or method == "full" else "bfloat16")
+    def starting(start) -> None:
+        if not start.main:
+            return
+        d = start.data
+        console.print(f"[bold]Healing[/] {start.model} with {start.plan.summary()}", highlight=False)
+        console.print(f"  {method}{f' rank {lora_rank}' if method == 'lora' else ''}, {steps} steps x {batch_size} x "
+                      f"{grad_accum} x {start.processes} process(es), lr {config.learning_rate:g}, {start.dtype} on "
+                      f"{start.device}{' with bf16 autocast' if start.mixed_precision == 'bf16' else ''}; data: "
+                      f"{d['source']} ({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
+        bar["progress"] = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                   TextColumn("steps"), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                                   TimeRemainingColumn(), console=console)
+        bar["task"] = bar["progress"].add_task("starting", total=steps, loss="-")
+        bar["progress"].start()
 
-    with console.status(f"[bold]loading {model}[/]") if main else _nothing():
-        loaded = load_model(model, device=str(dev), dtype=load_dtype, random_init=random_init)
-    info = loaded.info
-    from sa_analysis.validate import check_plan_for_model
+    def update(**fields) -> None:
+        if bar:
+            bar["progress"].update(bar["task"], **fields)
 
-    if share_plan is None:
-        share_plan = SharePlan.from_spans(spans, info.n_layers, model=info.shape())
-    check_plan_for_model(share_plan, info)
-    if info.max_positions and seq_len > info.max_positions:
-        raise UserError(f"--seq-len {seq_len} is longer than this model's context of {info.max_positions} tokens; use --seq-len {info.max_positions} or less.")
-    needed = steps * batch_size * grad_accum * accelerator.num_processes
-    train_data = load_heal_data(data, loaded.tokenizer, seq_len=seq_len, vocab_size=None if loaded.tokenizer else info.vocab_size,
-                                max_examples=needed)
-    eval_batch = token_batch(loaded.tokenizer, text=text, split="heldout", n_seqs=n_seqs, seq_len=seq_len,
-                             max_positions=info.max_positions, vocab_size=info.vocab_size)
-    d = train_data.describe()
-    say(f"[bold]Healing[/] {info.name} with {share_plan.summary()}", highlight=False)
-    say(f"  {method}{f' rank {lora_rank}' if method == 'lora' else ''}, {steps} steps x {batch_size} x {grad_accum} "
-        f"x {accelerator.num_processes} process(es), lr {config.learning_rate:g}, {info.dtype} on {dev}"
-        f"{' with bf16 autocast' if accelerator.mixed_precision == 'bf16' else ''}; data: {d['source']} "
-        f"({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not main)
-    with progress:
-        task = progress.add_task("starting", total=steps, loss="-")
-
-        def on_step(step: int, loss: float) -> None:
-            progress.update(task, completed=step, loss=f"{loss:.4f}")
-
-        def on_phase(phase: str) -> None:
-            progress.update(task, description=PHASES.get(phase, phase))
-
-        report = run_heal(loaded, share_plan, train_data, eval_batch, config, out=out_dir, resume=resume,
-                          accelerator=accelerator, on_step=on_step, on_phase=on_phase)
-    if not main or report is None:
+    try:
+        report = run_heal(
+            ModelSpec(model, device, dtype, random_init), TextSpec(text, n_seqs, seq_len), config, plan_file=plan,
+            spans=spans, data=data, out=default_out(out, model), resume=resume, status=spinner, on_start=starting,
+            on_step=lambda step, loss: update(completed=step, loss=f"{loss:.4f}"),
+            on_phase=lambda phase: update(description=PHASES.get(phase, phase)))
+    finally:
+        if bar:
+            bar["progress"].stop()
+    if report is None:  # not the main process
         return
     for note in report.notes:
         console.print(f"[yellow]Note:[/] {note}", highlight=False)
@@ -156,11 +132,3 @@ def print_report(report) -> None:
 def _skipped(described: dict) -> str:
     skipped = sum((described.get("skipped") or {}).values())
     return f", {skipped} rows skipped" if skipped else ""
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

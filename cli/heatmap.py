@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt,
-                     NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, user_errors, wrote)
-
-
-@contextmanager
-def sequence_progress(total: int):
-    """A rich progress bar over sequences; yields the callback the pipeline calls after each one."""
-    columns = (TextColumn("[bold]capturing attention"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("capture", total=total)
-        yield lambda _i: progress.advance(task)
-
-
-def loading_status(message: str):
-    """A spinner while the model loads (the first use of a GGUF dequantises it, which takes a while)."""
-    return console.status(f"[bold]{message}[/] (the first use of a GGUF file dequantises and caches it)")
+                     NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, loading_status,
+                     sequence_progress, user_errors, wrote)
 
 
 @app.command("heatmap")

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from cli.app import (
     DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
-    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, format_bytes, user_errors, wrote,
+    RandomInitOpt, SeqLenOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
+    user_errors, wrote,
 )
-from sa_analysis.errors import UserError
+from sa_analysis import defaults
 
 # --model without a default here: we must tell "given" from "defaulted" to check it against --report.
 OptionalModelOpt = Annotated[Optional[str], ModelOpt.__metadata__[0]]
@@ -29,7 +30,7 @@ def recommend_spans(
     first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")] = 1,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
     max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
-    context_len: Annotated[int, typer.Option("--context-len", min=1, help="Context length for the predicted score-FLOP and K-cache savings.")] = 4096,
+    context_len: Annotated[int, typer.Option("--context-len", min=1, help="Context length for the predicted score-FLOP and K-cache savings.")] = defaults.CONTEXT_LEN,
     out: OutOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -40,72 +41,39 @@ def recommend_spans(
     device_map: DeviceMapOpt = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
     validate: Annotated[bool, typer.Option("--validate", help="Measure candidate plans on the model (sensitivity fed back to the planner) and keep the best within --tolerance, checked on held-out text.")] = False,
-    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = 0.05,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = defaults.TOLERANCE,
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
-    from sa_analysis import planner
-    from sa_analysis.plots import heatmap_metric_for, plot_plan_over_heatmap
+    from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
 
-    parsed_budget = planner.parse_budget(budget) if budget is not None else None
-    keep_layers = planner.parse_layers(keep)
-    if parsed_budget is not None and max_cost is not None:
-        raise UserError("Give either --budget or --max-cost, not both; the max cost already decides how many layers to share.")
-    if cost not in planner.COSTS:
-        raise UserError(f"Unknown --cost {cost!r}; choose one of {', '.join(planner.COSTS)}.")
-
-    att, out_dir = _get_report(report, model, out, device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len,
-                               random_init=random_init, device_map=device_map, exclude_first=exclude_first)
-    constraints = dict(first_shareable=first_shareable, keep=keep_layers, max_span=max_span)
-    plan = planner.plan_spans(att, budget=parsed_budget, max_cost=max_cost, cost=cost, **constraints)
-    plan.context_len = context_len
-    plans = planner.compare_plans(att, plan, cost=cost, first_shareable=first_shareable, keep=keep_layers,
-                                  max_span=plan.constraints.get("max_span"))
-
+    constraints = PlanConstraints.parse(first_shareable, keep, max_span)
+    capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
+                   device_map=device_map, exclude_first=exclude_first)
+    if report is None:
+        capture.update(progress=sequence_progress, status=loading_status)
+    result = run_plan(report, model or (None if report is not None else DEFAULT_MODEL), budget=budget,
+                      max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len, out=out, **capture)
+    plan = result.plan
     _print_plan(plan)
-    _print_comparison(plans, cost)
+    _print_comparison(result.alternatives, cost)
     _print_savings(plan)
     console.print(f"Seed repo's form — layers not shared: {plan.non_shared_layers()}", highlight=False)
     if plan.n_shared:
         console.print(f"Validate with: sa-analyze validate --spans {plan.spans_spec()}", highlight=False)
-
-    plan_path = plan.save(out_dir / "plan.json")
-    figure_path = out_dir / "plan.png"
-    plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure_path)
-    wrote([plan_path, figure_path])
+    wrote(result.files)
     if validate:
-        from cli.validate import run_search
+        from cli.tables import print_search, print_validation
 
-        spec = model or att.meta.get("model", {}).get("spec") or att.model_name
-        wrote(run_search(att, model=spec, out_dir=out_dir, max_budget=plan.n_shared, tolerance=tolerance, cost=cost,
-                         first_shareable=first_shareable, keep=keep_layers, max_span=plan.constraints.get("max_span"),
-                         device=device, dtype=dtype, random_init=random_init, device_map=device_map, text=text,
-                         n_seqs=n_seqs, seq_len=seq_len))
-
-
-def _get_report(report: Optional[Path], model: Optional[str], out: Optional[Path], **capture: Any):
-    """(report, output folder): load `--report` (checking `--model` against it) or capture with `--model`."""
-    from sa_analysis.io import ensure_writable_dir
-    from sa_analysis.report import AttentionReport
-
-    if report is not None:
-        att = AttentionReport.load(report)
-        if model is not None and not _same_model(model, att):
-            raise UserError(f"--model {model} does not match the report's model {att.model_name}; drop --model or pass that model's report.")
-        return att, ensure_writable_dir(default_out(out, att.model_name))
-    from sa_analysis.pipeline import run_heatmap
-
-    model = model or DEFAULT_MODEL
-    out_dir = ensure_writable_dir(default_out(out, model))
-    att, _paths = run_heatmap(model, out=out_dir, **capture)
-    return att, out_dir
-
-
-def _same_model(model: str, report) -> bool:
-    """Does `--model` name the report's model (its name, spec, alias, or the last part of a path or hub id)?"""
-    info = report.meta.get("model", {})
-    names = {str(info[k]) for k in ("name", "spec", "alias", "hub_id", "path") if info.get(k)}
-    forms = {n.lower() for n in names} | {Path(n).name.lower() for n in names}
-    return model.lower() in forms or Path(model).name.lower() in forms
+        with spinner("measuring plans") as shown:
+            search, paths = run_search(
+                result.report, ModelSpec(result.model_spec, device, dtype, random_init, device_map),
+                TextSpec(text, n_seqs, seq_len), out=result.out, max_budget=plan.n_shared, tolerance=tolerance,
+                cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span")),
+                progress=lambda message: shown.update(f"[bold]{message}[/]"))
+        print_search(search)
+        if search.validation is not None:
+            print_validation(search.validation)
+        wrote(paths)
 
 
 # ----- printing ---------------------------------------------------------------------------------------------

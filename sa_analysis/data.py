@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from . import defaults
 from .errors import UserError
 from .io import read_user_text
 
@@ -101,8 +102,8 @@ def token_batch(
     *,
     text: str | Path | None = None,
     split: Split = "calibration",
-    n_seqs: int = 8,
-    seq_len: int = 256,
+    n_seqs: int = defaults.N_SEQS,
+    seq_len: int = defaults.SEQ_LEN,
     max_positions: int | None = None,
     vocab_size: int | None = None,
 ) -> TokenBatch:

@@ -12,6 +12,17 @@ from typing import Any, Callable, Mapping
 from .errors import UserError
 
 
+OUTPUT_ROOT = Path("sa-output")
+
+
+def default_out_dir(out: str | Path | None, model: str) -> Path:
+    """The output folder: `out` when given, else sa-output/<model name made path-safe>/."""
+    if out is not None:
+        return Path(out)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
+    return OUTPUT_ROOT / safe
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and check we can write there, before any long work starts."""
     path = Path(path)

@@ -520,15 +520,15 @@ def test_cli_model_matching_report_is_accepted(cli_app, saved_report, tmp_path):
 
 
 def test_cli_captures_when_no_report(cli_app, tmp_path, monkeypatch):
-    import types
-
     calls = {}
 
     def run_heatmap(model, *, out, console=None, **kwargs):
         calls.update(model=model, out=out, **kwargs)
         return fake_report(identical_block_kl(12, (5, 7))), []
 
-    monkeypatch.setitem(sys.modules, "sa_analysis.pipeline", types.SimpleNamespace(run_heatmap=run_heatmap))
+    import sa_analysis.pipeline.plan as plan_job
+
+    monkeypatch.setattr(plan_job, "run_heatmap", run_heatmap)  # where run_plan measures a model it has no report of
     result = _run(cli_app, ["--budget", "2", "--seq-len", "64", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert calls["model"] == "smollm2-135m" and calls["seq_len"] == 64 and calls["out"] == tmp_path / "o"

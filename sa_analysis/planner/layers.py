@@ -8,12 +8,13 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import defaults
 from ..errors import UserError
 from .costs import Budget
 
 
 
-DEFAULT_BUDGET_FRACTION = 0.25
+DEFAULT_BUDGET_FRACTION = defaults.BUDGET_FRACTION
 
 
 def anchors_for(followers: Iterable[int], n_layers: int) -> dict[int, int]:

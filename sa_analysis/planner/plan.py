@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from .. import defaults
 from ..errors import UserError
 from ..io import read_json, write_json
 from ..report import AttentionReport
@@ -23,7 +24,7 @@ PLAN_FORMAT = "sa-analysis/share-plan"
 PLAN_VERSION = 1
 
 
-DEFAULT_CONTEXT_LEN = 4096
+DEFAULT_CONTEXT_LEN = defaults.CONTEXT_LEN
 
 
 @dataclass

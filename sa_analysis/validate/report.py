@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from .. import defaults
 from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 
 REPORT_FORMAT = "sa-analysis/validation-report"
 FORMAT_VERSION = 1
-DEFAULT_TOLERANCE = 0.05  # the largest relative perplexity increase that passes, unless the user says otherwise
+DEFAULT_TOLERANCE = defaults.TOLERANCE
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import defaults
 from ..errors import UserError
 from ..patch import MODES
 from .plans import as_plan, check_plan_for_model, predicted_savings
@@ -28,7 +29,7 @@ def validate_plan(
     task_limit: int | None = None,
     measure_speed: bool = True,
     speed_batch: int | None = None,
-    speed_new_tokens: int = 32,
+    speed_new_tokens: int = defaults.DECODE_TOKENS,
     speed_repeats: int = 3,
     batch_size: int = 4,
     baseline_outputs: Baseline | None = None,

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import compat
+from .. import compat, defaults
 from ..patch import cache_bytes, share_attention
 from .quality import model_device
 
@@ -83,7 +83,7 @@ def _memory(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> dict[st
             "peak_memory_bytes": _peak_memory(model, prompt, n_new)}
 
 
-def measure_speed(model: torch.nn.Module, prompt: torch.Tensor, n_new: int = 32, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+def measure_speed(model: torch.nn.Module, prompt: torch.Tensor, n_new: int = defaults.DECODE_TOKENS, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Prefill and decode throughput of the model as it is now (median of `repeats` after `warmup` rounds), KV bytes, peak memory.
 
     `prompt` [B, T]. Prefill tokens/s = B*T / prefill time; decode tokens/s = B*n_new / time of n_new greedy steps
@@ -109,7 +109,7 @@ def _peak_memory(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> in
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def compare_speed(model: torch.nn.Module, plan: Any, prompt: torch.Tensor, mode: str = "fast", n_new: int = 32,
+def compare_speed(model: torch.nn.Module, plan: Any, prompt: torch.Tensor, mode: str = "fast", n_new: int = defaults.DECODE_TOKENS,
                   warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Baseline and patched speed and memory on the same prompt, with patched / baseline ratios.
 

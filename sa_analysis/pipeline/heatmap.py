@@ -1,7 +1,4 @@
-"""The heatmap job end to end: load -> tokens -> capture -> metrics -> AttentionReport -> figures.
-
-The CLI and the notebooks call these functions; each step lives in its own module and this one only wires them.
-"""
+"""The heatmap job end to end: load -> tokens -> capture -> metrics -> AttentionReport -> figures."""
 
 from __future__ import annotations
 
@@ -15,13 +12,14 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .capture import AttentionMaps, capture_attention, measure_block_influence
-from .data import TokenBatch, load_documents, token_batch
-from .errors import UserError
-from .io import ensure_writable_dir
-from .loading import LoadedModel, load_model
-from .metrics import SequenceStats, sequence_stats_from_maps
-from .report import AttentionReport
+from .. import defaults
+from ..capture import AttentionMaps, capture_attention, measure_block_influence
+from ..data import TokenBatch, load_documents, token_batch
+from ..errors import UserError
+from ..io import ensure_writable_dir
+from ..loading import LoadedModel, load_model
+from ..metrics import SequenceStats, sequence_stats_from_maps
+from ..report import AttentionReport
 
 MAPS_LIMIT_BYTES = 2 * 1024**3  # beyond this the maps of one sequence would be too large: stream instead
 PATHS = ("auto", "maps", "stream")
@@ -42,7 +40,7 @@ def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto") -> str
     """The capture path for this run; a streaming run that cannot fit in memory says so before any work."""
     path = choose_path(loaded, batch.seq_len, path)
     if path == "stream":
-        from .streaming import check_fits
+        from ..streaming import check_fits
 
         check_fits(loaded.info, batch.seq_len, next(loaded.model.parameters()).device)
     return path
@@ -52,7 +50,7 @@ def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, pa
     """Statistics and Block Influence [L] of one sequence `input_ids` [1, n]."""
     with torch.no_grad(), measure_block_influence(model) as influence:
         if path == "stream":
-            from .streaming import stream_sequence_stats
+            from ..streaming import stream_sequence_stats
 
             stats, _ = stream_sequence_stats(model, input_ids, exclude_first=exclude_first)
         else:
@@ -124,7 +122,7 @@ def versions() -> dict[str, str]:
     """Versions of what produced a report, for reproducibility."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"sa_analysis": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
@@ -136,8 +134,8 @@ def run_heatmap(
     device: str | None = None,
     dtype: str | None = None,
     text: str | Path | None = None,
-    n_seqs: int = 8,
-    seq_len: int = 256,
+    n_seqs: int = defaults.N_SEQS,
+    seq_len: int = defaults.SEQ_LEN,
     out: Path,
     random_init: bool = False,
     device_map: str | None = None,
@@ -168,7 +166,7 @@ def run_heatmap(
 
 def write_outputs(report: AttentionReport, out: Path, formats: Iterable[str] = ("png",)) -> list[Path]:
     """Save the report and draw its figures under `out`; returns every path written."""
-    from .plots import write_heatmap_figures
+    from ..plots import write_heatmap_figures
 
     out = ensure_writable_dir(out)
     written = list(report.save(out / "report"))

