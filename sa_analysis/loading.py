@@ -11,22 +11,17 @@ import hashlib
 import importlib.util
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import torch
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-transformers.utils.logging.disable_progress_bar()  # our callers show their own progress
-transformers.utils.logging.set_verbosity_error()
-
-from . import compat  # noqa: E402
-from .aliases import ModelAlias, find_alias, require_alias  # noqa: E402
-from .errors import UserError  # noqa: E402
+from . import compat
+from .aliases import ModelAlias, find_alias, require_alias
+from .errors import UserError
+from .rng import seeded
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -74,7 +69,7 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any | None
     info: ModelInfo
-    share: Any | None = None  # the SharedAttentionHandle in force, for a folder saved with a plan (sa_analysis.shared_model)
+    share: Any | None = None  # the SharedAttentionHandle in force, once a plan is applied (shared_model.load_with_plan)
 
     def without_sharing(self) -> "LoadedModel":
         """Remove a saved plan's sharing (measuring and validating need every layer's own attention); the plan
@@ -252,8 +247,7 @@ def _random_init(alias: ModelAlias, dtype, device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**alias.config)
-    torch.manual_seed(0)
-    with torch.device(device if device.type == "cuda" else "cpu"):
+    with seeded(0), torch.device(device if device.type == "cuda" else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, None
 
@@ -289,7 +283,33 @@ def spread_over_devices(model, device_map: str, max_memory: dict | None = None):
     return model
 
 
-def load_model(
+def load_model(spec: str, **options) -> LoadedModel:
+    """Load `spec` (alias, hub id in the local cache, folder or .gguf) for analysis, offline.
+
+    Options: `device`, `dtype`, `random_init`, `device_map`, `attn_implementation` (see `_load_model`).
+    transformers' own warnings and progress bars are off while it loads (callers show their own progress) and
+    restored afterwards.
+    """
+    with _quiet_transformers():
+        return _load_model(spec, **options)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(
     spec: str,
     *,
     device: str | None = None,
@@ -298,7 +318,7 @@ def load_model(
     device_map: str | None = None,
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load `spec` (alias, hub id in the local cache, folder or .gguf) for analysis, offline."""
+    """`load_model` without the quieting."""
     if device_map is not None:
         check_device_map(device_map)  # before any (slow) building or loading
     dev = resolve_device(device)
@@ -338,10 +358,6 @@ def load_model(
     model.eval()
     _set_attention(model, attn_implementation)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, name, spec, source))
-    if source == "folder" and (path / "share_plan.json").is_file():  # exported by `sa-analyze heal`: apply its plan
-        from .shared_model import attach_plan
-
-        attach_plan(loaded, path)
     return loaded
 
 

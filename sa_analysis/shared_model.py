@@ -6,8 +6,8 @@ Folder layout written by `export_shared` (loadable without the training code, an
     share_plan.json                                      the SharePlan (readable by `SharePlan.load`), plus a
                                                          "shared_model" block: format, mode, base model, heal summary
 
-`load_shared(path)` (and `loading.load_model(path)`, which detects `share_plan.json`) loads the folder and applies
-the plan, so the model it returns computes exactly what the in-memory patched model computed. Followers' `q_proj` /
+`load_shared(path)` (and `load_with_plan(spec)`, which the pipeline uses for every `--model`) loads the folder and
+applies the plan, so the model it returns computes exactly what the in-memory patched model computed. Followers' `q_proj` /
 `k_proj` weights are kept in the file (unused while patched): the folder also loads as an ordinary transformers
 model, which is the healed model *without* sharing.
 """
@@ -102,7 +102,7 @@ def read_share_plan(path: str | Path):
 def attach_plan(loaded: Any, folder: str | Path, mode: str | None = None) -> Any:
     """Apply the plan saved in `folder` to `loaded` (a LoadedModel of that folder's weights); sets `loaded.share`.
 
-    Called by `loading.load_model` for folders holding `share_plan.json`. The plan is checked against the loaded
+    Called by `load_with_plan` for folders holding `share_plan.json`. The plan is checked against the loaded
     model's shape (layers, heads, head size), not its name (an exported folder has its own name).
     """
     from .patch import MODES, share_attention
@@ -125,6 +125,17 @@ def attach_plan(loaded: Any, folder: str | Path, mode: str | None = None) -> Any
     return loaded
 
 
+def load_with_plan(spec: str, **options) -> Any:
+    """`loading.load_model(spec, **options)`, with the saved plan applied when `spec` is a folder written by
+    `export_shared` (what `--model PATH` does in every command)."""
+    from .loading import load_model
+
+    loaded = load_model(spec, **options)
+    if is_shared_folder(spec):
+        attach_plan(loaded, Path(spec).expanduser())
+    return loaded
+
+
 def load_shared(path: str | Path, *, device: str | None = None, dtype: str | None = None, mode: str | None = None):
     """Load a folder written by `export_shared` (or `sa-analyze heal`) as a patched LoadedModel.
 
@@ -132,14 +143,12 @@ def load_shared(path: str | Path, *, device: str | None = None, dtype: str | Non
     the same weights without sharing); `loaded.info.extra["shared"]` holds the plan. `mode` overrides the saved
     mode (fast or exact). Defaults as in `load_model`: bfloat16 on GPU, float32 on CPU.
     """
-    from .loading import load_model
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; pass the model folder written by `sa-analyze heal` (it holds {SHARE_PLAN_FILE}).")
     if not (path / SHARE_PLAN_FILE).is_file():
         raise UserError(f"{path} holds no {SHARE_PLAN_FILE}, so it is not a shared model; load it with load_model, or export it with export_shared.")
-    loaded = load_model(str(path), device=device, dtype=dtype)  # load_model applies the saved plan
+    loaded = load_with_plan(str(path), device=device, dtype=dtype)
     if mode is not None and mode != loaded.share.mode:
         from .patch import MODES, share_attention
 
@@ -151,4 +160,5 @@ def load_shared(path: str | Path, *, device: str | None = None, dtype: str | Non
     return loaded
 
 
-__all__ = ["SHARE_PLAN_FILE", "attach_plan", "export_shared", "is_shared_folder", "load_shared", "read_share_plan"]
+__all__ = ["SHARE_PLAN_FILE", "attach_plan", "export_shared", "is_shared_folder", "load_shared", "load_with_plan",
+           "read_share_plan"]

@@ -129,7 +129,7 @@ def test_no_usable_rows(tmp_path, tokenizer):
 # ----- training ----------------------------------------------------------------------------------------------
 def test_lora_heal_lowers_the_loss_and_exports_a_model_that_reloads_identically(tmp_path, text_data, heldout):
     from sa_analysis import load_shared
-    from sa_analysis.loading import load_model
+    from sa_analysis.shared_model import load_with_plan
 
     loaded = tiny_loaded()
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
@@ -155,7 +155,7 @@ def test_lora_heal_lowers_the_loss_and_exports_a_model_that_reloads_identically(
     assert reloaded.share.active and reloaded.share.anchor_of == PLAN
     assert isinstance(reloaded.model.model.layers[2].self_attn, SharedAttention)
     assert torch.equal(_logits(reloaded.model, ids), healed)
-    via_load_model = load_model(report.files["model"], device="cpu", dtype="float32")  # --model PATH
+    via_load_model = load_with_plan(report.files["model"], device="cpu", dtype="float32")  # --model PATH
     assert via_load_model.share.active and torch.equal(_logits(via_load_model.model, ids), healed)
     reloaded.share.remove()  # the same weights without sharing
     assert not torch.equal(_logits(reloaded.model, ids), healed)
@@ -266,7 +266,7 @@ def test_full_finetune_that_does_not_fit_suggests_lora(monkeypatch, text_data, h
 # ----- the command -------------------------------------------------------------------------------------------
 def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     from cli.main import app
-    from sa_analysis.loading import load_model
+    from sa_analysis.shared_model import load_with_plan
 
     folder = tmp_path / "tiny"
     tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
@@ -279,7 +279,7 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/step-000002/state.json"):
         assert (out / name).exists(), name
     assert "healed" in result.output and "Recovered" in result.output
-    healed = load_model(str(out / "healed-model"), device="cpu")
+    healed = load_with_plan(str(out / "healed-model"), device="cpu")
     assert healed.share.active and healed.info.source == "shared-folder"
     # the exported folder works as --model for the other commands: measured unshared, validated with its own plan
     measured = runner.invoke(app, [str(a) for a in ["heatmap", "--model", out / "healed-model", "--n-seqs", 1, "--seq-len", 16, "--out", tmp_path / "hm"]])

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import UserError
+from ..rng import seeded
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import HealConfig
 from .data import HealData
@@ -110,8 +111,9 @@ def heal(
 
     # 4. train
     phase("train")
-    run = _train_loop(train_model, optimizer, named, data, config, acc, start, losses, checkpoints, fingerprint,
-                      on_step if main else None)
+    with seeded(config.seed):  # the loop re-seeds per step for dropout; the caller's random state comes back after
+        run = _train_loop(train_model, optimizer, named, data, config, acc, start, losses, checkpoints, fingerprint,
+                          on_step if main else None)
     run.update(resumed_from=start if resume and start else None, device=str(device), n_trainable=n_trainable,
                mixed_precision=str(acc.mixed_precision))
     if memory is not None:
@@ -157,9 +159,9 @@ def heal(
 def _make_trainable(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig, device: torch.device):
     """(peft wrapper or None, full fine-tune memory estimate or None): LoRA adapters injected, or the chosen weights
     of a full fine-tune marked trainable after checking they fit. Runs before the patch."""
-    torch.manual_seed(config.seed)  # adapter initialisation
     if config.method == "lora":
-        return add_lora(model, anchor_of, config), None
+        with seeded(config.seed):  # adapter initialisation
+            return add_lora(model, anchor_of, config), None
     chosen = full_parameters(model, anchor_of, config)
     memory = check_full_fits([p for _, p in chosen], device)
     chosen_ids = {id(p) for _, p in chosen}

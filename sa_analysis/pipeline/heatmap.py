@@ -17,7 +17,8 @@ from ..capture import AttentionMaps, capture_attention, measure_block_influence
 from ..data import TokenBatch, load_documents, token_batch
 from ..errors import UserError
 from ..io import ensure_writable_dir
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel
+from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
 from ..report import AttentionReport
 
@@ -153,7 +154,7 @@ def run_heatmap(
     out = ensure_writable_dir(out)
     load_documents(text)  # a missing or empty text file fails before the model loads
     with status(f"loading {model}") if status else nullcontext():
-        loaded = load_model(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
+        loaded = load_with_plan(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
     batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)

@@ -10,7 +10,8 @@ from typing import Callable, ContextManager
 
 from .. import defaults
 from ..data import load_documents, token_batch
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel
+from ..shared_model import load_with_plan
 
 Status = Callable[[str], ContextManager]  # shows a message while a step runs (the CLI passes a spinner)
 
@@ -27,7 +28,7 @@ class ModelSpec:
 
     def load(self, status: Status | None = None) -> LoadedModel:
         with status_of(status, f"loading {self.model}"):
-            return load_model(self.model, device=self.device, dtype=self.dtype, random_init=self.random_init,
+            return load_with_plan(self.model, device=self.device, dtype=self.dtype, random_init=self.random_init,
                               device_map=self.device_map)
 
 

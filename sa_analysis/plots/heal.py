@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from .style import PALETTE, new_figure, paper_style, save_figure
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..heal import HealReport
 
-
-def plot_heal(report: "HealReport", path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """One figure: held-out perplexity bars (baseline / patched / healed) and the training loss per step."""
+def plot_heal(report: Any, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """One figure of a `heal.HealReport` (read through its fields; heal calls this, so no import back): held-out
+    perplexity bars (baseline / patched / healed) and the training loss per step."""
     with paper_style():
         fig = new_figure(9.0, 3.4)
         bars, curve = fig.subplots(1, 2, width_ratios=[1, 1.6])
