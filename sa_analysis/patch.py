@@ -63,6 +63,13 @@ _FOLLOWER_NEEDS = ("v_proj", "o_proj", "head_dim", "num_key_value_groups", "laye
 
 
 # ----- the plan as a follower -> anchor mapping -------------------------------------------------------------
+def check_mode(mode: str, where: str = "") -> str:
+    """`mode` if it is a Shared Attention mode (fast or exact), else a user error (`where`: e.g. " in FOLDER")."""
+    if mode not in MODES:
+        raise UserError(f"Unknown Shared Attention mode {mode!r}{where}; use fast or exact.")
+    return mode
+
+
 def plan_anchors(plan: Any, n_layers: int) -> dict[int, int]:
     """{follower: anchor} from a SharePlan (its `anchor_of`) or a plain mapping, checked against SA semantics.
 
@@ -320,8 +327,7 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast") -> SharedAt
     `mode="fast"` attends with the anchor's Q and K through the model's kernel; `mode="exact"` reuses the
     anchor's materialised fp32 softmax. An empty plan leaves every output bit-identical.
     """
-    if mode not in MODES:
-        raise UserError(f"Unknown Shared Attention mode {mode!r}; use fast or exact.")
+    check_mode(mode)
     base = _check_model(model)
     modules = attention_modules(model)
     anchor_of = plan_anchors(plan, len(modules))

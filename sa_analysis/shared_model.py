@@ -105,7 +105,7 @@ def attach_plan(loaded: Any, folder: str | Path, mode: str | None = None) -> Any
     Called by `load_with_plan` for folders holding `share_plan.json`. The plan is checked against the loaded
     model's shape (layers, heads, head size), not its name (an exported folder has its own name).
     """
-    from .patch import MODES, share_attention
+    from .patch import check_mode, share_attention
 
     plan, shared = read_share_plan(folder)
     info = loaded.info
@@ -116,8 +116,7 @@ def attach_plan(loaded: Any, folder: str | Path, mode: str | None = None) -> Any
         if value is not None and int(value) != int(getattr(info, key)):
             raise UserError(f"{folder}'s plan was made for {key}={value} but its model has {getattr(info, key)}; the folder is damaged, export it again.")
     mode = mode or shared.get("mode") or "fast"
-    if mode not in MODES:
-        raise UserError(f"Unknown Shared Attention mode {mode!r} in {folder}; use fast or exact.")
+    check_mode(mode, f" in {folder}")
     loaded.share = share_attention(loaded.model, plan, mode=mode)
     info.extra["shared"] = {"plan": plan.to_dict(), "mode": mode, "base_model": shared.get("base_model"),
                             "heal": shared.get("heal")}
@@ -150,10 +149,9 @@ def load_shared(path: str | Path, *, device: str | None = None, dtype: str | Non
         raise UserError(f"{path} holds no {SHARE_PLAN_FILE}, so it is not a shared model; load it with load_model, or export it with export_shared.")
     loaded = load_with_plan(str(path), device=device, dtype=dtype)
     if mode is not None and mode != loaded.share.mode:
-        from .patch import MODES, share_attention
+        from .patch import check_mode, share_attention
 
-        if mode not in MODES:
-            raise UserError(f"Unknown Shared Attention mode {mode!r}; use fast or exact.")
+        check_mode(mode)
         loaded.share.remove()
         loaded.share = share_attention(loaded.model, loaded.share.anchor_of, mode=mode)
         loaded.info.extra["shared"]["mode"] = mode

@@ -58,7 +58,7 @@ class HealConfig:
     eval_batch_size: int = 4
 
     def __post_init__(self) -> None:
-        from ..patch import MODES
+        from ..patch import check_mode
 
         if self.method not in METHODS:
             raise UserError(f"Unknown heal method {self.method!r}; use lora or full.")
@@ -66,8 +66,7 @@ class HealConfig:
             raise UserError(f"Unknown train_layers {self.train_layers!r}; use all or from-anchor.")
         if self.full_scope not in FULL_SCOPES:
             raise UserError(f"Unknown full_scope {self.full_scope!r}; use all or attention.")
-        if self.mode not in MODES:
-            raise UserError(f"Unknown Shared Attention mode {self.mode!r}; use fast or exact.")
+        check_mode(self.mode)
         for name in ("lora_rank", "steps", "batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Any
 
 
-from ..errors import UserError
-from ..io import read_json, write_json
+from ..artefact import JsonArtefact
 
 
 REPORT_FORMAT = "sa-analysis/heal-report"
@@ -18,8 +16,13 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class HealReport:
+class HealReport(JsonArtefact):
     """Baseline, patched and healed perplexity on held-out text, the loss curve, and how the heal ran."""
+
+    FORMAT: ClassVar[str] = REPORT_FORMAT
+    WHAT: ClassVar[str] = "heal report"
+    FILE: ClassVar[str] = "heal_report.json"
+    MADE_BY: ClassVar[str] = "`sa-analyze heal`"
 
     model: dict[str, Any]
     plan: dict[str, Any]
@@ -39,22 +42,3 @@ class HealReport:
         rec = "n/a (sharing cost nothing)" if self.recovered is None else f"{100 * self.recovered:.0f}%"
         return (f"perplexity baseline {p['baseline']:.4g}, patched {p['patched']:.4g}, healed {p['healed']:.4g}: "
                 f"recovered {rec} of the loss from sharing in {self.run['steps_run']} steps ({self.run['seconds']:.0f} s)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "version": FORMAT_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "heal report") -> "HealReport":
-        if not isinstance(data, Mapping) or data.get("format") != REPORT_FORMAT:
-            raise UserError(f"{source} is not an sa-analysis heal report; pass a heal_report.json written by `sa-analyze heal`.")
-        try:
-            return cls(**{k: v for k, v in data.items() if k not in ("format", "version")})
-        except TypeError as exc:
-            raise UserError(f"{source} is a damaged heal report ({exc}); re-run `sa-analyze heal`.") from None
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HealReport":
-        return cls.from_dict(read_json(path, "heal report"), source=str(path))

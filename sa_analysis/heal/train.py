@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..artefact import provenance
 from ..errors import UserError
 from ..rng import seeded
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -141,7 +142,7 @@ def heal(
         report = HealReport(
             model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(), eval=described,
             perplexity=ppl, recovered=recovered_fraction(ppl["baseline"], ppl["patched"], ppl["healed"]), losses=losses,
-            run=run, notes=notes, meta=_meta(device))
+            run=run, notes=notes, meta=provenance(device))
         if out is not None:
             if export:
                 phase("export")
@@ -251,19 +252,3 @@ def _peak_rss() -> int | None:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
     except (ImportError, OSError):
         return None
-
-
-def _meta(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    try:
-        import peft
-
-        meta["peft"] = peft.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
-    return meta

@@ -4,7 +4,7 @@
 """
 
 from .heal import HealStart, run_heal
-from .heatmap import analyse, build_report, choose_path, preflight, run_heatmap, sequence_stats, versions, write_outputs
+from .heatmap import analyse, build_report, choose_path, preflight, run_heatmap, sequence_stats, write_outputs
 from .inputs import ModelSpec, TextSpec
 from .plan import PlanConstraints, PlanResult, run_plan, same_model
 from .validate import check_validate_options, plan_for_model, run_search, run_validate
@@ -12,5 +12,5 @@ from .validate import check_validate_options, plan_for_model, run_search, run_va
 __all__ = [
     "HealStart", "ModelSpec", "PlanConstraints", "PlanResult", "TextSpec", "analyse", "build_report",
     "check_validate_options", "choose_path", "plan_for_model", "preflight", "run_heal", "run_heatmap", "run_plan",
-    "run_search", "run_validate", "same_model", "sequence_stats", "versions", "write_outputs",
+    "run_search", "run_validate", "same_model", "sequence_stats", "write_outputs",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import defaults
+from ..artefact import provenance
 from ..capture import AttentionMaps, capture_attention, measure_block_influence
 from ..data import TokenBatch, load_documents, token_batch
 from ..errors import UserError
@@ -113,20 +113,10 @@ def build_report(loaded: LoadedModel, batch: TokenBatch, per_sequence: list[dict
         "model": loaded.info.to_dict(),
         "data": batch.describe(),
         "settings": settings,
-        "versions": versions(),
+        "versions": {k: v for k, v in provenance().items() if k != "created"},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return AttentionReport(meta=meta, arrays=arrays)
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a report, for reproducibility."""
-    import transformers
-
-    from .. import __version__
-
-    return {"sa_analysis": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
 
 
 def run_heatmap(

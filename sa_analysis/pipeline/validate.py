@@ -10,7 +10,7 @@ from .. import defaults
 from ..errors import UserError
 from ..io import default_out_dir, ensure_writable_dir
 from ..loading import LoadedModel
-from ..patch import MODES
+from ..patch import check_mode
 from ..planner import SharePlan
 from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
 from .inputs import ModelSpec, Status, TextSpec, status_of
@@ -21,8 +21,7 @@ def check_validate_options(plan_file: str | Path | None, spans: str | None, mode
     """The checks that need no model: one plan source at most, a known mode, known tasks; the plan file read."""
     if plan_file is not None and spans is not None:
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
-    if mode not in MODES:
-        raise UserError(f"Unknown --mode {mode!r}; use fast or exact.")
+    check_mode(mode)
     if tasks:
         with status_of(status, "indexing lm-eval tasks"):
             check_tasks(tasks)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 from .. import defaults
+from ..artefact import JsonArtefact
 from ..errors import UserError
-from ..io import read_json, write_json
 from ..report import AttentionReport
 from .layers import anchors_for, as_layers, spans_for
 
@@ -28,12 +27,18 @@ DEFAULT_CONTEXT_LEN = defaults.CONTEXT_LEN
 
 
 @dataclass
-class SharePlan:
+class SharePlan(JsonArtefact):
     """Which layers share attention, why (method, cost, constraints) and what it is predicted to cost and save.
 
     `followers` is the one source of truth; `anchor_of`, `spans` and `non_shared_layers()` derive from it.
     `follower_costs` holds the predicted cost of each follower (None for a plan written by hand).
     """
+
+    FORMAT: ClassVar[str] = PLAN_FORMAT
+    VERSION: ClassVar[int] = PLAN_VERSION
+    WHAT: ClassVar[str] = "share plan"
+    FILE: ClassVar[str] = "plan.json"
+    MADE_BY: ClassVar[str] = "`sa-analyze recommend-spans`"
 
     n_layers: int
     followers: list[int]
@@ -154,11 +159,9 @@ class SharePlan:
         return out
 
     # ----- (de)serialisation -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         costs = self.span_costs
         return {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
             "model": self.model,
             "n_layers": self.n_layers,
             "method": self.method,
@@ -167,48 +170,33 @@ class SharePlan:
             "non_shared_layers": self.non_shared_layers(),
             "anchor_of": {str(m): a for m, a in self.anchor_of.items()},
             "spans": [
-                {"anchor": a, "first": f, "last": l, "predicted_cost": None if costs is None else _num_out(costs[i])}
+                {"anchor": a, "first": f, "last": l, "predicted_cost": None if costs is None else costs[i]}
                 for i, (a, f, l) in enumerate(self.spans)
             ],
-            "follower_costs": None if self.follower_costs is None else {str(m): _num_out(c) for m, c in self.follower_costs.items()},
-            "total_cost": _num_out(self.total_cost),
+            "follower_costs": self.follower_costs,
+            "total_cost": self.total_cost,
             "constraints": self.constraints,
             "context_len": self.context_len,
             "savings": self.savings(),
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> "SharePlan":
+    def from_payload(cls, data: Mapping[str, Any], source: str) -> "SharePlan":
         """Rebuild and check a plan; derived fields (anchors, spans) must agree with the followers."""
-        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            raise UserError(f"{source} is not an sa-analysis share plan; pass a plan.json written by `sa-analyze recommend-spans`.")
-        if int(data.get("version", 0)) > PLAN_VERSION:
-            raise UserError(f"{source} was written by a newer sa-analysis (plan version {data.get('version')}); upgrade sa-analysis.")
-        try:
-            raw_costs = data.get("follower_costs")
-            plan = cls(
-                n_layers=int(data["n_layers"]),
-                followers=[int(m) for m in data["followers"]],
-                model=dict(data.get("model") or {}),
-                method=str(data.get("method", "manual")),
-                cost_name=data.get("cost"),
-                follower_costs=None if raw_costs is None else {int(m): _num_in(c) for m, c in raw_costs.items()},
-                constraints=dict(data.get("constraints") or {}),
-                context_len=int(data.get("context_len", DEFAULT_CONTEXT_LEN)),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UserError(f"{source} is a damaged share plan ({type(exc).__name__}: {exc}); re-create it with `sa-analyze recommend-spans`.") from None
+        raw_costs = data.get("follower_costs")
+        plan = cls(
+            n_layers=int(data["n_layers"]),
+            followers=[int(m) for m in data["followers"]],
+            model=dict(data.get("model") or {}),
+            method=str(data.get("method", "manual")),
+            cost_name=data.get("cost"),
+            follower_costs=None if raw_costs is None else {int(m): _num_in(c) for m, c in raw_costs.items()},
+            constraints=dict(data.get("constraints") or {}),
+            context_len=int(data.get("context_len", DEFAULT_CONTEXT_LEN)),
+        )
         if "anchor_of" in data and {int(k): int(v) for k, v in data["anchor_of"].items()} != plan.anchor_of:
             raise UserError(f"{source} lists anchors that contradict its followers (a follower reuses the last non-shared layer); re-create the plan.")
         return plan
-
-    def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically."""
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SharePlan":
-        return cls.from_dict(read_json(path, "plan"), source=str(path))
 
 
 def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
@@ -237,15 +225,6 @@ def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
             raise UserError(f"Layer {min(overlap)} appears in more than one span; list each shared layer once.")
         shared.update(range(first, last + 1))
     return spans
-
-
-def _num_out(value: float | None) -> float | str | None:
-    """JSON-safe number: inf becomes the string "inf" (plain JSON has no infinity)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return float(value)
 
 
 def _num_in(value: Any) -> float:

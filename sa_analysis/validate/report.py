@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Any
 
 
 from .. import defaults
-from ..errors import UserError
-from ..io import json_safe, read_json, write_json
+from ..artefact import JsonArtefact
 
 REPORT_FORMAT = "sa-analysis/validation-report"
 FORMAT_VERSION = 1
@@ -17,8 +15,13 @@ DEFAULT_TOLERANCE = defaults.TOLERANCE
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(JsonArtefact):
     """Baseline vs patched on held-out text: quality, pass/fail, measured speed and memory, optional tasks."""
+
+    FORMAT: ClassVar[str] = REPORT_FORMAT
+    WHAT: ClassVar[str] = "validation report"
+    FILE: ClassVar[str] = "validation.json"
+    MADE_BY: ClassVar[str] = "`sa-analyze validate`"
 
     model: dict[str, Any]
     plan: dict[str, Any]
@@ -43,24 +46,3 @@ class ValidationReport:
         return (f"{verdict}: perplexity {q['ppl_baseline']:.4g} -> {q['ppl_patched']:.4g} ({100 * q['ppl_change']:+.2f}%, "
                 f"tolerance {100 * self.tolerance:.2f}%), next-token KL {q['kl_mean']:.4g} nats, "
                 f"top-1 agreement {100 * q['top1_agreement']:.1f}%")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": REPORT_FORMAT, "version": FORMAT_VERSION, **json_safe(asdict(self))}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "validation report") -> "ValidationReport":
-        if not isinstance(data, Mapping) or data.get("format") != REPORT_FORMAT:
-            raise UserError(f"{source} is not an sa-analysis validation report; pass a validation.json written by `sa-analyze validate`.")
-        fields = {k: v for k, v in data.items() if k not in ("format", "version")}
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise UserError(f"{source} is a damaged validation report ({exc}); re-run `sa-analyze validate`.") from None
-
-    def save(self, path: str | Path) -> Path:
-        """Write the report as JSON, atomically."""
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ValidationReport":
-        return cls.from_dict(read_json(path, "validation report"), source=str(path))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Sequence
 
-import torch
 
 from .. import defaults
+from ..artefact import provenance
 from ..errors import UserError
-from ..patch import MODES
+from ..patch import check_mode
 from .plans import as_plan, check_plan_for_model, predicted_savings
 from .quality import Baseline, baseline, measure_quality, model_device, token_ids
 from .report import DEFAULT_TOLERANCE, ValidationReport
@@ -59,23 +58,11 @@ def validate_plan(
         model=info.to_dict(), plan=share_plan.to_dict(), mode=mode, tolerance=float(tolerance),
         data=batch.describe() if hasattr(batch, "describe") else {"n_seqs": ids.shape[0], "seq_len": ids.shape[1]},
         quality=quality, passed=bool(quality["ppl_change"] <= tolerance), speed=speed,
-        predicted=predicted_savings(share_plan, info, ids.shape[1]), tasks=task_results, meta=run_meta(model),
+        predicted=predicted_savings(share_plan, info, ids.shape[1]), tasks=task_results, meta=provenance(model_device(model)),
     )
 
 
 def check_options(mode: str, tolerance: float) -> None:
-    if mode not in MODES:
-        raise UserError(f"Unknown Shared Attention mode {mode!r}; use fast or exact.")
+    check_mode(mode)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
         raise UserError(f"The tolerance must be a number >= 0 (a relative perplexity increase, e.g. 0.05); got {tolerance!r}.")
-
-
-def run_meta(model: torch.nn.Module) -> dict[str, Any]:
-    import transformers
-
-    device = model_device(model)
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
-    return meta

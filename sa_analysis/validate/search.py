@@ -5,23 +5,27 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import ClassVar, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from ..artefact import JsonArtefact
 from ..errors import UserError
-from ..io import json_safe, read_json, write_json
 from .quality import Baseline, baseline, measure_quality, token_ids
-from .report import DEFAULT_TOLERANCE, FORMAT_VERSION, ValidationReport
+from .report import DEFAULT_TOLERANCE, ValidationReport
 from .run import check_options, validate_plan
 
 SEARCH_FORMAT = "sa-analysis/plan-search"
 
 
 @dataclass
-class PlanSearch:
+class PlanSearch(JsonArtefact):
     """What `search_plans` tried and chose: every measured plan, the sensitivity it fed back, the final check."""
+
+    FORMAT: ClassVar[str] = SEARCH_FORMAT
+    WHAT: ClassVar[str] = "plan search"
+    FILE: ClassVar[str] = "search.json"
+    MADE_BY: ClassVar[str] = "`sa-analyze recommend-spans --validate`"
 
     tolerance: float
     mode: str
@@ -37,25 +41,18 @@ class PlanSearch:
 
         return None if self.best is None else SharePlan.from_dict(self.best)
 
-    def to_dict(self) -> dict[str, Any]:
-        return json_safe({"format": SEARCH_FORMAT, "version": FORMAT_VERSION, "tolerance": self.tolerance,
-                           "mode": self.mode, "rows": self.rows,
-                           "sensitivity": {str(k): v for k, v in self.sensitivity.items()}, "best": self.best,
-                           "validation": None if self.validation is None else self.validation.to_dict(),
-                           "meta": self.meta})
-
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
+    def payload(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "mode": self.mode, "rows": self.rows,
+                "sensitivity": {str(k): v for k, v in self.sensitivity.items()}, "best": self.best,
+                "validation": None if self.validation is None else self.validation.to_dict(), "meta": self.meta}
 
     @classmethod
-    def load(cls, path: str | Path) -> "PlanSearch":
-        data = read_json(path, "plan search")
-        if not isinstance(data, dict) or data.get("format") != SEARCH_FORMAT:
-            raise UserError(f"{path} is not an sa-analysis plan search; pass a search.json written by sa-analyze.")
+    def from_payload(cls, data: Mapping[str, Any], source: str) -> "PlanSearch":
         validation = data.get("validation")
         return cls(tolerance=data["tolerance"], mode=data["mode"], rows=data["rows"],
                    sensitivity={int(k): v for k, v in data["sensitivity"].items()}, best=data["best"],
-                   validation=None if validation is None else ValidationReport.from_dict(validation), meta=data.get("meta", {}))
+                   validation=None if validation is None else ValidationReport.from_dict(validation, source),
+                   meta=data.get("meta", {}))
 
 
 def measure_sensitivity(model: torch.nn.Module, base: Baseline, layers: Iterable[int], mode: str = "fast",
