@@ -6,8 +6,6 @@ ids, drawn on one colour scale, and summarised in one table.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,10 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, SeqLenOpt, TextOpt,
-                     app, console, user_errors, wrote)
-from sa_analysis.errors import UserError
+                     app, console, loading_status, sequence_progress, user_errors, wrote)
+from sa_analysis import defaults
 
-DEFAULT_OUT = Path("sa-output") / "compare"
+DEFAULT_OUT = Path(defaults.COMPARE_OUT)
 
 ModelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--model", "-m", help="A checkpoint to measure (alias, hub id in the local HF cache, folder or .gguf); repeat for each.")]
@@ -55,96 +53,22 @@ def compare(
     With --model, each checkpoint is measured on the same text and its report saved under --out/<label>/; with
     --report, saved reports are compared without any model.
     """
-    from sa_analysis.io import ensure_writable_dir, write_json
-    from sa_analysis.plots import plot_compare_heatmaps, plot_compare_isotropy, save_figure
-    from sa_analysis.report import AttentionReport, compare_summary, metric as lookup_metric
+    from sa_analysis.pipeline import run_compare
 
-    lookup_metric(metric)
-    models, reports_in = list(model or []), list(report or [])
-    if models and reports_in:
-        raise UserError("Give either --model or --report inputs, not both; measure the models first with `sa-analyze heatmap` and compare their reports.")
-    inputs = models or [str(p) for p in reports_in]
-    if len(inputs) < 2:
-        raise UserError("Compare needs two or more inputs: repeat --model (or --report) once per checkpoint.")
-    if label and len(label) != len(inputs):
-        raise UserError(f"Got {len(label)} --label for {len(inputs)} inputs; give one --label per input, in the same order.")
-    formats = ("png", "pdf") if pdf else ("png",)
+    def measuring(name: str, spec: str) -> None:
+        console.print(f"[bold]{escape(name)}[/]: {escape(spec)}", highlight=False)
 
-    if reports_in:
-        reports = [AttentionReport.load(p) for p in reports_in]
-        labels = list(label) if label else _unique([_report_name(r) for r in reports])
-        folders = _folders(labels)
-        compare_summary(reports, labels, metric, span_len)  # different depths fail before anything is written
-        out_dir = ensure_writable_dir(out if out is not None else DEFAULT_OUT)
-        written: list[Path] = []
-    else:
-        labels = list(label) if label else _unique([Path(m).name or m for m in models])
-        folders = _folders(labels)
-        out_dir = ensure_writable_dir(out if out is not None else DEFAULT_OUT)
-        reports, written = _measure(models, labels, folders, out_dir, formats, device=device, dtype=dtype,
-                                    device_map=device_map, text=text, n_seqs=n_seqs, seq_len=seq_len,
-                                    exclude_first=exclude_first)
-
-    rows = compare_summary(reports, labels, metric, span_len)
-    written += save_figure(plot_compare_heatmaps(reports, labels, metric), out_dir / f"compare_{metric}", formats)
-    written += save_figure(plot_compare_isotropy(reports, labels, metric), out_dir / f"compare_adjacent_{metric}", formats)
-    inputs_desc = [{"label": l, "input": i, "folder": f if models else None} for l, i, f in zip(labels, inputs, folders)]
-    written.append(write_json(out_dir / f"compare_{metric}.json", {"metric": metric, "span_len": span_len, "inputs": inputs_desc,
-                                                                  "rows": [_json_row(r) for r in rows]}))
+    result = run_compare(model or (), report or (), label, metric=metric, span_len=span_len, out=out,
+                         formats=("png", "pdf") if pdf else ("png",), on_model=measuring, device=device, dtype=dtype,
+                         device_map=device_map, text=text, n_seqs=n_seqs, seq_len=seq_len, exclude_first=exclude_first,
+                         progress=sequence_progress, status=loading_status)
+    rows, out_dir, written = result.rows, result.out, result.files
     _print_table(rows, metric, span_len)
     if len({r["token_sha1"] for r in rows}) > 1:
         console.print("Note: these inputs were measured on different token ids (another text, length or tokenizer), so "
                       "their differences mix checkpoint and data.", style="yellow", highlight=False)
     console.print(f"[bold]Comparison[/] of {len(rows)} checkpoints in [cyan]{out_dir}[/]:")
     wrote(written)
-
-
-def _measure(models, labels, folders, out_dir: Path, formats, **capture) -> tuple[list, list[Path]]:
-    """Measure each model on the same token ids into a hidden work folder; move the results under `out_dir` only once
-    every model has been measured and their depths match, so a mistake leaves no partial output."""
-    from cli.app import loading_status, sequence_progress
-    from sa_analysis.pipeline import run_heatmap
-    from sa_analysis.report import compare_summary
-
-    work = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
-    try:
-        reports, written = [], []
-        for spec, label, folder in zip(models, labels, folders):
-            console.print(f"[bold]{escape(label)}[/]: {escape(spec)}", highlight=False)
-            report, _paths = run_heatmap(spec, out=work / folder, formats=formats, progress=sequence_progress,
-                                         status=loading_status, **capture)
-            reports.append(report)
-            compare_summary(reports, labels[: len(reports)])  # stop at the first checkpoint of another depth
-        for folder in folders:
-            target = out_dir / folder
-            if target.exists():
-                shutil.rmtree(target)
-            (work / folder).rename(target)
-            written += sorted(p for p in target.iterdir() if p.is_file())
-        return reports, written
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _report_name(report) -> str:
-    """A report's default label: its model's name, marked when its weights were random."""
-    random = (report.meta.get("model") or {}).get("source") == "random-init"
-    return f"{report.model_name} (random init)" if random else report.model_name
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Default labels, numbered where two inputs share a name."""
-    return [f"{n}-{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def _folders(labels: list[str]) -> list[str]:
-    """Path-safe folder names of the labels, checked distinct."""
-    if len(set(labels)) != len(labels):
-        raise UserError(f"The labels {', '.join(labels)} repeat; give each input its own --label.")
-    folders = ["".join(c if c.isalnum() or c in "-_." else "_" for c in l).strip(".") or "input" for l in labels]
-    if len(set(folders)) != len(folders):
-        raise UserError(f"The labels {', '.join(labels)} give the same folder name; choose labels that differ in letters or digits.")
-    return folders
 
 
 def _fmt(value: float) -> str:
@@ -170,12 +94,3 @@ def _print_table(rows: list[dict], metric: str, span_len: int) -> None:
     direction = "what layer l+1 loses by reusing layer l" if not info.similarity else f"{short} of layer l and l+1"
     console.print(f"all pairs: mean over every pair of distinct layers (finite values); (l, l+1): {direction}; most "
                   f"isotropic: the run of {span_len} consecutive layers with the {best} mean pairwise value.", highlight=False)
-
-
-def _json_row(row: dict) -> dict:
-    out = dict(row)
-    for key in ("off_diagonal_mean", "adjacent_mean", "span_score"):
-        value = out[key]
-        out[key] = None if np.isnan(value) else ("inf" if np.isinf(value) else value)
-    out["span"] = list(out["span"])
-    return out

@@ -11,3 +11,4 @@ TOLERANCE = 0.05  # the largest relative perplexity increase a plan may cost and
 CONTEXT_LEN = 4096  # the context length the predicted savings are given for
 BUDGET_FRACTION = 0.25  # layers shared when no budget is given
 DECODE_TOKENS = 32  # tokens decoded per sequence when measuring decode speed
+COMPARE_OUT = "sa-output/compare"  # where `compare` writes when no --out is given

@@ -1,6 +1,6 @@
 """Metrics: pairwise attention statistics for every (layer, head) x (layer, head), accumulated block by block.
 
-Every metric of DESIGN.md section 3 is a Gram-type sum over query rows, so it is fed blocks of rows of the
+Every metric of docs/DESIGN.md section 3 is a Gram-type sum over query rows, so it is fed blocks of rows of the
 log-probabilities of *all* layers and heads of one sequence, `[L, H, b, K]`, and never needs the whole
 `L x H x n x n` tensor. The maps path (`capture.AttentionMaps`) slices blocks out of materialised maps; the
 streaming engine recomputes them from stored queries and keys. Both feed the same accumulator, so they give the

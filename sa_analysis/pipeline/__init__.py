@@ -1,8 +1,9 @@
 """The jobs end to end, the only entry points the CLI and the notebooks call: `run_heatmap` (measure and draw),
-`run_plan` (choose spans), `run_validate` (prove one plan), `run_search` (plan -> measure -> re-plan), `run_heal`
+`run_plan` (choose spans), `run_compare` (checkpoints side by side), `run_validate` (prove one plan), `run_search` (plan -> measure -> re-plan), `run_heal`
 (fine-tune with sharing and export). Each step lives in its own package; these modules only wire them.
 """
 
+from .compare import CompareResult, run_compare
 from .heal import HealStart, run_heal
 from .heatmap import analyse, build_report, choose_path, preflight, run_heatmap, sequence_stats, write_outputs
 from .inputs import ModelSpec, TextSpec
@@ -10,7 +11,7 @@ from .plan import PlanConstraints, PlanResult, run_plan, same_model
 from .validate import check_validate_options, plan_for_model, run_search, run_validate
 
 __all__ = [
-    "HealStart", "ModelSpec", "PlanConstraints", "PlanResult", "TextSpec", "analyse", "build_report",
-    "check_validate_options", "choose_path", "plan_for_model", "preflight", "run_heal", "run_heatmap", "run_plan",
+    "CompareResult", "HealStart", "ModelSpec", "PlanConstraints", "PlanResult", "TextSpec", "analyse", "build_report",
+    "check_validate_options", "choose_path", "plan_for_model", "preflight", "run_compare", "run_heal", "run_heatmap", "run_plan",
     "run_search", "run_validate", "same_model", "sequence_stats", "write_outputs",
 ]

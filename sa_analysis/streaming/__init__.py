@@ -3,7 +3,7 @@
 One SDPA-speed forward runs under `capture_attention` with a `QKStore` recorder that keeps every layer's post-RoPE
 queries and keys (model dtype, on the layer's device). Then the causal part of the `n x n` attention plane is cut
 into *segments* (a range of query rows x a range of keys) and, segment by segment, the attention probabilities of
-all layers and heads are recomputed and written as the operands of DESIGN.md section 3:
+all layers and heads are recomputed and written as the operands of docs/DESIGN.md section 3:
 
     X  = P (0 where masked)           Xr = P / |P_row|            Y = log P (0 where masked)
 

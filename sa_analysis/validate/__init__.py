@@ -6,7 +6,7 @@ perplexity increase (`quality`). Optionally lm-evaluation-harness tasks (`tasks`
 object; local task files, offline). Efficiency, measured (`speed`): prefill and decode tokens/s, peak memory and
 KV-cache bytes. `run.validate_plan` puts them together into a `report.ValidationReport`.
 
-`search.search_plans` closes the loop of DESIGN.md section 4: it measures each layer's real quality loss when shared
+`search.search_plans` closes the loop of docs/DESIGN.md section 4: it measures each layer's real quality loss when shared
 alone (its *sensitivity*), feeds that back to the planner, measures the candidate plans it proposes, and returns
 the best plan within the tolerance, with a table of everything tried.
 """

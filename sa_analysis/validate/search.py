@@ -1,4 +1,4 @@
-"""`search_plans`: plan -> validate -> re-plan (DESIGN.md section 4), with measured sensitivity fed back."""
+"""`search_plans`: plan -> validate -> re-plan (docs/DESIGN.md section 4), with measured sensitivity fed back."""
 
 from __future__ import annotations
 
