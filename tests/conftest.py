@@ -37,35 +37,43 @@ def device(request) -> torch.device:
     return torch.device(name)
 
 
-def tiny_config(model_type: str, n_layers: int = 4):
-    """A small random config of `model_type` (4 layers, 4 query heads, 2 KV heads)."""
+def tiny_config(model_type: str, n_layers: int = 4, **overrides):
+    """A small random config of `model_type` (4 layers, 4 query heads, 2 KV heads); `overrides` replace any field."""
     from transformers import AutoConfig
 
     if model_type == "gpt2":
         return AutoConfig.for_model("gpt2", n_layer=n_layers, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
-                                    bos_token_id=0, eos_token_id=0)
+                                    bos_token_id=0, eos_token_id=0, **overrides)
     kwargs = dict(num_hidden_layers=n_layers, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
     kwargs.update(TINY_SHAPES[model_type])
     if model_type in ("gemma2", "gemma3_text"):  # alternate sliding / global layers
         kwargs["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(model_type: str, dtype=torch.float64, attn: str = "sdpa", seed: int = 0, device="cpu"):
-    """A tiny random causal LM in eval mode; Gemma 2 falls back to eager (softcapping)."""
+def tiny_model(model_type: str, dtype=torch.float64, attn: str = "sdpa", seed: int = 0, device="cpu", *,
+               n_layers: int = 4, q_scale: float | None = None, **overrides):
+    """The one tiny random causal LM of the tests, in eval mode; Gemma 2 falls back to eager (softcapping).
+
+    Random init gives near-uniform attention; for a sharper test the queries and keys are made peaked and
+    layer-distinct: redrawn with std 0.3 (default), or, with `q_scale`, the initial query weights scaled by it.
+    """
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, n_layers, **overrides)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         attn = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    # larger random weights than the init's 0.02 give peaked, layer-distinct attention (a sharper test)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "c_attn.weight")):
+            if q_scale is not None:
+                if name.endswith("q_proj.weight"):
+                    param.mul_(q_scale)
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "c_attn.weight")):
                 param.normal_(0.0, 0.3)
     return model.to(device).eval()
 

@@ -450,9 +450,24 @@ def test_plot_plan_over_heatmap(tmp_path):
     report = fake_report(kl)
     plan = plan_spans(report, budget=5, max_span=3)
     path = tmp_path / "plan.png"
-    plot_plan_over_heatmap(report, plan, heatmap_metric_for(report, "cosine"), path)
+    fig = plot_plan_over_heatmap(report, plan, heatmap_metric_for(report, "kl"), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert heatmap_metric_for(report, "js") == "kl"
+    # what is drawn: per span, the block [anchor..last follower] and the followers' column of paid cells
+    ax = fig.axes[0]
+    boxes = sorted((round(r.get_x() + 0.5), round(r.get_y() + 0.5), round(r.get_width()), round(r.get_height()))
+                   for r in ax.patches)
+    expected = sorted([(a, a, l - a + 1, l - a + 1) for a, f, l in plan.spans] +
+                      [(a, f, 1, l - f + 1) for a, f, l in plan.spans])
+    assert boxes == expected
+    heat, grey = (image.get_array() for image in ax.images)  # the lower triangle, then the infinite cells
+    shown = ~np.ma.getmaskarray(np.ma.masked_invalid(heat))
+    assert shown[6, 5] and not shown[5, 6] and not shown[5, 5]  # only reused layer < follower is drawn
+    assert not shown[12, 3]  # the infinite cell is not on the colour scale ...
+    grey_cells = ~np.ma.getmaskarray(np.ma.masked_invalid(grey))
+    assert grey_cells[12, 3] and grey_cells.sum() == 1  # ... but drawn grey, alone
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[-1] == "infinite (masks differ)" and str(plan.n_shared) in ax.get_title()
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------

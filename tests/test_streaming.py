@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
+
 from sa_analysis.compat import attention_implementation
 from sa_analysis.capture import AttentionInputs, AttentionMaps, capture_attention
 from sa_analysis.errors import UserError
@@ -25,32 +27,22 @@ from sa_analysis.streaming import (
 FIELDS = ("cosine_flat", "cosine_row", "kl", "entropy", "js_adjacent")
 CUDA = torch.cuda.is_available()
 
-TINY = {
-    "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, vocab_size=128),
-    "mistral": dict(model_type="mistral", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, vocab_size=128, sliding_window=16),
-    "gemma2": dict(model_type="gemma2", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128, sliding_window=16,
-                   attn_logit_softcapping=5.0, query_pre_attn_scalar=16),
-    "qwen3": dict(model_type="qwen3", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, intermediate_size=64, vocab_size=128),
+# the streaming tests' shapes: 3 layers, windows of 16 (cut through the tiles), Gemma 2 with a strong softcap;
+# larger contexts than the shared tiny configs allow
+STREAM_SHAPES = {
+    "llama": dict(),
+    "mistral": dict(sliding_window=16),
+    "gemma2": dict(sliding_window=16, attn_logit_softcapping=5.0),
+    "qwen3": dict(),
 }
 
 
 def tiny_model(name: str, dtype=torch.float32, device="cpu", seed=0, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(**{**TINY[name], **overrides})
-    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
-    model.set_attn_implementation("eager" if name == "gemma2" else "sdpa")
-    # sharpen attention a little so that maps are not all near-uniform (random weights are very flat)
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__.endswith("Attention"):
-                module.q_proj.weight.mul_(4.0)
-    return model
+    """conftest's tiny model in the streaming shape (queries sharpened x4 so maps are not near-uniform)."""
+    shape = {"n_layers": 3, "intermediate_size": 64, "max_position_embeddings": 4096, **STREAM_SHAPES[name], **overrides}
+    if "num_hidden_layers" in shape:
+        shape["n_layers"] = shape.pop("num_hidden_layers")
+    return conftest.tiny_model(name, dtype=dtype, device=device, seed=seed, q_scale=4.0, **shape)
 
 
 def maps_stats(model, ids, exclude_first=0, dtype=torch.float32, operand_dtype=None):
@@ -83,7 +75,7 @@ def assert_stats_close(got, ref, atol, rtol=0.0):
 
 
 # ----- streaming == maps path -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(STREAM_SHAPES))
 @pytest.mark.parametrize("exclude_first", [0, 3])
 def test_streaming_equals_maps_path(name, exclude_first):
     model = tiny_model(name)
@@ -370,7 +362,7 @@ def test_check_fits_on_cpu_does_not_refuse():
 
 # ----- CUDA: the Triton kernels -------------------------------------------------------------------------------------
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(STREAM_SHAPES))
 def test_cuda_triton_equals_maps_path(name):
     model = tiny_model(name, device="cuda")
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(10)).cuda()
