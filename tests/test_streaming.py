@@ -275,7 +275,7 @@ def test_a_model_spread_over_gpu_and_cpu_gives_the_one_device_statistics(path):
 
     from sa_analysis.pipeline import sequence_stats
 
-    model = tiny_model("llama", dtype=torch.float32)
+    model = tiny_model("llama", dtype=torch.float32, num_hidden_layers=4)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
     plain, plain_bi = sequence_stats(model, ids, path=path)
     placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
