@@ -119,7 +119,7 @@ def draw(work: Path, out: Path) -> list[Path]:
     paths.append(save(fig, "plan", out))
 
     quality = out / "quality_vs_shared.png"
-    validate.plot_search(search, quality)
+    plots.plot_search(search, quality)
     say(f"wrote {quality} ({quality.stat().st_size // 1024} KB)")
     paths.append(quality)
 
