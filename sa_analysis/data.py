@@ -158,7 +158,7 @@ def default_tokenizer(required: bool = True):
     """The packaged default model's tokenizer (used for random-init models, which ship none); None when it is not
     installed and not `required`."""
     from .aliases import require_alias
-    from .loading import gguf_tokenizer, packaged_gguf_path
+    from .gguf_files import gguf_tokenizer, packaged_gguf_path
 
     gguf = packaged_gguf_path(require_alias("smollm2-135m"))
     if gguf is None:

@@ -7,8 +7,6 @@ how to get them. The packaged default (SmolLM2-135M as GGUF) is dequantised once
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import warnings
 from contextlib import contextmanager
@@ -22,6 +20,9 @@ from . import compat
 from .aliases import ModelAlias, find_alias, require_alias
 from .errors import UserError
 from .rng import seeded
+from .gguf_files import cached_gguf_tokenizer, gguf_cache, packaged_gguf_path, save_atomically
+
+
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -81,7 +82,6 @@ class LoadedModel:
         return self
 
 
-# ----- device and dtype -----------------------------------------------------------------------------------
 def resolve_device(device: str | None) -> torch.device:
     """The requested device, or cuda when there is one, else cpu."""
     if device is None:
@@ -103,27 +103,6 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         return DTYPES[dtype.lower()]
     except KeyError:
         raise UserError(f"Unknown dtype {dtype!r}; use one of bfloat16, float16, float32, float64.") from None
-
-
-# ----- resolving a spec -----------------------------------------------------------------------------------
-def cache_root() -> Path:
-    """Where sa-analysis keeps dequantised copies of GGUF models (override with SA_ANALYSIS_CACHE)."""
-    return Path(os.environ.get("SA_ANALYSIS_CACHE", Path.home() / ".cache" / "sa-analysis"))
-
-
-def packaged_gguf_path(alias: ModelAlias) -> Path | None:
-    """The GGUF file shipped inside a Python package (found without importing the package), or None."""
-    if alias.packaged_gguf is None:
-        return None
-    package, filename = alias.packaged_gguf
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / filename
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def hub_cache_dir() -> Path:
@@ -170,43 +149,13 @@ def _load_folder(folder: Path, dtype, device, device_map, with_tokenizer: bool =
     return model, tokenizer
 
 
-def _gguf_cache(path: Path) -> Path:
-    """The folder holding the dequantised weights of a GGUF file (one per file, whatever the transformers release)."""
-    return cache_root() / f"gguf-{_file_key(path)}"
-
-
-def gguf_tokenizer(path: Path):
-    """The tokenizer of a GGUF file, cached per transformers release.
-
-    A tokenizer saved by one transformers release can load differently in another (seen: 5.24's files read by 5.12
-    as another tokenizer class), so each release converts the GGUF's vocabulary once and keeps its own copy; the
-    weights beside it are plain safetensors, shared by every release.
-    """
-    return _cached_gguf_tokenizer(path, _gguf_cache(path))
-
-
-def _cached_gguf_tokenizer(path: Path, cached: Path):
-    """`gguf_tokenizer` for a GGUF file whose cache folder is `cached` (its key read once per load)."""
-    import transformers
-    from transformers import AutoTokenizer
-
-    folder = cached / f"tokenizer-{transformers.__version__}"
-    if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    _save_atomically(tokenizer, folder, marker="tokenizer_config.json")
-    return tokenizer
-
-
 def _load_gguf(path: Path, dtype, device, device_map):
     """Load a GGUF file (dequantised to float), through a safetensors copy cached on first use."""
     from transformers import AutoModelForCausalLM
 
-    cached = _gguf_cache(path)
+    cached = gguf_cache(path)
     try:
-        tokenizer = _cached_gguf_tokenizer(path, cached)
+        tokenizer = cached_gguf_tokenizer(path, cached)
         if (cached / "config.json").is_file():
             model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
             return model, tokenizer
@@ -220,26 +169,9 @@ def _load_gguf(path: Path, dtype, device, device_map):
     model.hf_quantizer = None  # the weights are already dequantised floats
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _save_atomically(model, cached, marker="config.json")
+    save_atomically(model, cached, marker="config.json")
     model = model.to(dtype)
     return model, tokenizer
-
-
-def _save_atomically(obj, folder: Path, marker: str) -> None:
-    """`obj.save_pretrained` into `folder` (which may hold other entries) through a temporary folder, moved in file by
-    file with `marker` last, so a folder holding `marker` is complete. A failure to cache only costs time."""
-    import shutil
-
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    try:
-        obj.save_pretrained(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == marker):
-            os.replace(item, folder / item.name)
-    except (OSError, ValueError):
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _random_init(alias: ModelAlias, dtype, device):
@@ -430,14 +362,6 @@ def _try_tokenizer(make):
         return make()
     except (OSError, ValueError):
         return None
-
-
-def _file_key(path: Path) -> str:
-    """A key for a model file's content, not its place: its size and a hash of its first 4 MiB (a GGUF header holds
-    the metadata and vocabulary). The same packaged file in another virtual environment finds the same cache."""
-    with path.open("rb") as handle:
-        head = handle.read(4 * 1024 * 1024)
-    return hashlib.sha1(f"{path.stat().st_size}|".encode() + head).hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -113,7 +113,7 @@ def test_default_model_from_its_packaged_gguf(default_model):
 
 def test_the_gguf_cache_key_follows_the_content_not_the_path(tmp_path):
     """Another virtual environment's copy of the same packaged file finds the same dequantised cache."""
-    from sa_analysis.loading import _file_key
+    from sa_analysis.gguf_files import _file_key
 
     data = bytes(range(256)) * 40000  # ~10 MB: past the hashed head
     a, b, c = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c.gguf"

@@ -8,27 +8,9 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import default_out_dir, ensure_writable_dir
-from ..planner import COSTS, SharePlan, compare_plans, parse_budget, parse_layers, plan_spans
+from ..planner import COSTS, PlanConstraints, SharePlan, compare_plans, parse_budget, plan_spans
 from ..report import AttentionReport
 from .heatmap import run_heatmap
-
-
-@dataclass(frozen=True)
-class PlanConstraints:
-    """Which layers a plan may share: none below `first_shareable`, never those in `keep`, spans of at most
-    `max_span` followers (None: no limit)."""
-
-    first_shareable: int = 1
-    keep: tuple[int, ...] = ()
-    max_span: int | None = None
-
-    @classmethod
-    def parse(cls, first_shareable: int = 1, keep: str | None = None, max_span: int | None = None) -> "PlanConstraints":
-        """From the command line's forms (`--keep 0,1,28-31`)."""
-        return cls(first_shareable, tuple(parse_layers(keep)), max_span)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {"first_shareable": self.first_shareable, "keep": list(self.keep), "max_span": self.max_span}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ..patch import check_mode
 from ..planner import SharePlan
 from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
 from .inputs import ModelSpec, Status, TextSpec, status_of
-from .plan import PlanConstraints
+from ..planner import PlanConstraints
 
 def check_validate_options(plan_file: str | Path | None, spans: str | None, mode: str, tasks: Sequence[str],
                            status: Status | None = None) -> SharePlan | None:
@@ -85,7 +85,7 @@ def run_search(report: Any, source: ModelSpec, text: TextSpec, *, out: Path, max
     loaded = source.load(status)
     batches = {split: text.batch(loaded, split) for split in ("calibration", "heldout")}
     search = search_plans(loaded, report, batches["calibration"], batches["heldout"], budgets=range(1, max_budget + 1),
-                          tolerance=tolerance, mode=mode, cost=cost, **constraints.as_kwargs(), progress=progress)
+                          tolerance=tolerance, mode=mode, cost=cost, constraints=constraints, progress=progress)
     paths = [search.save(out / "search.json"), plot_search(search, out / "search.png")]
     if search.best_plan is not None:
         paths.append(search.best_plan.save(out / "plan_validated.json"))

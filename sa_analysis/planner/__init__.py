@@ -15,7 +15,7 @@ dynamic programme), `plan` (SharePlan), `strategies` (the optimal plan and the b
 """
 
 from .costs import COSTS, apply_sensitivity, cost_matrix
-from .layers import (DEFAULT_BUDGET_FRACTION, anchors_for, max_followers, parse_budget, parse_layers, plan_cost,
+from .layers import (DEFAULT_BUDGET_FRACTION, PlanConstraints, anchors_for, max_followers, parse_budget, parse_layers, plan_cost,
                      resolve_budget, shareable_mask, spans_for)
 from .optimal import optimal_followers, optimal_table
 from .plan import DEFAULT_CONTEXT_LEN, PLAN_FORMAT, SharePlan, model_shape
@@ -23,7 +23,7 @@ from .strategies import (adjacent_similarity_plan, block_influence_plan, compare
                          plan_spans, seed_plan)
 
 __all__ = [
-    "COSTS", "DEFAULT_BUDGET_FRACTION", "DEFAULT_CONTEXT_LEN", "PLAN_FORMAT", "SharePlan", "adjacent_similarity_plan",
+    "COSTS", "DEFAULT_BUDGET_FRACTION", "DEFAULT_CONTEXT_LEN", "PLAN_FORMAT", "PlanConstraints", "SharePlan", "adjacent_similarity_plan",
     "anchors_for", "apply_sensitivity", "block_influence_plan", "compare_plans", "cost_matrix", "evaluate_plan",
     "make_plan", "max_followers", "model_shape", "optimal_followers", "optimal_table", "parse_budget", "parse_layers",
     "plan_cost", "plan_spans", "resolve_budget", "seed_plan", "shareable_mask", "spans_for",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -146,3 +148,21 @@ def parse_layers(text: str | None) -> list[int]:
             raise UserError(f"The layer range {part!r} runs backwards; write it as {hi}-{lo}.")
         layers.update(range(lo, hi + 1))
     return sorted(layers)
+
+
+@dataclass(frozen=True)
+class PlanConstraints:
+    """Which layers a plan may share: none below `first_shareable`, never those in `keep`, spans of at most
+    `max_span` followers (None: no limit)."""
+
+    first_shareable: int = 1
+    keep: tuple[int, ...] = ()
+    max_span: int | None = None
+
+    @classmethod
+    def parse(cls, first_shareable: int = 1, keep: str | None = None, max_span: int | None = None) -> "PlanConstraints":
+        """From the command line's forms (`--keep 0,1,28-31`)."""
+        return cls(first_shareable, tuple(parse_layers(keep)), max_span)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {"first_shareable": self.first_shareable, "keep": list(self.keep), "max_span": self.max_span}

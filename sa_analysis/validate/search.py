@@ -10,6 +10,7 @@ from typing import ClassVar, Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..artefact import JsonArtefact
+from ..planner import PlanConstraints
 from ..errors import UserError
 from .quality import Baseline, baseline, measure_quality, token_ids
 from .report import DEFAULT_TOLERANCE, ValidationReport
@@ -121,9 +122,7 @@ def search_plans(
     tolerance: float = DEFAULT_TOLERANCE,
     mode: str = "fast",
     cost: str = "kl",
-    first_shareable: int = 1,
-    keep: Iterable[int] = (),
-    max_span: int | None = None,
+    constraints: PlanConstraints = PlanConstraints(),
     batch_size: int = 4,
     measure_speed: bool = False,
     tasks: Sequence[str] | None = None,
@@ -147,7 +146,8 @@ def search_plans(
     check_options(mode, tolerance)
     say = progress or (lambda _msg: None)
     model = loaded.model
-    constraints = dict(first_shareable=first_shareable, keep=list(keep), max_span=max_span)
+    first_shareable, keep, max_span = constraints.first_shareable, constraints.keep, constraints.max_span
+    constraints = constraints.as_kwargs()
     mask = planner.shareable_mask(report.n_layers, first_shareable, keep)
     base = baseline(model, calibration, batch_size)
 
