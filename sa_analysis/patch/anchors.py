@@ -1,0 +1,53 @@
+"""The plan as SA semantics see it: {follower: anchor}, checked (layer 0 never shared, each follower reuses the last
+non-shared layer before it), and the modes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+from ..errors import UserError
+
+
+MODES = ("fast", "exact")
+
+
+def check_mode(mode: str, where: str = "") -> str:
+    """`mode` if it is a Shared Attention mode (fast or exact), else a user error (`where`: e.g. " in FOLDER")."""
+    if mode not in MODES:
+        raise UserError(f"Unknown Shared Attention mode {mode!r}{where}; use fast or exact.")
+    return mode
+
+
+def plan_anchors(plan: Any, n_layers: int) -> dict[int, int]:
+    """{follower: anchor} from a SharePlan (its `anchor_of`) or a plain mapping, checked against SA semantics.
+
+    Anchors must be non-shared layers before their followers, layer 0 is never shared, and each follower's anchor
+    must be the last non-shared layer before it (the reference semantics; anything else is a different method).
+    """
+    plan_layers = getattr(plan, "n_layers", None)
+    if plan_layers is not None and int(plan_layers) != n_layers:
+        raise UserError(f"The plan was made for a {plan_layers}-layer model but this model has {n_layers} layers; use a plan made for this model.")
+    raw = plan.anchor_of if hasattr(plan, "anchor_of") else plan
+    try:
+        anchor_of = {_layer(f): _layer(a) for f, a in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise UserError("A share plan must be a SharePlan or a mapping {follower layer: anchor layer} of integers.") from None
+    followers = set(anchor_of)
+    for follower, anchor in sorted(anchor_of.items()):
+        if not 0 < follower < n_layers:
+            raise UserError(f"Layer {follower} cannot be shared: followers must lie in 1..{n_layers - 1} (layer 0 has no earlier layer to reuse).")
+        if not 0 <= anchor < follower:
+            raise UserError(f"Follower {follower} has anchor {anchor}; an anchor must be an earlier layer.")
+        if anchor in followers:
+            raise UserError(f"Follower {follower} has anchor {anchor}, which is itself shared; anchors must keep their own attention.")
+        expected = max(layer for layer in range(follower) if layer not in followers)
+        if anchor != expected:
+            raise UserError(f"Follower {follower} has anchor {anchor}, but Shared Attention reuses the last non-shared layer before it ({expected}); fix the plan.")
+    return anchor_of
+
+
+def _layer(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(value)
+    return int(value)

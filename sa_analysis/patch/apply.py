@@ -1,0 +1,149 @@
+"""Applying Shared Attention to a model, and removing it again exactly."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from .. import compat
+from ..capture import (CAPTURE_PREFIX, attention_modules, decoder_layers, original_attention, register_attention)
+from ..errors import UserError
+from .anchors import check_mode, plan_anchors
+from .follower import SharedAttention
+from .stash import SHARE_PREFIX, LayerSession, ShareState, shared_attention_forward
+
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+SUPPORTED_BASES = ("sdpa", "eager")
+
+
+_FOLLOWER_NEEDS = ("v_proj", "o_proj", "head_dim", "num_key_value_groups", "layer_idx")
+
+
+class SharedAttentionHandle:
+    """A Shared Attention patch in force; `remove()` (or leaving the `with` block) restores the model exactly."""
+
+    def __init__(self, model: nn.Module, anchor_of: dict[int, int], mode: str):
+        self.model = model
+        self.anchor_of = dict(anchor_of)
+        self.mode = mode
+        self._base: str | None = None
+        self._sessions: list[nn.Module] = []
+        self._swapped: list[tuple[nn.Module, nn.Module, SharedAttention]] = []  # (decoder layer, original, follower)
+        self._layer_types: list[str] | None = None  # the config's own list, while followers take their anchor's
+        self.active = False
+
+    @property
+    def followers(self) -> list[int]:
+        return sorted(self.anchor_of)
+
+    def __enter__(self) -> "SharedAttentionHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Undo everything `share_attention` did, in reverse; safe to call twice or after a partial install."""
+        try:
+            if self._base is not None and compat.attention_implementation(self.model) != self._base:
+                self.model.set_attn_implementation(self._base)
+        finally:
+            for block, original, follower in reversed(self._swapped):
+                if block.self_attn is follower:
+                    block.self_attn = original
+            self._swapped.clear()
+            for module in self._sessions:
+                module.__dict__.pop("_sa_share", None)
+            self._sessions.clear()
+            if self._layer_types is not None:
+                compat.set_layer_types(self.model, self._layer_types)
+                self._layer_types = None
+            self.active = False
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"SharedAttentionHandle({state}, mode={self.mode}, anchor_of={self.anchor_of})"
+
+
+def share_attention(model: nn.Module, plan: Any, mode: str = "fast") -> SharedAttentionHandle:
+    """Apply Shared Attention for `plan` (a SharePlan or `{follower: anchor}`) to `model`; returns the handle.
+
+    Use as a context manager (`with share_attention(model, plan): ...`) or keep the handle and call `remove()`.
+    `mode="fast"` attends with the anchor's Q and K through the model's kernel; `mode="exact"` reuses the
+    anchor's materialised fp32 softmax. An empty plan leaves every output bit-identical.
+    """
+    check_mode(mode)
+    base = _check_model(model)
+    modules = attention_modules(model)
+    anchor_of = plan_anchors(plan, len(modules))
+    blocks = decoder_layers(model)
+    followers_of: dict[int, list[int]] = {}
+    for follower, anchor in sorted(anchor_of.items()):
+        followers_of.setdefault(anchor, []).append(follower)
+        _check_follower(blocks[follower], modules[follower])
+    state = ShareState(mode=mode, followers_of=followers_of)
+    handle = SharedAttentionHandle(model, anchor_of, mode)
+    try:
+        name = register_attention(SHARE_PREFIX, base, shared_attention_forward)
+        _align_layer_types(model, anchor_of, handle)
+        for idx, module in enumerate(modules):
+            if idx in anchor_of:
+                follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base))
+                blocks[idx].self_attn = follower
+                handle._swapped.append((blocks[idx], module, follower))
+            else:
+                module._sa_share = LayerSession(original_attention(module, base), state, idx in followers_of)
+                handle._sessions.append(module)
+        handle._base = base
+        model.set_attn_implementation(name)
+        handle.active = True
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _check_model(model: nn.Module) -> str:
+    """The base attention implementation, after checking the model is one the patch supports."""
+    config = model.config
+    model_type = config.get_text_config().model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"Shared Attention is not supported for {model_type!r} models; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    base = compat.attention_implementation(model)
+    if base.startswith((SHARE_PREFIX, CAPTURE_PREFIX)):
+        raise UserError("This model is already patched (Shared Attention or attention capture is active); remove that first.")
+    if base not in SUPPORTED_BASES:
+        raise UserError(f"Shared Attention works on top of sdpa or eager attention, not {base!r}; load the model with sdpa.")
+    return base
+
+
+def _check_follower(block: nn.Module, module: nn.Module) -> None:
+    """A follower's decoder layer must hold its attention as `self_attn` with the parts SharedAttention needs."""
+    if getattr(block, "self_attn", None) is not module:
+        raise UserError(f"Layer {module.layer_idx}'s attention is not its decoder layer's `self_attn`; this model layout is not supported.")
+    missing = [name for name in _FOLLOWER_NEEDS if not hasattr(module, name)]
+    if missing:
+        raise UserError(f"Layer {module.layer_idx}'s attention has no {', '.join(missing)}; this attention module is not supported.")
+    if hasattr(module, "v_norm"):
+        raise UserError(f"Layer {module.layer_idx}'s attention normalises its values (v_norm), which Shared Attention does not support.")
+
+
+def _align_layer_types(model: nn.Module, anchor_of: Mapping[int, int], handle: SharedAttentionHandle) -> None:
+    """Give each follower its anchor's layer type (sliding/full) in the config while patched.
+
+    The follower reuses the anchor's softmax, so it attends within the anchor's window; its cache layer (built from
+    `config.layer_types` by generate()) must then keep as many values as the anchor keeps keys.
+    """
+    types = compat.layer_types(model)
+    if not types or all(types[f] == types[a] for f, a in anchor_of.items()):
+        return
+    aligned = list(types)
+    for follower, anchor in anchor_of.items():
+        aligned[follower] = types[anchor]
+    handle._layer_types = types
+    compat.set_layer_types(model, aligned)

@@ -1,0 +1,89 @@
+"""A follower's self-attention: its own V and o_proj, its anchor's attention pattern; no Q, no K, V-only cache."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import compat
+from .stash import AnchorStash, ShareState, stash_on_device
+
+
+
+class SharedAttention(nn.Module):
+    """A follower's self-attention: its own V and `o_proj`, its anchor's attention pattern; no Q, no K.
+
+    Called by the decoder layer exactly like the module it replaces; returns `(output [B, T, hidden], None)`.
+    """
+
+    def __init__(self, original: nn.Module, anchor: int, state: ShareState, attention_fn: Callable):
+        super().__init__()
+        self.layer_idx = original.layer_idx
+        self.anchor_idx = anchor
+        self.config = original.config
+        self.head_dim = original.head_dim
+        self.num_key_value_groups = original.num_key_value_groups  # read by transformers' SDPA / eager functions
+        self.is_causal = getattr(original, "is_causal", True)
+        self.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
+        self.v_proj = original.v_proj
+        self.o_proj = original.o_proj
+        # plain attributes (not submodules): the original module comes back on removal; the state is shared
+        self.__dict__["original"] = original
+        self.__dict__["_state"] = state
+        self.__dict__["_attention_fn"] = attention_fn
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, anchor={self.anchor_idx}, mode={self._state.mode}"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """`hidden_states` [B, T, hidden] -> `o_proj(attention(anchor) @ V_own)`; the anchor's mask replaces ours.
+
+        The KV cache arrives as `cache=` (transformers >= 5.24) or `past_key_values=` (before): both are accepted.
+        """
+        input_shape = hidden_states.shape[:-1]
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        cache = compat.cache_from_kwargs(kwargs)
+        if cache is not None:
+            value = self._cache_values(cache, value)  # [B, Hkv, K, D]
+        anchor = stash_on_device(self._state.read(self.anchor_idx, self.layer_idx), value.device)
+        if anchor.inputs.key.shape[-2] != value.shape[-2]:
+            raise RuntimeError(
+                f"Shared Attention: follower {self.layer_idx} has {value.shape[-2]} cached values but its anchor "
+                f"{self.anchor_idx} has {anchor.inputs.key.shape[-2]} keys; build the cache after patching (or let generate() build it).")
+        if self._state.mode == "exact":
+            output = self._attend_exact(anchor, value)
+        else:
+            output = self._attend_fast(anchor, value)
+        output = output.reshape(*input_shape, -1).contiguous()  # [B, T, Hq * D]
+        return self.o_proj(output), None
+
+    def _cache_values(self, cache: Any, value: torch.Tensor) -> torch.Tensor:
+        """Store V only: a key with head dimension 0 costs no bytes but keeps the cache's length bookkeeping."""
+        no_key = value.new_empty(*value.shape[:-1], 0)  # [B, Hkv, T, 0]
+        _, value = cache.update(no_key, value, self.layer_idx)
+        return value
+
+    def _attend_fast(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
+        """The model's own attention kernel on (Q_anchor, K_anchor, V_own) with the anchor's mask: [B, Q, Hq, D]."""
+        inputs = anchor.inputs
+        kwargs = dict(anchor.kwargs)
+        scaling = kwargs.pop("scaling")
+        dropout = self.attention_dropout if self.training else 0.0
+        output, _ = self._attention_fn(self, inputs.query, inputs.key, value, inputs.mask, scaling=scaling, dropout=dropout, **kwargs)
+        return output
+
+    def _attend_exact(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
+        """`P_anchor @ V_own` with the anchor's materialised softmax, like eager attention: [B, Q, Hq, D]."""
+        probs = anchor.probs.to(value.dtype)  # [B, Hq, Q, K]
+        if self.training and self.attention_dropout:
+            probs = nn.functional.dropout(probs, p=self.attention_dropout)
+        value = value.repeat_interleave(self.num_key_value_groups, dim=1)  # [B, Hq, K, D]
+        return torch.matmul(probs, value).transpose(1, 2)  # [B, Q, Hq, D]
