@@ -35,14 +35,11 @@ def heatmap(
 
     Writes report.json + report.npz (reusable with --report and by recommend-spans) and the figures under --out.
     """
-    from sa_analysis.pipeline import run_heatmap, write_outputs
-    from sa_analysis.report import AttentionReport
+    from sa_analysis.pipeline import redraw_heatmap, run_heatmap
 
     formats = ("png", "pdf") if pdf else ("png",)
     if report is not None:
-        loaded = AttentionReport.load(report)
-        out_dir = out if out is not None else report.parent
-        written = write_outputs(loaded, out_dir, formats)
+        loaded, written = redraw_heatmap(report, out, formats)
         print_summary(loaded)
         console.print(f"[bold]Redrew[/] {loaded.model_name} from {report}:")
         wrote(written)

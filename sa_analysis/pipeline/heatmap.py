@@ -155,6 +155,13 @@ def run_heatmap(
     return report, write_outputs(report, out, formats)
 
 
+def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",)
+                   ) -> tuple[AttentionReport, list[Path]]:
+    """Redraw the figures of a saved report (no model), beside it or under `out`; returns (report, paths)."""
+    loaded = AttentionReport.load(report)
+    return loaded, write_outputs(loaded, out if out is not None else Path(report).parent, formats)
+
+
 def write_outputs(report: AttentionReport, out: Path, formats: Iterable[str] = ("png",)) -> list[Path]:
     """Save the report and draw its figures under `out`; returns every path written."""
     from ..plots import write_heatmap_figures
