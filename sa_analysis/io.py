@@ -24,14 +24,19 @@ def default_out_dir(out: str | Path | None, model: str) -> Path:
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
-    """Create `path` if needed and check we can write there, before any long work starts."""
+    """Check, before any long work starts, that `path` can hold the outputs: a writable folder, or one that can be
+    made under a writable parent. Nothing is created here (the writers make the folder with their first file), so a
+    command that fails leaves nothing behind."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise UserError(f"The output folder {path} is not writable ({exc.strerror}); choose another with --out.") from None
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder; choose a folder (new or existing) with --out.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"The output folder {path} is not writable: {existing} is a file, not a folder; choose a folder with --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"The output folder {path} is not writable (no write permission in {existing}); choose another with --out.")
     return path
 
 
@@ -84,9 +89,13 @@ def read_user_text(path: str | Path, what: str, hint: str) -> str:
     if not path.is_file():
         raise UserError(f"The {what} {path} does not exist; {hint}.")
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"The {what} {path} could not be read ({exc.strerror}); check its permissions.") from None
+    text = raw.decode("utf-8", errors="replace")
+    if b"\x00" in raw[:65536] or text[:65536].count("\ufffd") > 0.05 * min(len(text), 65536):
+        raise UserError(f"The {what} {path} is not text (it holds binary data); {hint}.")
+    return text
 
 
 def json_safe(value: Any) -> Any:

@@ -273,7 +273,9 @@ def _load_model(
     elif path.is_dir():
         model, tokenizer = _load_folder(path, torch_dtype, dev, device_map)
         source, name = "folder", path.name
-    elif "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+    elif _looks_like_path(spec):
+        raise UserError(f"The path {path} does not exist; check the folder or .gguf file given to --model.")
+    elif "/" in spec and spec.count("/") == 1:
         snapshot = hf_cache_snapshot(spec)
         if snapshot is None:
             raise _missing_weights(spec, spec, [])
@@ -355,6 +357,11 @@ def _alias_names():
     from .aliases import ALIASES
 
     return ALIASES.keys()
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that can only be a path (./x, ../x, /x, ~/x, a/b/c, x/), not an alias or an org/name hub id."""
+    return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
 
 
 def _try_tokenizer(make):

@@ -19,6 +19,8 @@ keep `inf` there rather than hiding it.
 
 from __future__ import annotations
 
+import zipfile
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from .errors import UserError
 from .io import atomic_write, read_json, write_json
 
 REPORT_FORMAT = "sa-analysis/attention-report"
+# a report holds at least one layer x layer matrix (what planning and the heatmaps read); a file without any is not one
+LAYER_ARRAYS = ("cosine_flat_layers", "cosine_row_layers", "kl_layers")
 REPORT_VERSION = 1
 
 
@@ -108,14 +112,19 @@ class AttentionReport:
         header = read_json(stem.with_suffix(".json"), "report")
         if not isinstance(header, dict) or header.get("format") != REPORT_FORMAT:
             raise UserError(f"{stem.with_suffix('.json')} is not an sa-analysis attention report; pass a report.json written by `sa-analyze heatmap`.")
+        model = header.get("model")
+        if not isinstance(model, dict) or not all(k in model for k in ("name", "n_layers", "n_heads")):
+            raise UserError(f"{stem.with_suffix('.json')} is a damaged attention report (it does not say which model it measured); re-run `sa-analyze heatmap`.")
         npz_path = stem.with_suffix(".npz")
         try:
             with np.load(npz_path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except FileNotFoundError:
             raise UserError(f"The report arrays {npz_path} are missing; keep the .npz next to its .json.") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"The report arrays {npz_path} could not be read ({type(exc).__name__}); re-run `sa-analyze heatmap`.") from None
+        if not any(name in arrays for name in LAYER_ARRAYS):
+            raise UserError(f"The report arrays {npz_path} hold none of {', '.join(LAYER_ARRAYS)}; pass the .npz written with its .json by `sa-analyze heatmap`.")
         meta = {k: v for k, v in header.items() if k not in ("format", "version", "arrays")}
         return cls(meta=meta, arrays=arrays)
 

@@ -110,3 +110,70 @@ def test_output_folder_not_writable(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert_user_error(run("heatmap", "--out", blocker / "sub"), "not writable")
+
+
+# ----- wrong inputs: one sentence, exit 1, nothing left behind --------------------------------------------------
+def test_a_mistyped_model_leaves_no_folder(tmp_path):
+    out = tmp_path / "sa-output" / "typo"
+    result = run("heatmap", "--model", "typo-model", "--out", out)
+    assert result.exit_code == 1 and "neither a known alias" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "sa-output").exists()
+
+
+def test_a_missing_model_path_is_called_missing(tmp_path):
+    result = run("heatmap", "--model", str(tmp_path / "no" / "such" / "folder"), "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "does not exist" in result.output and not (tmp_path / "o").exists()
+
+
+def test_a_binary_text_file_is_refused(tmp_path):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    result = run("heatmap", "--text", binary, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "is not text" in result.output and not (tmp_path / "o").exists()
+
+
+def test_an_existing_file_as_out_is_refused(tmp_path):
+    target = tmp_path / "taken.txt"
+    target.write_text("mine")
+    result = run("heatmap", "--out", target)
+    assert result.exit_code == 1 and "is a file, not a folder" in result.output and target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["truncated npz", "no model in the header", "npz of other arrays"])
+def test_a_damaged_report_is_one_sentence_and_writes_nothing(tmp_path, damage):
+    import numpy as np
+
+    report = tmp_path / "r" / "report.json"
+    report.parent.mkdir()
+    header = {"format": "sa-analysis/attention-report", "version": 1, "arrays": "report.npz",
+              "model": {"name": "m", "n_layers": 2, "n_heads": 1}}
+    np.savez(report.with_suffix(".npz"), kl_layers=np.zeros((1, 2, 2)))
+    if damage == "truncated npz":
+        data = report.with_suffix(".npz").read_bytes()
+        report.with_suffix(".npz").write_bytes(data[: len(data) // 2])
+    elif damage == "no model in the header":
+        del header["model"]
+    else:
+        np.savez(report.with_suffix(".npz"), something_else=np.zeros(3))
+    report.write_text(json.dumps(header))
+    before = {p.name for p in report.parent.iterdir()}
+    for command in (["heatmap", "--report", report, "--out", tmp_path / "o1"],
+                    ["recommend-spans", "--report", report, "--out", tmp_path / "o2"]):
+        result = run(*command)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "re-run `sa-analyze heatmap`" in result.output or "written with its .json" in result.output
+    assert {p.name for p in report.parent.iterdir()} == before
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_bad_spans_are_answered_before_any_model_loads(tmp_path):
+    """The spans are checked first: with a model that does not exist, the answer is still about the spans."""
+    for command in ("validate", "heal"):
+        result = run(command, "--spans", "abc", "--model", "typo-model", "--out", tmp_path / command)
+        assert result.exit_code == 1 and "span 'abc'" in result.output, result.output
+        assert not (tmp_path / command).exists()
+
+
+def test_a_malformed_command_line_exits_2():
+    result = run("heatmap", "--n-seqs", "0")  # out of the option's range: click's usage error
+    assert result.exit_code == 2

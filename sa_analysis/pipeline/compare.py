@@ -71,6 +71,7 @@ def run_compare(models: Sequence[str] = (), reports: Sequence[str | Path] = (), 
 def _measure(models, labels, folders, out_dir: Path, formats, on_model, **capture) -> tuple[list, list[Path]]:
     """Measure each model on the same token ids into a hidden work folder; move the results under `out_dir` only once
     every model has been measured and their depths match, so a mistake leaves no partial output."""
+    out_dir.mkdir(parents=True, exist_ok=True)  # the first thing written here: the work folder
     work = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
     try:
         reports, written = [], []

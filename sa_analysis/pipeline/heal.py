@@ -13,6 +13,7 @@ from ..loading import resolve_device
 from ..planner import SharePlan
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
+from .validate import check_spans
 
 
 @dataclass
@@ -43,6 +44,8 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     if (plan_file is None) == (spans is None):
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     share_plan = SharePlan.load(plan_file) if plan_file is not None else None
+    if spans is not None:
+        check_spans(spans)
     if data is not None and not Path(data).expanduser().is_file():
         raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
     text.check()

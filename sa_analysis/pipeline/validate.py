@@ -22,10 +22,17 @@ def check_validate_options(plan_file: str | Path | None, spans: str | None, mode
     if plan_file is not None and spans is not None:
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     check_mode(mode)
+    if spans is not None:
+        check_spans(spans)
     if tasks:
         with status_of(status, "indexing lm-eval tasks"):
             check_tasks(tasks)
     return SharePlan.load(plan_file) if plan_file is not None else None
+
+
+def check_spans(spans: str) -> None:
+    """The spans' syntax and order, before any model is loaded (the layer count is checked once it is known)."""
+    SharePlan.from_spans(spans, 1_000_000)
 
 
 def plan_for_model(loaded: LoadedModel, plan: SharePlan | None, spans: str | None) -> SharePlan:
