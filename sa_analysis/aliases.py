@@ -6,6 +6,7 @@ downloads) and lets tests check a shape without weights. Numbers are the publish
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +69,14 @@ def find_alias(name: str) -> ModelAlias | None:
 
 
 def require_alias(name: str) -> ModelAlias:
-    """The alias called `name`, or a user error listing the known ones."""
+    """The alias called `name`, or a user error listing the known ones (and the closest, when one is close)."""
     alias = find_alias(name)
     if alias is None:
-        raise UserError(f"Unknown model alias {name!r}; known aliases: {', '.join(sorted(ALIASES))}.")
+        raise UserError(f"Unknown model alias {name!r}{did_you_mean(name)}; known aliases: {', '.join(sorted(ALIASES))}.")
     return alias
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean llama2-7b?)' when an alias is close to `name`, else ''."""
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

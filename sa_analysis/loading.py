@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from . import compat
-from .aliases import ModelAlias, find_alias, require_alias
+from .aliases import ModelAlias, did_you_mean, find_alias, require_alias
 from .errors import UserError
 from .rng import seeded
 from .gguf_files import cached_gguf_tokenizer, gguf_cache, packaged_gguf_path, save_atomically
@@ -282,8 +282,8 @@ def _load_model(
         model, tokenizer = _load_folder(snapshot, torch_dtype, dev, device_map)
         source, name = "hf-cache", spec.split("/")[-1]
     else:
-        raise UserError(f"{spec!r} is neither a known alias, a local folder, a .gguf file nor a hub id (org/name); "
-                        f"known aliases: {', '.join(sorted(_alias_names()))}.")
+        raise UserError(f"{spec!r} is neither a known alias, a local folder, a .gguf file nor a hub id (org/name)"
+                        f"{did_you_mean(spec)}; known aliases: {', '.join(sorted(_alias_names()))}.")
 
     if device_map is None:
         model = model.to(dev)

@@ -137,3 +137,15 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_near_miss_alias_gets_a_suggestion():
+    from sa_analysis.loading import load_model
+
+    with pytest.raises(UserError, match=r"did you mean llama2-7b\?"):
+        load_model("llama2-7", random_init=True)
+    with pytest.raises(UserError, match=r"did you mean smollm2-135m\?"):
+        load_model("smolm2-135m")
+    with pytest.raises(UserError) as far:
+        load_model("zzz")
+    assert "did you mean" not in str(far.value)
