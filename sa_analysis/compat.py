@@ -19,11 +19,13 @@ Importing this module is cheap (no torch, no transformers): `sa_analysis/__init_
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
+from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("sa_analysis")
 
@@ -140,6 +142,30 @@ def base_attention_function(module: Any, base: str) -> Callable:
     return AttentionInterface()[base]
 
 
+# ----- progress bars ------------------------------------------------------------------------------------------
+@contextmanager
+def no_gguf_progress_bar() -> Iterator[None]:
+    """Within the block, transformers' GGUF conversion draws no tqdm bar of its own (the caller shows progress).
+
+    transformers' `modeling_gguf_pytorch_utils` calls `tqdm.auto.tqdm` directly (checked on 5.17 and 5.24), which
+    `disable_progress_bar()` does not reach; its module attribute is swapped for a disabled one and restored after.
+    A release without that attribute is left as it is.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        original = module.tqdm
+    except (ImportError, AttributeError):
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
 # ----- per-layer attention types ---------------------------------------------------------------------------------
 def layer_types(model: Any) -> list[str] | None:
     """`config.layer_types` of the text model ('sliding_attention' / 'full_attention' per layer), or None."""
@@ -153,7 +179,7 @@ def set_layer_types(model: Any, types: list[str]) -> None:
 
 
 __all__ = [
-    "CACHE_KEYWORDS", "TESTED_RANGES", "attention_implementation", "base_attention_function", "cache_from_kwargs",
+    "CACHE_KEYWORDS", "TESTED_RANGES", "attention_implementation", "no_gguf_progress_bar", "base_attention_function", "cache_from_kwargs",
     "cache_keyword", "cache_kwargs", "cache_layer_tensors", "check_versions", "in_range", "layer_types",
     "new_cache", "register_attention", "set_layer_types", "untested_versions",
 ]

@@ -159,7 +159,7 @@ def _load_gguf(path: Path, dtype, device, device_map):
         if (cached / "config.json").is_file():
             model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
             return model, tokenizer
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), compat.no_gguf_progress_bar():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except ImportError as exc:

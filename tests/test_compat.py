@@ -131,3 +131,15 @@ def test_no_deprecation_warning_from_our_calls():
             model.generate(ids, max_new_tokens=3, do_sample=False)
             cache, token = prefill(model, ids)
             decode(model, cache, token, 2)
+
+
+def test_the_gguf_conversion_bar_is_off_inside_and_back_after():
+    import importlib
+
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = module.tqdm
+    with compat.no_gguf_progress_bar():
+        bar = module.tqdm(range(3))
+        assert bar.disable
+        bar.close()
+    assert module.tqdm is original
