@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -27,7 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
+# On a terminal rich draws bars and spinners; piped or redirected, the same progress comes as plain lines with the
+# elapsed time, and tables are laid out 200 columns wide instead of being cut at 80.
+PIPED_WIDTH = 200
+console = Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 err_console = Console(stderr=True)
 
 # ----- options shared by every command ---------------------------------------------------------------------
@@ -72,7 +76,12 @@ def user_errors(command: Callable) -> Callable:
 
 @contextmanager
 def sequence_progress(total: int):
-    """A rich progress bar over sequences; yields the callback the pipeline calls after each one."""
+    """A progress bar over sequences (plain lines when piped); yields the callback the pipeline calls after each."""
+    if not console.is_terminal:
+        started = time.perf_counter()
+        yield lambda i: console.print(f"capturing attention: {i + 1}/{total} sequences "
+                                      f"({time.perf_counter() - started:.0f} s)", highlight=False)
+        return
     columns = (TextColumn("[bold]capturing attention"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -82,12 +91,40 @@ def sequence_progress(total: int):
 
 def loading_status(message: str):
     """A spinner while the model loads (the first use of a GGUF dequantises it, which takes a while)."""
-    return console.status(f"[bold]{message}[/] (the first use of a GGUF file dequantises and caches it)")
+    return spinner(f"{message} (the first use of a GGUF file dequantises and caches it)")
 
 
 def spinner(message: str):
-    """A spinner with `message` while a step runs (the library's `status` callback)."""
-    return console.status(f"[bold]{message}[/]")
+    """A spinner with `message` while a step runs (the library's `status` callback); piped, plain timed lines."""
+    return console.status(f"[bold]{message}[/]") if console.is_terminal else PlainStatus(message)
+
+
+class PlainStatus:
+    """A spinner's stand-in for output that is not a terminal: a line at each update of a long step (a plan search,
+    a heal), with the seconds since it started, and one when such a step ends well. Steps without updates (loading)
+    print nothing, so that a mistake found after them is still answered by its one sentence alone."""
+
+    def __init__(self, message: str):
+        self.message, self.started, self.updated = message, time.perf_counter(), False
+
+    def __enter__(self) -> "PlainStatus":
+        return self
+
+    def update(self, message: str) -> None:
+        self.updated = True
+        console.print(f"{_plain(self.message)}: {_plain(message)} ({time.perf_counter() - self.started:.0f} s)",
+                      highlight=False)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and self.updated:
+            console.print(f"{_plain(self.message)}: done in {time.perf_counter() - self.started:.0f} s", highlight=False)
+
+
+def _plain(message: str) -> str:
+    """`message` without rich markup tags ([bold]...[/])."""
+    from rich.text import Text
+
+    return Text.from_markup(message).plain
 
 
 def wrote(paths) -> None:

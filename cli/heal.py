@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.app import (DEFAULT_MODEL, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
-                     app, console, default_out, spinner, user_errors, wrote)
+                     PlainStatus, app, console, default_out, spinner, user_errors, wrote)
 from sa_analysis import defaults
 
 PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
@@ -78,6 +78,9 @@ def heal(
                       f"{grad_accum} x {start.processes} process(es), lr {config.learning_rate:g}, {start.dtype} on "
                       f"{start.device}{' with bf16 autocast' if start.mixed_precision == 'bf16' else ''}; data: "
                       f"{d['source']} ({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
+        if not console.is_terminal:  # piped: plain lines, each phase and every tenth of the steps
+            bar["plain"] = PlainStatus("healing")
+            return
         bar["progress"] = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                    TextColumn("steps"), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
                                    TimeRemainingColumn(), console=console)
@@ -85,8 +88,11 @@ def heal(
         bar["progress"].start()
 
     def update(**fields) -> None:
-        if bar:
+        if "progress" in bar:
             bar["progress"].update(bar["task"], **fields)
+        elif "plain" in bar and ("description" in fields or fields["completed"] % max(1, steps // 10) == 0):
+            done = f"step {fields['completed']}/{steps}, loss {fields['loss']}" if "completed" in fields else ""
+            bar["plain"].update(fields.get("description") or done)
 
     try:
         report = run_heal(
@@ -95,7 +101,7 @@ def heal(
             on_step=lambda step, loss: update(completed=step, loss=f"{loss:.4f}"),
             on_phase=lambda phase: update(description=PHASES.get(phase, phase)))
     finally:
-        if bar:
+        if "progress" in bar:
             bar["progress"].stop()
     if report is None:  # not the main process
         return

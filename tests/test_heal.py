@@ -279,6 +279,7 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/step-000002/state.json"):
         assert (out / name).exists(), name
     assert "healed" in result.output and "Recovered" in result.output
+    assert "healing: step 3/3, loss" in result.output  # not a terminal: progress as plain lines
     healed = load_with_plan(str(out / "healed-model"), device="cpu")
     assert healed.share.active and healed.info.source == "shared-folder"
     # the exported folder works as --model for the other commands: measured unshared, validated with its own plan
@@ -286,6 +287,9 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     assert measured.exit_code == 0, measured.output
     validated = runner.invoke(app, [str(a) for a in ["validate", "--model", out / "healed-model", "--n-seqs", 1, "--seq-len", 16, "--no-speed", "--tolerance", "100", "--out", tmp_path / "va"]])
     assert validated.exit_code == 0 and "2/4 layers shared" in validated.output, validated.output
+    searched = runner.invoke(app, [str(a) for a in ["recommend-spans", "--model", folder, "--budget", 1, "--validate", "--n-seqs", 1, "--seq-len", 16, "--out", tmp_path / "rs"]])
+    assert searched.exit_code == 0, searched.output
+    assert "measuring plans: sensitivity: layer 1 alone" in searched.output  # the search's progress, line by line
 
     bad = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--spans", "2-3", "--data", DATA / "heal_no_rows.jsonl", "--seq-len", 32, "--out", tmp_path / "bad"]])
     assert bad.exit_code == 1 and "no usable rows" in bad.output and "Traceback" not in bad.output
