@@ -177,3 +177,21 @@ def test_bad_spans_are_answered_before_any_model_loads(tmp_path):
 def test_a_malformed_command_line_exits_2():
     result = run("heatmap", "--n-seqs", "0")  # out of the option's range: click's usage error
     assert result.exit_code == 2
+
+
+def test_config_mistakes_are_answered_before_the_model_loads(tmp_path, monkeypatch):
+    """A span past the last layer and a --seq-len past the context come from the config (here: the alias's)."""
+    import sa_analysis.shared_model as shared_model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(shared_model, "load_model", no_loading, raising=False)
+    import sa_analysis.loading as loading
+
+    monkeypatch.setattr(loading, "_load_model", no_loading)
+    out = tmp_path / "o"
+    assert_user_error(run("validate", "--spans", "28-31", "--out", out), "past the last layer (29)", out)
+    assert_user_error(run("heatmap", "--seq-len", 9000, "--out", out), "longer than this model's context", out)
+    assert_user_error(run("validate", "--spans", "24-26", "--seq-len", 9000, "--out", out), "longer than this model's context", out)
+    assert not out.exists()

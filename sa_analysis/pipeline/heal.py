@@ -45,10 +45,10 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     share_plan = SharePlan.load(plan_file) if plan_file is not None else None
     if spans is not None:
-        check_spans(spans)
+        check_spans(spans, source.model)
     if data is not None and not Path(data).expanduser().is_file():
         raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
-    text.check()
+    text.check(source.model)
     out_dir = ensure_writable_dir(default_out_dir(out, source.model))
     device = resolve_device(source.device)
     accelerator = make_accelerator(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)

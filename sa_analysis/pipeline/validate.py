@@ -13,6 +13,7 @@ from ..loading import LoadedModel
 from ..patch import check_mode
 from ..planner import SharePlan
 from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
+from ..shapes import peek_shape
 from .inputs import ModelSpec, Status, TextSpec, status_of
 from ..planner import PlanConstraints
 
@@ -30,9 +31,10 @@ def check_validate_options(plan_file: str | Path | None, spans: str | None, mode
     return SharePlan.load(plan_file) if plan_file is not None else None
 
 
-def check_spans(spans: str) -> None:
-    """The spans' syntax and order, before any model is loaded (the layer count is checked once it is known)."""
-    SharePlan.from_spans(spans, 1_000_000)
+def check_spans(spans: str, model: str | None = None) -> None:
+    """The spans' syntax and order before any model loads, and their range when `model`'s config states its layers."""
+    shape = peek_shape(model) if model else None
+    SharePlan.from_spans(spans, shape.n_layers if shape else 1_000_000)
 
 
 def plan_for_model(loaded: LoadedModel, plan: SharePlan | None, spans: str | None) -> SharePlan:
@@ -63,7 +65,9 @@ def run_validate(source: ModelSpec, text: TextSpec, *, plan_file: str | Path | N
     """
     plan = check_validate_options(plan_file, spans, mode, tasks, status)
     out_dir = ensure_writable_dir(default_out_dir(out, source.model))
-    text.check()
+    text.check(source.model)
+    if spans is not None:
+        check_spans(spans, source.model)
     loaded = source.load(status).without_sharing()  # the baseline: the same weights without sharing
     share_plan = plan_for_model(loaded, plan, spans)  # (a healed folder's plan stays recorded in its info)
     batch = text.batch(loaded, "heldout")

@@ -1,0 +1,51 @@
+"""What a model spec's configuration says, read before any model loads (no torch): its layer count and context.
+
+Mistakes that only need these numbers (a span past the last layer, a --seq-len past the context) are then answered
+in a second or two instead of after loading the weights. Aliases carry their config; a folder (or an exported
+shared model) has its config.json. Hub ids and GGUF files are left to the load itself (None here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .aliases import find_alias
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ConfigShape:
+    """The numbers of a model's config that wrong inputs are checked against."""
+
+    n_layers: int
+    max_positions: int | None
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if self.max_positions and seq_len > self.max_positions:
+            raise UserError(f"--seq-len {seq_len} is longer than this model's context of {self.max_positions} tokens; "
+                            f"use --seq-len {self.max_positions} or less.")
+
+
+def peek_shape(spec: str) -> ConfigShape | None:
+    """The layer count and context of `spec` from its configuration alone, or None when that needs the model."""
+    alias = find_alias(spec)
+    if alias is not None:
+        return _shape(alias.config)
+    config = Path(spec).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            return _shape(json.loads(config.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None  # the load will say what is wrong with the folder
+    return None
+
+
+def _shape(config: dict) -> ConfigShape | None:
+    text = config.get("text_config") or config
+    layers = text.get("num_hidden_layers") or text.get("n_layer")
+    if not isinstance(layers, int):
+        return None
+    positions = text.get("max_position_embeddings") or text.get("n_positions")
+    return ConfigShape(layers, positions if isinstance(positions, int) else None)
