@@ -295,7 +295,7 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     assert bad.exit_code == 1 and "no usable rows" in bad.output and "Traceback" not in bad.output
     plan_file = tmp_path / "plan30.json"
     SharePlan(n_layers=30, followers=[7]).save(plan_file)
-    other = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--plan", plan_file, "--out", tmp_path / "other"]])
+    other = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--plan", plan_file, "--seq-len", 32, "--out", tmp_path / "other"]])
     assert other.exit_code == 1 and "30-layer" in other.output.replace("\n", " ")
 
 
