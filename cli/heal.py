@@ -60,6 +60,10 @@ def heal(
     healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host:
     `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data parallel).
     """
+    from sa_analysis.prechecks import check_before_loading
+
+    # mistakes that need no model are answered before torch is imported
+    check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
     from sa_analysis.heal import HealConfig
     from sa_analysis.pipeline import ModelSpec, TextSpec, run_heal
 

@@ -35,9 +35,13 @@ def heatmap(
 
     Writes report.json + report.npz (reusable with --report and by recommend-spans) and the figures under --out.
     """
-    from sa_analysis.pipeline import redraw_heatmap, run_heatmap
+    from sa_analysis.prechecks import check_before_loading
 
     formats = ("png", "pdf") if pdf else ("png",)
+    if report is None:  # mistakes that need no model are answered before torch is imported
+        check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len)
+    from sa_analysis.pipeline import redraw_heatmap, run_heatmap
+
     if report is not None:
         loaded, written = redraw_heatmap(report, out, formats)
         print_summary(loaded)

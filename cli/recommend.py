@@ -44,6 +44,10 @@ def recommend_spans(
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = defaults.TOLERANCE,
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
+    from sa_analysis.prechecks import check_before_loading
+
+    if report is None:  # mistakes that need no model are answered before torch is imported
+        check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
 
     constraints = PlanConstraints.parse(first_shareable, keep, max_span)

@@ -9,7 +9,7 @@ import typer
 
 from cli.app import (
     DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
-    RandomInitOpt, SeqLenOpt, TextOpt, app, console, spinner, user_errors, wrote,
+    RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, spinner, user_errors, wrote,
 )
 from sa_analysis import defaults
 
@@ -51,6 +51,10 @@ def validate(
 
     Exit code 0 when the plan passes, 3 when it fails the tolerance (1 is kept for user mistakes)."""
     from cli.tables import print_validation
+    from sa_analysis.prechecks import check_before_loading
+
+    # mistakes that need no model are answered before torch is imported
+    check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
     from sa_analysis.pipeline import ModelSpec, TextSpec, run_validate
 
     def starting(share_plan, batch) -> None:

@@ -11,13 +11,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from . import defaults
 from .errors import UserError
 from .io import read_user_text
+
+if TYPE_CHECKING:  # torch is imported where tokens are made, so reading text stays light
+    import torch
 
 Split = Literal["calibration", "heldout"]
 HELDOUT_SHARE = 0.2  # one document in five is held out
@@ -128,6 +129,8 @@ def token_batch(
         have = len(ids) // seq_len
         hint = f"use --n-seqs {have} or fewer, a shorter --seq-len," if have else "use a shorter --seq-len"
         raise UserError(f"The {split} part of {source} has only {len(ids)} tokens, fewer than the {n_seqs} x {seq_len} asked for; {hint} or a larger --text.")
+    import torch
+
     input_ids = torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).view(n_seqs, seq_len)
     if vocab_size is not None:
         input_ids = input_ids % vocab_size
@@ -149,6 +152,8 @@ def _tokenize_stream(tokenizer, docs: list[tuple[str, str]], needed: int) -> lis
 
 def _random_tokens(n_seqs: int, seq_len: int, vocab_size: int, split: str) -> TokenBatch:
     """Seeded random token ids: enough to time a random-weight model when no tokenizer is installed."""
+    import torch
+
     generator = torch.Generator().manual_seed(0 if split == "calibration" else 1)
     ids = torch.randint(0, vocab_size, (n_seqs, seq_len), generator=generator)
     return TokenBatch(input_ids=ids, source="random token ids (no tokenizer installed)", split=split, n_documents=0)

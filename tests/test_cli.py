@@ -195,3 +195,20 @@ def test_config_mistakes_are_answered_before_the_model_loads(tmp_path, monkeypat
     assert_user_error(run("heatmap", "--seq-len", 9000, "--out", out), "longer than this model's context", out)
     assert_user_error(run("validate", "--spans", "24-26", "--seq-len", 9000, "--out", out), "longer than this model's context", out)
     assert not out.exists()
+
+
+def test_mistakes_that_need_no_model_are_answered_without_torch(tmp_path):
+    """The light checks run before torch is imported (what makes a typo's answer come in a fraction of a second)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
+    for args in (["heatmap", "--seq-len", "9000"], ["validate", "--spans", "28-31"], ["heal", "--spans", "abc"],
+                 ["heatmap", "--text", str(tmp_path / "missing.txt")]):
+        done = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "o")], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["1", "False"], (args, done.stdout, done.stderr)
+    assert not (tmp_path / "o").exists()

@@ -8,12 +8,12 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..heal import HealConfig, HealReport, heal, load_heal_data, make_accelerator
-from ..io import default_out_dir, ensure_writable_dir
+from ..io import default_out_dir
+from ..prechecks import check_before_loading
 from ..loading import resolve_device
 from ..planner import SharePlan
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
-from .validate import check_spans
 
 
 @dataclass
@@ -43,13 +43,11 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     """
     if (plan_file is None) == (spans is None):
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
-    share_plan = SharePlan.load(plan_file) if plan_file is not None else None
-    if spans is not None:
-        check_spans(spans, source.model)
+    out_dir = default_out_dir(out, source.model)
+    share_plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=max(text.seq_len, config.seq_len),
+                                      spans=spans, plan_file=plan_file)
     if data is not None and not Path(data).expanduser().is_file():
         raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
-    text.check(source.model)
-    out_dir = ensure_writable_dir(default_out_dir(out, source.model))
     device = resolve_device(source.device)
     accelerator = make_accelerator(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
     if accelerator.num_processes > 1:

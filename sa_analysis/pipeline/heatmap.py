@@ -14,11 +14,11 @@ import torch
 from .. import defaults
 from ..artefact import provenance
 from ..capture import AttentionMaps, capture_attention, measure_block_influence
-from ..data import TokenBatch, load_documents, token_batch
+from ..data import TokenBatch, token_batch
 from ..errors import UserError
 from ..io import ensure_writable_dir
 from ..loading import LoadedModel
-from ..shapes import peek_shape
+from ..prechecks import check_before_loading
 from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
 from ..report import AttentionReport
@@ -142,11 +142,7 @@ def run_heatmap(
     `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
     `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner).
     """
-    out = ensure_writable_dir(out)
-    load_documents(text)  # a missing or empty text file fails before the model loads
-    shape = peek_shape(model)  # a --seq-len past the context its config states, too
-    if shape is not None:
-        shape.check_seq_len(seq_len)
+    check_before_loading(model, out=out, text=text, seq_len=seq_len)
     with status(f"loading {model}") if status else nullcontext():
         loaded = load_with_plan(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from .. import defaults
-from ..data import load_documents, token_batch
+from ..data import token_batch
 from ..loading import LoadedModel
-from ..shapes import peek_shape
 from ..shared_model import load_with_plan
 
 Status = Callable[[str], ContextManager]  # shows a message while a step runs (the CLI passes a spinner)
@@ -40,14 +39,6 @@ class TextSpec:
     text: str | Path | None = None
     n_seqs: int = defaults.N_SEQS
     seq_len: int = defaults.SEQ_LEN
-
-    def check(self, model: str | None = None) -> None:
-        """What can be checked before the model loads: the text file, and --seq-len against the context that
-        `model`'s configuration states."""
-        load_documents(self.text)  # a missing or empty text file fails before the model loads
-        shape = peek_shape(model) if model else None
-        if shape is not None:
-            shape.check_seq_len(self.seq_len)
 
     def batch(self, loaded: LoadedModel, split: str):
         return token_batch(loaded.tokenizer, text=self.text, split=split, n_seqs=self.n_seqs, seq_len=self.seq_len,

@@ -8,33 +8,24 @@ from typing import Any, Callable, Sequence
 
 from .. import defaults
 from ..errors import UserError
-from ..io import default_out_dir, ensure_writable_dir
+from ..io import default_out_dir
 from ..loading import LoadedModel
 from ..patch import check_mode
 from ..planner import SharePlan
 from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
-from ..shapes import peek_shape
+from ..prechecks import check_before_loading
 from .inputs import ModelSpec, Status, TextSpec, status_of
 from ..planner import PlanConstraints
 
 def check_validate_options(plan_file: str | Path | None, spans: str | None, mode: str, tasks: Sequence[str],
-                           status: Status | None = None) -> SharePlan | None:
-    """The checks that need no model: one plan source at most, a known mode, known tasks; the plan file read."""
+                           status: Status | None = None) -> None:
+    """The option checks that need no model: one plan source at most, a known mode, known tasks."""
     if plan_file is not None and spans is not None:
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     check_mode(mode)
-    if spans is not None:
-        check_spans(spans)
     if tasks:
         with status_of(status, "indexing lm-eval tasks"):
             check_tasks(tasks)
-    return SharePlan.load(plan_file) if plan_file is not None else None
-
-
-def check_spans(spans: str, model: str | None = None) -> None:
-    """The spans' syntax and order before any model loads, and their range when `model`'s config states its layers."""
-    shape = peek_shape(model) if model else None
-    SharePlan.from_spans(spans, shape.n_layers if shape else 1_000_000)
 
 
 def plan_for_model(loaded: LoadedModel, plan: SharePlan | None, spans: str | None) -> SharePlan:
@@ -63,11 +54,10 @@ def run_validate(source: ModelSpec, text: TextSpec, *, plan_file: str | Path | N
 
     `on_start(plan, batch)` is called once the plan and the text are known (the CLI prints what it validates).
     """
-    plan = check_validate_options(plan_file, spans, mode, tasks, status)
-    out_dir = ensure_writable_dir(default_out_dir(out, source.model))
-    text.check(source.model)
-    if spans is not None:
-        check_spans(spans, source.model)
+    check_validate_options(plan_file, spans, mode, tasks, status)
+    out_dir = default_out_dir(out, source.model)
+    plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=text.seq_len, spans=spans,
+                                plan_file=plan_file)
     loaded = source.load(status).without_sharing()  # the baseline: the same weights without sharing
     share_plan = plan_for_model(loaded, plan, spans)  # (a healed folder's plan stays recorded in its info)
     batch = text.batch(loaded, "heldout")
