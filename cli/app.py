@@ -36,6 +36,8 @@ err_console = Console(stderr=True)
 
 # ----- options shared by every command ---------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Alias (llama2-7b, smollm2-135m, ...), hub id in the local HF cache, local folder, or .gguf file.")]
+# --model without a default, where a command must tell "given" from "defaulted" (to check it against --report)
+OptionalModelOpt = Annotated[Optional[str], ModelOpt.__metadata__[0]]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, cpu... Default: cuda when there is one, else cpu.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16, float32 or float64. Default: bfloat16 on GPU, float32 on CPU.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Build an alias's architecture with random weights (timing work, no download).")]

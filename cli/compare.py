@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, SeqLenOpt, TextOpt,
-                     app, console, loading_status, sequence_progress, user_errors, wrote)
+from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, RandomInitOpt, SeqLenOpt,
+                     TextOpt, app, console, loading_status, sequence_progress, user_errors, wrote)
 from sa_analysis import defaults
 
 DEFAULT_OUT = Path(defaults.COMPARE_OUT)
@@ -39,6 +39,7 @@ def compare(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
+    random_init: RandomInitOpt = False,
     text: TextOpt = None,
     n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
@@ -60,7 +61,7 @@ def compare(
 
     result = run_compare(model or (), report or (), label, metric=metric, span_len=span_len, out=out,
                          formats=("png", "pdf") if pdf else ("png",), on_model=measuring, device=device, dtype=dtype,
-                         device_map=device_map, text=text, n_seqs=n_seqs, seq_len=seq_len, exclude_first=exclude_first,
+                         device_map=device_map, random_init=random_init, text=text, n_seqs=n_seqs, seq_len=seq_len, exclude_first=exclude_first,
                          progress=sequence_progress, status=loading_status)
     rows, out_dir, written = result.rows, result.out, result.files
     _print_table(rows, metric, span_len)

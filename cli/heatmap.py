@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt,
+from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, OptionalModelOpt,
                      NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, loading_status,
                      sequence_progress, user_errors, wrote)
 
@@ -17,7 +17,7 @@ from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOp
 @app.command("heatmap")
 @user_errors
 def heatmap(
-    model: ModelOpt = DEFAULT_MODEL,
+    model: OptionalModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     random_init: RandomInitOpt = False,
@@ -39,11 +39,12 @@ def heatmap(
 
     formats = ("png", "pdf") if pdf else ("png",)
     if report is None:  # mistakes that need no model are answered before torch is imported
+        model = model or DEFAULT_MODEL
         check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len)
     from sa_analysis.pipeline import redraw_heatmap, run_heatmap
 
     if report is not None:
-        loaded, written = redraw_heatmap(report, out, formats)
+        loaded, written = redraw_heatmap(report, out, formats, model)
         print_summary(loaded)
         console.print(f"[bold]Redrew[/] {loaded.model_name} from {report}:")
         wrote(written)

@@ -9,14 +9,12 @@ import typer
 from rich.table import Table
 
 from cli.app import (
-    DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, NSeqsOpt, OutOpt,
+    DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
     RandomInitOpt, SeqLenOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
     user_errors, wrote,
 )
 from sa_analysis import defaults
 
-# --model without a default here: we must tell "given" from "defaulted" to check it against --report.
-OptionalModelOpt = Annotated[Optional[str], ModelOpt.__metadata__[0]]
 
 
 @app.command("recommend-spans")

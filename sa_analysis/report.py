@@ -260,3 +260,17 @@ def compare_summary(reports: list[AttentionReport], labels: list[str] | None = N
                      "adjacent_mean": float(finite.mean()) if finite.size else float("nan"),
                      "span": (first, last), "span_score": score, "token_sha1": data.get("token_sha1")})
     return rows
+
+
+def same_model(model: str, report: AttentionReport) -> bool:
+    """Does `model` name the report's model (its name, spec, alias, or the last part of a path or hub id)?"""
+    info = report.meta.get("model", {})
+    names = {str(info[k]) for k in ("name", "spec", "alias", "hub_id", "path") if info.get(k)}
+    forms = {n.lower() for n in names} | {Path(n).name.lower() for n in names}
+    return model.lower() in forms or Path(model).name.lower() in forms
+
+
+def check_report_model(report: AttentionReport, model: str | None) -> None:
+    """A `--model` given beside `--report` must name the report's model (None: nothing to check)."""
+    if model is not None and not same_model(model, report):
+        raise UserError(f"--model {model} does not match the report's model {report.model_name}; drop --model or pass that model's report.")

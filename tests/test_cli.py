@@ -212,3 +212,15 @@ def test_mistakes_that_need_no_model_are_answered_without_torch(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["1", "False"], (args, done.stdout, done.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_report_redrawn_for_another_model_is_refused(tmp_path):
+    import numpy as np
+
+    report = tmp_path / "report.json"
+    np.savez(report.with_suffix(".npz"), kl_layers=np.zeros((1, 2, 2)))
+    report.write_text(json.dumps({"format": "sa-analysis/attention-report", "version": 1, "arrays": "report.npz",
+                                  "model": {"name": "smollm2-135m", "spec": "smollm2-135m", "n_layers": 2, "n_heads": 1}}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_user_error(run("heatmap", "--report", report, "--model", "llama2-7b"), "does not match the report's model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

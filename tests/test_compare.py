@@ -179,3 +179,19 @@ def test_library_helpers_for_compare_and_notebooks():
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"] and len(fig.axes) == 4
     with pytest.raises(UserError, match="one head"):
         plots.plot_attention_map(probs[None])
+
+
+def test_compare_random_init_checkpoints_of_an_alias(tmp_path, monkeypatch):
+    """`compare --random-init` measures each alias with random weights (the README's before-training comparison)."""
+    import sa_analysis.pipeline.compare as compare_job
+    from sa_analysis.errors import UserError
+
+    seen = []
+
+    def fake_heatmap(spec, *, out, random_init=False, **kwargs):
+        seen.append((spec, random_init))
+        raise UserError("stop here")  # the flag reached the measurement; nothing else to test
+
+    monkeypatch.setattr(compare_job, "run_heatmap", fake_heatmap)
+    result = run("compare", "--model", "smollm2-135m", "--model", "smollm2-135m", "--random-init", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "stop here" in result.output and seen == [("smollm2-135m", True)], result.output

@@ -402,7 +402,7 @@ def test_max_followers():
     (dict(first_shareable=12), "leaves no layer"),
     (dict(first_shareable=0), "layer 0"),
     (dict(keep=[40]), "outside"),
-    (dict(max_cost=-1.0), "max_cost"),
+    (dict(max_cost=-1.0), "--max-cost"),
     (dict(budget=3, max_cost=1.0), "not both"),
     (dict(budget=8, max_span=1), "max_span=1"),
     (dict(budget=3, max_span=0), "max_span"),
@@ -548,3 +548,14 @@ def test_cli_captures_when_no_report(cli_app, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert calls["model"] == "smollm2-135m" and calls["seq_len"] == 64 and calls["out"] == tmp_path / "o"
     assert SharePlan.load(tmp_path / "o" / "plan.json").followers == [6, 7]
+
+
+def test_a_plan_that_repeats_a_follower_says_so(tmp_path):
+    import json
+
+    plan = SharePlan.from_spans("2-3", 6).to_dict()
+    plan["followers"] = [2, 3, 3]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="lists follower 3 more than once"):
+        SharePlan.load(path)

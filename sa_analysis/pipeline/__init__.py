@@ -8,11 +8,11 @@ from .heal import HealStart, run_heal
 from .heatmap import (analyse, build_report, choose_path, preflight, redraw_heatmap, run_heatmap, sequence_stats,
                       write_outputs)
 from .inputs import ModelSpec, TextSpec
-from .plan import PlanConstraints, PlanResult, run_plan, same_model
+from .plan import PlanConstraints, PlanResult, run_plan
 from .validate import check_validate_options, plan_for_model, run_search, run_validate
 
 __all__ = [
     "CompareResult", "HealStart", "ModelSpec", "PlanConstraints", "PlanResult", "TextSpec", "analyse", "build_report",
     "check_validate_options", "choose_path", "plan_for_model", "preflight", "redraw_heatmap", "run_compare", "run_heal", "run_heatmap", "run_plan",
-    "run_search", "run_validate", "same_model", "sequence_stats", "write_outputs",
+    "run_search", "run_validate", "sequence_stats", "write_outputs",
 ]

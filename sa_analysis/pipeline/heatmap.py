@@ -21,7 +21,7 @@ from ..loading import LoadedModel
 from ..prechecks import check_before_loading
 from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
-from ..report import AttentionReport
+from ..report import AttentionReport, check_report_model
 
 MAPS_LIMIT_BYTES = 2 * 1024**3  # beyond this the maps of one sequence would be too large: stream instead
 PATHS = ("auto", "maps", "stream")
@@ -155,10 +155,12 @@ def run_heatmap(
     return report, write_outputs(report, out, formats)
 
 
-def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",)
-                   ) -> tuple[AttentionReport, list[Path]]:
-    """Redraw the figures of a saved report (no model), beside it or under `out`; returns (report, paths)."""
+def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",),
+                   model: str | None = None) -> tuple[AttentionReport, list[Path]]:
+    """Redraw the figures of a saved report (no model), beside it or under `out`; returns (report, paths). A `model`
+    given with it must be the report's."""
     loaded = AttentionReport.load(report)
+    check_report_model(loaded, model)
     return loaded, write_outputs(loaded, out if out is not None else Path(report).parent, formats)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import UserError
 from ..io import default_out_dir, ensure_writable_dir
 from ..planner import COSTS, PlanConstraints, SharePlan, compare_plans, parse_budget, plan_spans
-from ..report import AttentionReport
+from ..report import AttentionReport, check_report_model
 from .heatmap import run_heatmap
 
 
@@ -23,14 +23,6 @@ class PlanResult:
     out: Path
     files: list[Path]
     model_spec: str  # the model to measure the plan on (the report's own, unless --model was given)
-
-
-def same_model(model: str, report: AttentionReport) -> bool:
-    """Does `model` name the report's model (its name, spec, alias, or the last part of a path or hub id)?"""
-    info = report.meta.get("model", {})
-    names = {str(info[k]) for k in ("name", "spec", "alias", "hub_id", "path") if info.get(k)}
-    forms = {n.lower() for n in names} | {Path(n).name.lower() for n in names}
-    return model.lower() in forms or Path(model).name.lower() in forms
 
 
 def check_plan_options(budget: str | None, max_cost: float | None, cost: str) -> int | float | None:
@@ -48,8 +40,7 @@ def report_for_plan(report: str | Path | None, model: str | None, out: Path | No
     """(report, output folder, model spec): load `report` (checking `model` against it) or measure `model` now."""
     if report is not None:
         att = AttentionReport.load(report)
-        if model is not None and not same_model(model, att):
-            raise UserError(f"--model {model} does not match the report's model {att.model_name}; drop --model or pass that model's report.")
+        check_report_model(att, model)
         spec = model or att.meta.get("model", {}).get("spec") or att.model_name
         return att, ensure_writable_dir(default_out_dir(out, att.model_name)), spec
     out_dir = ensure_writable_dir(default_out_dir(out, model))

@@ -85,9 +85,9 @@ def budget_target(budget: Budget, max_cost: float | None, n_layers: int, mask: n
         raise UserError("Give either a budget or a max cost, not both; the max cost already decides how many layers to share.")
     if max_cost is not None:
         if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float, np.integer, np.floating)) or math.isnan(max_cost):
-            raise UserError(f"max_cost must be a number >= 0; got {max_cost!r}.")
+            raise UserError(f"--max-cost must be a number >= 0; got {max_cost!r}.")
         if max_cost < 0:
-            raise UserError(f"max_cost must be >= 0 (costs are divergences); got {max_cost}.")
+            raise UserError(f"--max-cost must be >= 0 (costs are divergences); got {max_cost}.")
         return 0, True
     n_shareable, n_possible = int(mask.sum()), max_followers(mask, max_span)
     if budget is None:  # the default: a quarter of the layers, as many as the constraints allow

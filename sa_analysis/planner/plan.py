@@ -184,6 +184,11 @@ class SharePlan(JsonArtefact):
     def from_payload(cls, data: Mapping[str, Any], source: str) -> "SharePlan":
         """Rebuild and check a plan; derived fields (anchors, spans) must agree with the followers."""
         raw_costs = data.get("follower_costs")
+        listed = [int(m) for m in data["followers"]]
+        repeated = sorted({m for m in listed if listed.count(m) > 1})
+        if repeated:
+            raise UserError(f"{source} lists follower{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} "
+                            f"more than once; each layer is shared at most once, fix or re-create the plan.")
         plan = cls(
             n_layers=int(data["n_layers"]),
             followers=[int(m) for m in data["followers"]],
