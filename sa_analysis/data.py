@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from . import defaults
 from .errors import UserError
 from .io import read_user_text
+from .shapes import check_seq_len
 
 if TYPE_CHECKING:  # torch is imported where tokens are made, so reading text stays light
     import torch
@@ -116,8 +117,7 @@ def token_batch(
     """
     if n_seqs < 1 or seq_len < 2:
         raise UserError("--n-seqs must be at least 1 and --seq-len at least 2.")
-    if max_positions and seq_len > max_positions:
-        raise UserError(f"--seq-len {seq_len} is longer than this model's context of {max_positions} tokens; use --seq-len {max_positions} or less.")
+    check_seq_len(seq_len, max_positions)
     docs, source = load_documents(text)
     docs = split_documents(docs, split)
     if tokenizer is None:

@@ -23,9 +23,14 @@ class ConfigShape:
     max_positions: int | None
 
     def check_seq_len(self, seq_len: int) -> None:
-        if self.max_positions and seq_len > self.max_positions:
-            raise UserError(f"--seq-len {seq_len} is longer than this model's context of {self.max_positions} tokens; "
-                            f"use --seq-len {self.max_positions} or less.")
+        check_seq_len(seq_len, self.max_positions)
+
+
+def check_seq_len(seq_len: int, max_positions: int | None) -> None:
+    """A --seq-len past the model's context (`max_positions`; None or 0: unknown) is a user error."""
+    if max_positions and seq_len > max_positions:
+        raise UserError(f"--seq-len {seq_len} is longer than this model's context of {max_positions} tokens; "
+                        f"use --seq-len {max_positions} or less.")
 
 
 def peek_shape(spec: str) -> ConfigShape | None:

@@ -9,9 +9,10 @@ from typing import Any, Callable
 from ..errors import UserError
 from ..heal import HealConfig, HealReport, heal, load_heal_data, make_accelerator
 from ..io import default_out_dir
-from ..prechecks import check_before_loading
 from ..loading import resolve_device
 from ..planner import SharePlan
+from ..prechecks import check_before_loading
+from ..shapes import check_seq_len
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
 
@@ -58,8 +59,7 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     info = loaded.info
     share_plan = share_plan or SharePlan.from_spans(spans, info.n_layers, model=info.shape())
     check_plan_for_model(share_plan, info)
-    if info.max_positions and config.seq_len > info.max_positions:
-        raise UserError(f"--seq-len {config.seq_len} is longer than this model's context of {info.max_positions} tokens; use --seq-len {info.max_positions} or less.")
+    check_seq_len(config.seq_len, info.max_positions)
     needed = config.steps * config.batch_size * config.grad_accum * accelerator.num_processes
     train_data = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
                                 vocab_size=None if loaded.tokenizer else info.vocab_size, max_examples=needed)

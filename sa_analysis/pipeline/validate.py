@@ -11,11 +11,11 @@ from ..errors import UserError
 from ..io import default_out_dir
 from ..loading import LoadedModel
 from ..patch import check_mode
-from ..planner import SharePlan
-from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
+from ..planner import PlanConstraints, SharePlan
 from ..prechecks import check_before_loading
+from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
 from .inputs import ModelSpec, Status, TextSpec, status_of
-from ..planner import PlanConstraints
+
 
 def check_validate_options(plan_file: str | Path | None, spans: str | None, mode: str, tasks: Sequence[str],
                            status: Status | None = None) -> None:
