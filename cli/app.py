@@ -144,7 +144,3 @@ def format_bytes(value: float | None, missing: str = "-") -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     return str(value)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
