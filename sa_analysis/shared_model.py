@@ -153,7 +153,7 @@ def load_shared(path: str | Path, *, device: str | None = None, dtype: str | Non
 
         check_mode(mode)
         loaded.share.remove()
-        loaded.share = share_attention(loaded.model, loaded.share.anchor_of, mode=mode)
+        loaded.share = share_attention(loaded.model, loaded.share.anchor_of, mode=mode, head_map=loaded.share.head_map)
         loaded.info.extra["shared"]["mode"] = mode
     return loaded
 

@@ -44,11 +44,13 @@ def _tol(model) -> float:
 
 
 # ----- the independent reference -------------------------------------------------------------------------------
-def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = False):
+def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = False, head_map: dict | None = None):
     """A float64 eager copy of `model` in which each follower uses its anchor's softmax with its own V.
 
-    `detach_shared=True` cuts the gradient of the reused softmax (to show what the follower path contributes).
+    `detach_shared=True` cuts the gradient of the reused softmax (to show what the follower path contributes);
+    `head_map` {follower: [anchor head per query head]} makes follower head h take the anchor's head map[h].
     """
+    head_map = head_map or {}
     probs: dict[int, torch.Tensor] = {}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **_):
@@ -64,12 +66,15 @@ def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = Fals
         layer = module.layer_idx
         if layer in anchor_of:
             weights = probs[anchor_of[layer]]
+            if layer in head_map:
+                weights = weights[:, list(head_map[layer])]  # [B, H, Q, K]: head h <- anchor head map[h]
             weights = weights.detach() if detach_shared else weights
         else:
             probs[layer] = weights
         return torch.einsum("bhqk,bhkd->bqhd", weights, value), weights
 
-    name = "sa_test_reference_detached" if detach_shared else "sa_test_reference"
+    name = f"sa_test_reference_{len(_REFERENCES)}"
+    _REFERENCES.append(name)
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, AttentionMaskInterface()["eager"])
     reference = copy.deepcopy(model).to(torch.float64)
@@ -77,9 +82,12 @@ def reference_model(model, anchor_of: dict[int, int], detach_shared: bool = Fals
     return reference
 
 
-def reference_logits(model, ids, anchor_of: dict[int, int]) -> torch.Tensor:
+_REFERENCES: list[str] = []  # one registered name per reference model (each has its own closure)
+
+
+def reference_logits(model, ids, anchor_of: dict[int, int], head_map: dict | None = None) -> torch.Tensor:
     """Logits of `reference_model`."""
-    return _logits(reference_model(model, anchor_of), ids)
+    return _logits(reference_model(model, anchor_of, head_map=head_map), ids)
 
 
 # ----- parity ---------------------------------------------------------------------------------------------------
@@ -272,6 +280,78 @@ def test_shareplan_and_mapping_are_accepted():
     with share_attention(model, SharePlan.from_spans("2-3", 4)) as handle:
         assert handle.anchor_of == PLANS["span"]
         assert torch.equal(_logits(model, ids), from_mapping)
+
+
+# ----- head maps (head-aligned sharing) -------------------------------------------------------------------------------
+# 4 query heads in 2 KV groups: identity; a swap inside each group (stays grouped); heads crossing groups (keys
+# expanded per query head); several heads reusing one anchor head (grouped, key heads reordered)
+HEAD_MAPS = {"identity": [0, 1, 2, 3], "within-groups": [1, 0, 3, 2], "across-groups": [2, 0, 3, 1], "many-to-one": [3, 3, 0, 0]}
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_head_map_is_bit_identical_to_index_sharing(arch, mode, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    with share_attention(model, PLANS["span"], mode=mode):
+        by_index = _logits(model, ids)
+    with share_attention(model, PLANS["span"], mode=mode, head_map={2: HEAD_MAPS["identity"], 3: HEAD_MAPS["identity"]}) as handle:
+        assert all(handle.model.model.layers[m].self_attn.head_map == (0, 1, 2, 3) for m in (2, 3))  # the gather really ran
+        assert torch.equal(_logits(model, ids), by_index)
+
+
+@pytest.mark.parametrize("head_map", list(HEAD_MAPS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_maps_equal_independent_reference(arch, head_map, device):
+    model = tiny_model(arch, device=device)
+    ids = _ids().to(device)
+    maps = {2: HEAD_MAPS[head_map], 3: HEAD_MAPS["across-groups"]}
+    expected = reference_logits(model, ids, PLANS["span"], maps)
+    for mode in ("exact", "fast"):
+        with share_attention(model, PLANS["span"], mode=mode, head_map=maps):
+            got = _logits(model, ids)
+        torch.testing.assert_close(got, expected, rtol=_tol(model), atol=_tol(model))
+    if head_map != "identity":
+        assert not torch.allclose(expected, reference_logits(model, ids, PLANS["span"]), atol=1e-3)  # the map matters
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_head_maps_generate_with_cache_like_a_full_forward_loop(arch, mode):
+    model = tiny_model(arch)
+    model.generation_config.eos_token_id = None
+    prompt = _ids(seq=5)
+    gen = dict(max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    maps = {2: HEAD_MAPS["across-groups"], 3: HEAD_MAPS["within-groups"]}
+    with share_attention(model, PLANS["span"], mode=mode, head_map=maps), torch.no_grad():
+        expected = _greedy_without_cache(model, prompt, 10)
+        assert torch.equal(model.generate(prompt, use_cache=True, **gen), expected)
+
+
+def test_head_map_travels_in_a_shareplan_and_back_through_json(tmp_path):
+    from sa_analysis.planner import SharePlan
+
+    model = tiny_model("llama")
+    ids = _ids()
+    plan = SharePlan(4, [2, 3], model={"n_heads": 4}, head_map={3: HEAD_MAPS["across-groups"]})
+    plan.save(tmp_path / "plan.json")
+    loaded = SharePlan.load(tmp_path / "plan.json")
+    with share_attention(model, PLANS["span"], head_map={3: HEAD_MAPS["across-groups"]}):
+        expected = _logits(model, ids)
+    with share_attention(model, loaded) as handle:
+        assert handle.head_map == {3: (2, 0, 3, 1)}
+        assert torch.equal(_logits(model, ids), expected)
+
+
+@pytest.mark.parametrize("head_map, words", [
+    ({1: [0, 1, 2, 3]}, "does not share"),
+    ({2: [0, 1, 2]}, "4 query heads"),
+    ({2: [0, 1, 2, 4]}, "outside 0..3"),
+    ({2: ["a", 1, 2, 3]}, "integers"),
+])
+def test_bad_head_maps_are_refused_clearly(head_map, words):
+    with pytest.raises(UserError, match=words):
+        share_attention(tiny_model("llama"), PLANS["span"], head_map=head_map)
 
 
 # ----- refusals ------------------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ How it is wired (no forward method is monkey-patched):
   wrinkle: a full-attention `DynamicLayer` reports `get_seq_length() == 0` for a follower (it counts key
   elements); transformers asks layer 0 and the first layer of each attention type, which are never followers
   (layer 0 is never shared, and a follower takes its earlier anchor's type, below).
+* Head maps (LiSA, arXiv 2408.01890, found sharing by head index "ineffective" without aligning heads): a follower
+  may carry a map from each query head h to the anchor head `map[h]` whose pattern it reuses (the plan's
+  `head_map`); exact mode gathers the anchor's softmax rows, fast mode gathers the anchor's queries and the matching
+  key heads (still grouped when each KV group takes one anchor key head, else expanded to one per query head).
 * Sliding windows: a follower reuses its anchor's softmax, so it also uses the anchor's mask (window or not). When
   the config lists per-layer `layer_types`, followers take their anchor's type while patched, so that a cache built
   by `generate()` gives the follower's values the same length (window) as the anchor's keys.
@@ -46,7 +50,7 @@ registered attention function), `follower` (the SharedAttention module), `apply`
 `cache` (bytes held by a cache). Every touch of transformers' internals goes through `sa_analysis.compat`.
 """
 
-from .anchors import MODES, check_mode, plan_anchors
+from .anchors import MODES, check_mode, plan_anchors, plan_head_maps
 from .apply import SUPPORTED_MODEL_TYPES, SharedAttentionHandle, share_attention
 from .cache import cache_bytes, layer_cache_bytes
 from .follower import SharedAttention
@@ -54,6 +58,6 @@ from .stash import SHARE_PREFIX, AnchorStash, exact_probs, shared_attention_forw
 
 __all__ = [
     "MODES", "SHARE_PREFIX", "SUPPORTED_MODEL_TYPES", "AnchorStash", "SharedAttention", "SharedAttentionHandle",
-    "cache_bytes", "check_mode", "exact_probs", "layer_cache_bytes", "plan_anchors", "share_attention",
+    "cache_bytes", "check_mode", "exact_probs", "layer_cache_bytes", "plan_anchors", "plan_head_maps", "share_attention",
     "shared_attention_forward",
 ]

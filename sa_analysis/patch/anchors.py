@@ -1,9 +1,9 @@
 """The plan as SA semantics see it: {follower: anchor}, checked (layer 0 never shared, each follower reuses the last
-non-shared layer before it), and the modes."""
+non-shared layer before it), its head maps (which anchor head each follower head reuses), and the modes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 
 from ..errors import UserError
@@ -51,3 +51,25 @@ def _layer(value: Any) -> int:
     if isinstance(value, bool) or int(value) != value:
         raise ValueError(value)
     return int(value)
+
+
+def plan_head_maps(plan: Any, anchor_of: Mapping[int, int], n_heads: int, head_map: Mapping[Any, Any] | None = None) -> dict[int, tuple[int, ...]]:
+    """{follower: (anchor head for query head 0, 1, ...)} from `head_map`, else the plan's `head_map`, checked.
+
+    A follower without an entry shares by index (head h reuses anchor head h). Any query head may take any anchor
+    query head (a map need not be a permutation); under GQA the anchor head's key head comes with it.
+    """
+    raw = head_map if head_map is not None else getattr(plan, "head_map", None) or {}
+    try:
+        maps = {_layer(f): tuple(_layer(g) for g in heads) for f, heads in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise UserError("A head map must be {follower layer: [anchor head for each query head]} of integers.") from None
+    for follower, heads in sorted(maps.items()):
+        if follower not in anchor_of:
+            raise UserError(f"The head map names layer {follower}, which the plan does not share; map only followers.")
+        if len(heads) != n_heads:
+            raise UserError(f"Follower {follower}'s head map lists {len(heads)} heads but the model has {n_heads} query heads; give one anchor head per query head.")
+        bad = [g for g in heads if not 0 <= g < n_heads]
+        if bad:
+            raise UserError(f"Follower {follower}'s head map names anchor head {bad[0]}, outside 0..{n_heads - 1}.")
+    return maps

@@ -9,7 +9,7 @@ from torch import nn
 from .. import compat
 from ..capture import (CAPTURE_PREFIX, attention_modules, decoder_layers, original_attention, register_attention)
 from ..errors import UserError
-from .anchors import check_mode, plan_anchors
+from .anchors import check_mode, plan_anchors, plan_head_maps
 from .follower import SharedAttention
 from .stash import SHARE_PREFIX, LayerSession, ShareState, shared_attention_forward
 
@@ -27,9 +27,10 @@ _FOLLOWER_NEEDS = ("v_proj", "o_proj", "head_dim", "num_key_value_groups", "laye
 class SharedAttentionHandle:
     """A Shared Attention patch in force; `remove()` (or leaving the `with` block) restores the model exactly."""
 
-    def __init__(self, model: nn.Module, anchor_of: dict[int, int], mode: str):
+    def __init__(self, model: nn.Module, anchor_of: dict[int, int], mode: str, head_map: Mapping[int, tuple[int, ...]] | None = None):
         self.model = model
         self.anchor_of = dict(anchor_of)
+        self.head_map = dict(head_map or {})  # follower -> anchor head per query head; absent: by index
         self.mode = mode
         self._base: str | None = None
         self._sessions: list[nn.Module] = []
@@ -67,11 +68,15 @@ class SharedAttentionHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"SharedAttentionHandle({state}, mode={self.mode}, anchor_of={self.anchor_of})"
+        aligned = f", head_map for {sorted(self.head_map)}" if self.head_map else ""
+        return f"SharedAttentionHandle({state}, mode={self.mode}, anchor_of={self.anchor_of}{aligned})"
 
 
-def share_attention(model: nn.Module, plan: Any, mode: str = "fast") -> SharedAttentionHandle:
+def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: Mapping[Any, Any] | None = None) -> SharedAttentionHandle:
     """Apply Shared Attention for `plan` (a SharePlan or `{follower: anchor}`) to `model`; returns the handle.
+
+    `head_map` ({follower: [anchor head for each query head]}, default: the SharePlan's own `head_map`) makes a
+    follower's query head h reuse the anchor's head `map[h]`; followers without one share by index.
 
     Use as a context manager (`with share_attention(model, plan): ...`) or keep the handle and call `remove()`.
     `mode="fast"` attends with the anchor's Q and K through the model's kernel; `mode="exact"` reuses the
@@ -81,19 +86,20 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast") -> SharedAt
     base = _check_model(model)
     modules = attention_modules(model)
     anchor_of = plan_anchors(plan, len(modules))
+    maps = plan_head_maps(plan, anchor_of, int(model.config.get_text_config().num_attention_heads), head_map)
     blocks = decoder_layers(model)
     followers_of: dict[int, list[int]] = {}
     for follower, anchor in sorted(anchor_of.items()):
         followers_of.setdefault(anchor, []).append(follower)
         _check_follower(blocks[follower], modules[follower])
     state = ShareState(mode=mode, followers_of=followers_of)
-    handle = SharedAttentionHandle(model, anchor_of, mode)
+    handle = SharedAttentionHandle(model, anchor_of, mode, maps)
     try:
         name = register_attention(SHARE_PREFIX, base, shared_attention_forward)
         _align_layer_types(model, anchor_of, handle)
         for idx, module in enumerate(modules):
             if idx in anchor_of:
-                follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base))
+                follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base), maps.get(idx))
                 blocks[idx].self_attn = follower
                 handle._swapped.append((blocks[idx], module, follower))
             else:

@@ -18,7 +18,8 @@ class SharedAttention(nn.Module):
     Called by the decoder layer exactly like the module it replaces; returns `(output [B, T, hidden], None)`.
     """
 
-    def __init__(self, original: nn.Module, anchor: int, state: ShareState, attention_fn: Callable):
+    def __init__(self, original: nn.Module, anchor: int, state: ShareState, attention_fn: Callable,
+                 head_map: tuple[int, ...] | None = None):
         super().__init__()
         self.layer_idx = original.layer_idx
         self.anchor_idx = anchor
@@ -29,13 +30,15 @@ class SharedAttention(nn.Module):
         self.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
         self.v_proj = original.v_proj
         self.o_proj = original.o_proj
+        self.head_map = None if head_map is None else tuple(int(g) for g in head_map)  # query head h reuses anchor head head_map[h]
         # plain attributes (not submodules): the original module comes back on removal; the state is shared
         self.__dict__["original"] = original
         self.__dict__["_state"] = state
         self.__dict__["_attention_fn"] = attention_fn
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, anchor={self.anchor_idx}, mode={self._state.mode}"
+        aligned = "" if self.head_map is None else ", head-aligned"
+        return f"layer={self.layer_idx}, anchor={self.anchor_idx}, mode={self._state.mode}{aligned}"
 
     def forward(
         self,
@@ -72,18 +75,53 @@ class SharedAttention(nn.Module):
         return value
 
     def _attend_fast(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
-        """The model's own attention kernel on (Q_anchor, K_anchor, V_own) with the anchor's mask: [B, Q, Hq, D]."""
+        """The model's own attention kernel on (Q_anchor, K_anchor, V_own) with the anchor's mask: [B, Q, Hq, D].
+
+        With a head map, query head h takes the anchor's query head g = map[h] and g's key head. When every query
+        head of a KV group takes its keys from one anchor key head (an identity map, any map within groups), the
+        call stays grouped; otherwise keys and values are expanded to one per query head.
+        """
         inputs = anchor.inputs
         kwargs = dict(anchor.kwargs)
         scaling = kwargs.pop("scaling")
         dropout = self.attention_dropout if self.training else 0.0
-        output, _ = self._attention_fn(self, inputs.query, inputs.key, value, inputs.mask, scaling=scaling, dropout=dropout, **kwargs)
+        query, key, module = inputs.query, inputs.key, self
+        if self.head_map is not None:
+            query, key, value, module = self._gather_heads(query, key, value)
+        output, _ = self._attention_fn(module, query, key, value, inputs.mask, scaling=scaling, dropout=dropout, **kwargs)
         return output
+
+    def _gather_heads(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """(query [B, Hq, Q, D], key, value, module for the attention call) under this follower's head map."""
+        groups = self.num_key_value_groups
+        heads = torch.tensor(self.head_map, device=query.device)  # [Hq] anchor query head per query head
+        key_heads = heads // groups  # [Hq] the anchor key head each query head needs
+        query = query.index_select(1, heads)  # [B, Hq, Q, D]
+        per_group = key_heads.view(-1, groups)  # [Hkv, G]
+        if bool((per_group == per_group[:, :1]).all()):
+            return query, key.index_select(1, per_group[:, 0]), value, self  # key [B, Hkv, K, D]: still grouped
+        key = key.index_select(1, key_heads)  # [B, Hq, K, D]
+        value = value.repeat_interleave(groups, dim=1)  # [B, Hq, K, D]: the follower's own value head h // G
+        return query, key, value, _Ungrouped(self)
 
     def _attend_exact(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
         """`P_anchor @ V_own` with the anchor's materialised softmax, like eager attention: [B, Q, Hq, D]."""
         probs = anchor.probs.to(value.dtype)  # [B, Hq, Q, K]
+        if self.head_map is not None:
+            probs = probs.index_select(1, torch.tensor(self.head_map, device=probs.device))  # head h <- anchor head map[h]
         if self.training and self.attention_dropout:
             probs = nn.functional.dropout(probs, p=self.attention_dropout)
         value = value.repeat_interleave(self.num_key_value_groups, dim=1)  # [B, Hq, K, D]
         return torch.matmul(probs, value).transpose(1, 2)  # [B, Q, Hq, D]
+
+
+class _Ungrouped:
+    """The follower seen by an attention function as having one key/value head per query head (keys expanded)."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module):
+        self.__dict__["_module"] = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)

@@ -31,7 +31,13 @@ class SharePlan(JsonArtefact):
     """Which layers share attention, why (method, cost, constraints) and what it is predicted to cost and save.
 
     `followers` is the one source of truth; `anchor_of`, `spans` and `non_shared_layers()` derive from it.
-    `follower_costs` holds the predicted cost of each follower (None for a plan written by hand).
+    `follower_costs` holds the predicted cost of each follower (None for a plan written by hand), under its head map
+    where it has one. `head_map` ({follower: [anchor head for each query head]}) makes those followers reuse the
+    anchor's heads in that order (head-aligned sharing); a follower without an entry shares by index.
+    `index_costs` keeps, for aligned followers, what sharing by index was predicted to cost. `mask_notes` says, per
+    follower, when its anchor's attention mask differs from its own (sliding window vs global) and what sharing does
+    to it; `stability` how often each follower was chosen again when the planner was rerun on bootstrap resamples of
+    the calibration sequences (with `stability_resamples` reruns).
     """
 
     FORMAT: ClassVar[str] = PLAN_FORMAT
@@ -48,6 +54,11 @@ class SharePlan(JsonArtefact):
     follower_costs: dict[int, float] | None = None
     constraints: dict[str, Any] = field(default_factory=dict)
     context_len: int = DEFAULT_CONTEXT_LEN
+    head_map: dict[int, list[int]] = field(default_factory=dict)
+    index_costs: dict[int, float] = field(default_factory=dict)
+    mask_notes: dict[int, str] = field(default_factory=dict)
+    stability: dict[int, float] | None = None
+    stability_resamples: int = 0
 
     def __post_init__(self) -> None:
         self.n_layers = int(self.n_layers)
@@ -66,6 +77,11 @@ class SharePlan(JsonArtefact):
             self.follower_costs = {int(m): float(c) for m, c in self.follower_costs.items()}
             if set(self.follower_costs) != set(followers):
                 raise UserError("The plan's follower costs do not match its followers; re-create the plan with `sa-analyze recommend-spans`.")
+        self.head_map = _checked_head_map(self.head_map, followers, self.model.get("n_heads"))
+        self.index_costs = {int(m): float(c) for m, c in (self.index_costs or {}).items() if int(m) in self.head_map}
+        self.mask_notes = {int(m): str(n) for m, n in (self.mask_notes or {}).items() if int(m) in set(followers)}
+        if self.stability is not None:
+            self.stability = {int(m): float(v) for m, v in self.stability.items() if int(m) in set(followers)}
 
     # ----- constructors ----------------------------------------------------------------------------------
     @classmethod
@@ -106,6 +122,19 @@ class SharePlan(JsonArtefact):
     def is_shared(self, layer: int) -> bool:
         return layer in set(self.followers)
 
+    @property
+    def aligned_followers(self) -> list[int]:
+        """Followers that reuse their anchor's heads through a head map (the rest share by index)."""
+        return sorted(self.head_map)
+
+    def with_followers(self, followers: list[int], head_map: Mapping[int, list[int]] | None = None, **changes: Any) -> "SharePlan":
+        """A copy for another follower set (model, method, cost name and constraints kept; per-follower data
+        dropped unless given in `changes`)."""
+        return SharePlan(n_layers=self.n_layers, followers=list(followers), model=dict(self.model),
+                         method=changes.pop("method", self.method), cost_name=changes.pop("cost_name", self.cost_name),
+                         constraints=changes.pop("constraints", dict(self.constraints)),
+                         context_len=changes.pop("context_len", self.context_len), head_map=dict(head_map or {}), **changes)
+
     def spans_spec(self) -> str:
         """The spans in `from_spans` syntax ("23-26,28-30"); empty string for an empty plan."""
         return ",".join(f"{first}-{last}" if last > first else f"{first}" for _, first, last in self.spans)
@@ -126,7 +155,8 @@ class SharePlan(JsonArtefact):
         """One line: how many layers are shared, in which spans, at what predicted cost."""
         spans = ", ".join(f"{a}->{f}-{l}" if l > f else f"{a}->{f}" for a, f, l in self.spans) or "none"
         cost = "" if self.total_cost is None else f", predicted {self.cost_name} {self.total_cost:.4g}"
-        return f"{self.n_shared}/{self.n_layers} layers shared (anchor->followers: {spans}){cost}"
+        aligned = f", head-aligned: {_layers_text(self.aligned_followers)}" if self.head_map else ""
+        return f"{self.n_shared}/{self.n_layers} layers shared (anchor->followers: {spans}){aligned}{cost}"
 
     # ----- predicted savings -----------------------------------------------------------------------------
     def savings(self, context_len: int | None = None, bytes_per_element: int = 2) -> dict[str, Any]:
@@ -175,6 +205,11 @@ class SharePlan(JsonArtefact):
             ],
             "follower_costs": self.follower_costs,
             "total_cost": self.total_cost,
+            "head_map": {str(m): list(heads) for m, heads in self.head_map.items()},
+            "index_costs": {str(m): c for m, c in self.index_costs.items()},
+            "mask_notes": {str(m): n for m, n in self.mask_notes.items()},
+            "stability": None if self.stability is None else {str(m): v for m, v in self.stability.items()},
+            "stability_resamples": self.stability_resamples,
             "constraints": self.constraints,
             "context_len": self.context_len,
             "savings": self.savings(),
@@ -198,6 +233,11 @@ class SharePlan(JsonArtefact):
             follower_costs=None if raw_costs is None else {int(m): _num_in(c) for m, c in raw_costs.items()},
             constraints=dict(data.get("constraints") or {}),
             context_len=int(data.get("context_len", DEFAULT_CONTEXT_LEN)),
+            head_map=_read_head_map(data.get("head_map"), source),
+            index_costs={int(m): _num_in(c) for m, c in (data.get("index_costs") or {}).items()},
+            mask_notes={int(m): str(n) for m, n in (data.get("mask_notes") or {}).items()},
+            stability=None if data.get("stability") is None else {int(m): float(v) for m, v in data["stability"].items()},
+            stability_resamples=int(data.get("stability_resamples") or 0),
         )
         if "anchor_of" in data and {int(k): int(v) for k, v in data["anchor_of"].items()} != plan.anchor_of:
             raise UserError(f"{source} lists anchors that contradict its followers (a follower reuses the last non-shared layer); re-create the plan.")
@@ -230,6 +270,35 @@ def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
             raise UserError(f"Layer {min(overlap)} appears in more than one span; list each shared layer once.")
         shared.update(range(first, last + 1))
     return spans
+
+
+def _read_head_map(raw: Any, source: str) -> dict[int, list[int]]:
+    """The JSON `head_map` object ({"<follower>": [anchor head, ...]}) as {int: [int]}; one sentence when malformed."""
+    if raw is None:
+        return {}
+    try:
+        return {int(m): [int(g) for g in heads] for m, heads in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise UserError(f"{source} has a malformed head_map; write it as {{\"<follower layer>\": [anchor head for head 0, 1, ...]}}.") from None
+
+
+def _checked_head_map(raw: Mapping[Any, Any] | None, followers: list[int], n_heads: Any) -> dict[int, list[int]]:
+    """{follower: [anchor head per query head]}: keys among the followers, one entry per head, heads in range."""
+    maps = {int(m): [int(g) for g in heads] for m, heads in dict(raw or {}).items()}
+    lengths = {len(heads) for heads in maps.values()}
+    for m, heads in sorted(maps.items()):
+        if m not in followers:
+            raise UserError(f"The plan's head_map names layer {m}, which the plan does not share; map only followers.")
+        expected = int(n_heads) if n_heads is not None else max(lengths)
+        if len(heads) != expected or not heads:
+            raise UserError(f"Follower {m}'s head map lists {len(heads)} heads but the model has {expected} query heads; give one anchor head per query head.")
+        if any(not 0 <= g < len(heads) for g in heads):
+            raise UserError(f"Follower {m}'s head map names an anchor head outside 0..{len(heads) - 1}.")
+    return dict(sorted(maps.items()))
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ", ".join(map(str, layers))
 
 
 def _num_in(value: Any) -> float:
