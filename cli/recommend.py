@@ -28,6 +28,8 @@ def recommend_spans(
     first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")] = 1,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
     max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
+    align_heads: Annotated[str, typer.Option("--align-heads", help="auto: a follower reuses its anchor's heads through the best head map where that predicts (and, with --validate, measures) less than sharing by index; on: wherever it predicts less; off: by index.")] = "auto",
+    allow_mask_change: Annotated[bool, typer.Option("--allow-mask-change", help="Let a follower take an anchor whose attention mask differs (sliding window vs global); forbidden by default.")] = False,
     context_len: Annotated[int, typer.Option("--context-len", min=1, help="Context length for the predicted score-FLOP and K-cache savings.")] = defaults.CONTEXT_LEN,
     out: OutOpt = None,
     device: DeviceOpt = None,
@@ -48,7 +50,7 @@ def recommend_spans(
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
 
-    constraints = PlanConstraints.parse(first_shareable, keep, max_span)
+    constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
     capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
                    device_map=device_map, exclude_first=exclude_first)
     if report is None:
@@ -61,7 +63,8 @@ def recommend_spans(
     _print_savings(plan)
     console.print(f"Seed repo's form — layers not shared: {plan.non_shared_layers()}", highlight=False)
     if plan.n_shared:
-        console.print(f"Validate with: sa-analyze validate --spans {plan.spans_spec()}", highlight=False)
+        how = f"--plan {result.out / 'plan.json'}" if plan.head_map else f"--spans {plan.spans_spec()}"  # spans carry no head maps
+        console.print(f"Validate with: sa-analyze validate {how}", highlight=False)
     wrote(result.files)
     if validate:
         from cli.tables import print_search, print_validation
@@ -70,7 +73,8 @@ def recommend_spans(
             search, paths = run_search(
                 result.report, ModelSpec(result.model_spec, device, dtype, random_init, device_map),
                 TextSpec(text, n_seqs, seq_len), out=result.out, max_budget=plan.n_shared, tolerance=tolerance,
-                cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span")),
+                cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span"),
+                                                       constraints.align_heads, constraints.mask_change),
                 progress=lambda message: shown.update(f"[bold]{message}[/]"))
         print_search(search)
         if search.validation is not None:
@@ -98,15 +102,31 @@ def _ranges(layers: list[int]) -> str:
 
 
 def _print_plan(plan) -> None:
+    """One row per follower: its anchor, how its heads share, predicted cost, how often a bootstrap rerun chose it."""
     table = Table(title=f"Recommended plan ({plan.method}, cost {plan.cost_name}): {plan.n_shared} of {plan.n_layers} layers shared")
-    for column in ("span (followers)", "anchor", "n followers", "predicted cost"):
-        table.add_column(column, justify="left" if column.startswith("span") else "right")
-    costs = plan.span_costs or [None] * len(plan.spans)
-    for (anchor, first, last), span_cost in zip(plan.spans, costs):
-        table.add_row(f"{first}-{last}" if last > first else f"{first}", str(anchor), str(last - first + 1), _fmt(span_cost))
+    for column in ("follower", "anchor", "heads", "predicted cost", "by index", "chosen again", "mask"):
+        table.add_column(column, justify="left" if column in ("heads", "mask") else "right", overflow="fold")
+    costs = plan.follower_costs or {}
+    stability = (plan.stability or {}).get("followers", {})
+    for follower, anchor in plan.anchor_of.items():
+        aligned = follower in plan.head_map
+        table.add_row(str(follower), str(anchor), "aligned" if aligned else "index", _fmt(costs.get(follower)),
+                      _fmt(plan.index_costs.get(follower)) if aligned else "", _share(stability.get(follower)),
+                      plan.mask_notes.get(follower, "same"))
     table.add_section()
-    table.add_row("total", "", str(plan.n_shared), _fmt(plan.total_cost))
+    same = (plan.stability or {}).get("same_plan")
+    table.add_row("total", "", f"{len(plan.head_map)} aligned", _fmt(plan.total_cost), "",
+                  f"{_share(same)} same plan" if same is not None else "", "")
     console.print(table)
+    if plan.stability:
+        console.print(f"chosen again: share of {plan.stability['resamples']} planner reruns on bootstrap resamples of the "
+                      f"analysed sequences that chose the follower (and the whole plan)", highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
 
 
 def _print_comparison(plans: dict, cost: str) -> None:
@@ -127,8 +147,9 @@ def _print_savings(plan) -> None:
     for column in ("quantity", "saved", "of total", "fraction"):
         table.add_column(column, justify="left" if column == "quantity" else "right")
     rows = [
-        ("K-cache bytes per token", "k_cache_bytes_saved_per_token", "kv_cache_bytes_per_token", "kv_cache_fraction_saved", _bytes),
-        (f"K-cache bytes per sequence of {s['context_len']}", "k_cache_bytes_saved_at_context", None, None, _bytes),
+        ("K-cache bytes per token (every layer caching it)", "k_cache_bytes_saved_per_token", "kv_cache_bytes_per_token", None, _bytes),
+        (f"KV-cache bytes per sequence of {s['context_len']} (windows counted)", "kv_cache_bytes_saved_at_context",
+         "kv_cache_bytes_at_context", "kv_cache_fraction_saved", _bytes),
         ("Q/K projection FLOPs per token", "qk_proj_flops_saved_per_token", "attn_proj_flops_per_token", "attn_proj_fraction_saved", _count),
         (f"score (QK^T) FLOPs per token at {s['context_len']}", "score_flops_saved_per_token", "score_flops_per_token", "score_fraction_saved", _count),
     ]

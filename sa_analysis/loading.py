@@ -59,8 +59,11 @@ class ModelInfo:
 
     def shape(self) -> dict[str, Any]:
         """What a plan records of the model it was made for (checked when the plan is applied elsewhere)."""
-        return {"name": self.name, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
-                "head_dim": self.head_dim, "hidden_size": self.hidden_size}
+        shape = {"name": self.name, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                 "head_dim": self.head_dim, "hidden_size": self.hidden_size}
+        if self.sliding_window:  # which layers slide, for the windowed KV savings and the mask notes
+            shape.update(layer_types=list(self.layer_types), sliding_window=int(self.sliding_window))
+        return shape
 
 
 @dataclass

@@ -21,8 +21,11 @@ Budget = Union[int, float, None]
 Sensitivity = Union[Mapping[Any, float], np.ndarray, None]
 
 
-def cost_matrix(report: AttentionReport, cost: str = "kl") -> np.ndarray:
+def cost_matrix(report: AttentionReport, cost: str = "kl", sequences: np.ndarray | None = None) -> np.ndarray:
     """[L, L] cost `C[m, a]` of follower `m` reusing anchor `a` (only `a < m` is used); `inf` means forbidden.
+
+    `sequences` (indices, repeats allowed) averages over those analysed sequences instead of all of them: a
+    bootstrap resample (`stability`).
 
     - `kl`: KL(m || a), head mean, in nats (what the follower's attention loses by taking the anchor's).
     - `cosine` / `cosine_row`: 1 - flat / row-mean cosine similarity, head mean.
@@ -31,14 +34,19 @@ def cost_matrix(report: AttentionReport, cost: str = "kl") -> np.ndarray:
     NaN (not measured) is treated as forbidden, like `inf`.
     """
     n = report.n_layers
+    pick = (lambda arr: arr) if sequences is None else (lambda arr: arr[sequences])
+
+    def layers(name: str) -> np.ndarray:  # [L, L] mean over the chosen sequences
+        return np.asarray(pick(report.array(f"{name}_layers")), dtype=float).mean(axis=0)
+
     if cost == "kl":
-        mat = np.array(report.layer_matrix("kl"), dtype=float)
+        mat = layers("kl")
     elif cost == "cosine":
-        mat = 1.0 - np.asarray(report.layer_matrix("cosine_flat"), dtype=float)
+        mat = 1.0 - layers("cosine_flat")
     elif cost == "cosine_row":
-        mat = 1.0 - np.asarray(report.layer_matrix("cosine_row"), dtype=float)
+        mat = 1.0 - layers("cosine_row")
     elif cost == "js":
-        adjacent = np.asarray(report.array("js_adjacent"), dtype=float).mean(axis=(0, 2))  # [L-1]
+        adjacent = np.asarray(pick(report.array("js_adjacent")), dtype=float).mean(axis=(0, 2))  # [L-1]
         mat = np.full((n, n), np.inf)
         mat[np.arange(1, n), np.arange(n - 1)] = adjacent
     else:
@@ -103,5 +111,3 @@ def _check_layer(layer: int, n: int, what: str) -> None:
         raise UserError(f"The {what} {layer} is outside 0..{n - 1}; use layer indices of this model.")
 
 
-def resolve_costs(report: AttentionReport, cost: str, sensitivity: Sensitivity, weight: float, mode: str) -> np.ndarray:
-    return apply_sensitivity(cost_matrix(report, cost), sensitivity, weight, mode)

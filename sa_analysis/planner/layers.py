@@ -152,17 +152,24 @@ def parse_layers(text: str | None) -> list[int]:
 
 @dataclass(frozen=True)
 class PlanConstraints:
-    """Which layers a plan may share: none below `first_shareable`, never those in `keep`, spans of at most
-    `max_span` followers (None: no limit)."""
+    """Which layers a plan may share and how: none below `first_shareable`, never those in `keep`, spans of at most
+    `max_span` followers (None: no limit); `align_heads` (auto, on, off) whether followers may reuse their anchor's
+    heads through a head map; `mask_change` whether a follower may take an anchor whose attention mask differs."""
 
     first_shareable: int = 1
     keep: tuple[int, ...] = ()
     max_span: int | None = None
+    align_heads: str = "auto"
+    mask_change: bool = False
 
     @classmethod
-    def parse(cls, first_shareable: int = 1, keep: str | None = None, max_span: int | None = None) -> "PlanConstraints":
+    def parse(cls, first_shareable: int = 1, keep: str | None = None, max_span: int | None = None,
+              align_heads: str = "auto", mask_change: bool = False) -> "PlanConstraints":
         """From the command line's forms (`--keep 0,1,28-31`)."""
-        return cls(first_shareable, tuple(parse_layers(keep)), max_span)
+        from .heads import check_align_mode
+
+        return cls(first_shareable, tuple(parse_layers(keep)), max_span, check_align_mode(align_heads), bool(mask_change))
 
     def as_kwargs(self) -> dict[str, Any]:
-        return {"first_shareable": self.first_shareable, "keep": list(self.keep), "max_span": self.max_span}
+        return {"first_shareable": self.first_shareable, "keep": list(self.keep), "max_span": self.max_span,
+                "align_heads": self.align_heads, "mask_change": self.mask_change}

@@ -14,6 +14,7 @@ from ..artefact import JsonArtefact
 from ..errors import UserError
 from ..report import AttentionReport
 from .layers import anchors_for, as_layers, spans_for
+from .masks import layer_windows
 
 
 
@@ -36,8 +37,9 @@ class SharePlan(JsonArtefact):
     anchor's heads in that order (head-aligned sharing); a follower without an entry shares by index.
     `index_costs` keeps, for aligned followers, what sharing by index was predicted to cost. `mask_notes` says, per
     follower, when its anchor's attention mask differs from its own (sliding window vs global) and what sharing does
-    to it; `stability` how often each follower was chosen again when the planner was rerun on bootstrap resamples of
-    the calibration sequences (with `stability_resamples` reruns).
+    to it; `notes` what the planner did that the user should know (pairs it forbade, and why). `stability`: the
+    planner rerun on bootstrap resamples of the analysed sequences, `{"resamples": N, "same_plan": share of reruns
+    giving exactly this plan, "followers": {m: share of reruns choosing m}}` (None: not measured).
     """
 
     FORMAT: ClassVar[str] = PLAN_FORMAT
@@ -57,8 +59,8 @@ class SharePlan(JsonArtefact):
     head_map: dict[int, list[int]] = field(default_factory=dict)
     index_costs: dict[int, float] = field(default_factory=dict)
     mask_notes: dict[int, str] = field(default_factory=dict)
-    stability: dict[int, float] | None = None
-    stability_resamples: int = 0
+    notes: list[str] = field(default_factory=list)
+    stability: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.n_layers = int(self.n_layers)
@@ -80,8 +82,11 @@ class SharePlan(JsonArtefact):
         self.head_map = _checked_head_map(self.head_map, followers, self.model.get("n_heads"))
         self.index_costs = {int(m): float(c) for m, c in (self.index_costs or {}).items() if int(m) in self.head_map}
         self.mask_notes = {int(m): str(n) for m, n in (self.mask_notes or {}).items() if int(m) in set(followers)}
+        self.notes = [str(n) for n in self.notes or []]
         if self.stability is not None:
-            self.stability = {int(m): float(v) for m, v in self.stability.items() if int(m) in set(followers)}
+            chosen = {int(m): float(v) for m, v in dict(self.stability.get("followers") or {}).items()}
+            self.stability = {"resamples": int(self.stability.get("resamples", 0)), "same_plan": float(self.stability.get("same_plan", 0.0)),
+                              "followers": {m: v for m, v in chosen.items() if m in set(followers)}}
 
     # ----- constructors ----------------------------------------------------------------------------------
     @classmethod
@@ -162,7 +167,10 @@ class SharePlan(JsonArtefact):
     def savings(self, context_len: int | None = None, bytes_per_element: int = 2) -> dict[str, Any]:
         """Predicted savings for this model's shape, absolute and as fractions; None where the shape is unknown.
 
-        - K cache: followers drop their K cache; saved share of all KV bytes = n_f * K / (L * (K + V)).
+        - KV cache at context n: a follower drops its K cache and keeps its values for as many tokens as its
+          anchor's mask holds; a layer with a sliding window w holds min(n, w) tokens. Saved share of all KV bytes
+          = sum over followers of (min(n, w_m) + min(n, w_m) - min(n, w_anchor)) / sum over layers of 2 min(n, w_l)
+          (n_f / 2L when no layer slides).
         - Q/K projections: a follower skips q_proj and k_proj, 2 * hidden * (Hq*d + Hkv*d) FLOPs per token,
           compared with all attention projections (q, k, v, o) of all layers.
         - Scores: reusing the anchor's softmax skips QK^T, 2 * Hq * d * n FLOPs per token at context n (only
@@ -171,14 +179,18 @@ class SharePlan(JsonArtefact):
         n = int(context_len or self.context_len)
         shape = model_shape_numbers(self.model)
         L, nf = self.n_layers, self.n_shared
+        held = [n if w is None else min(n, w) for w in layer_windows(self.model, L)]  # tokens each layer caches
+        saved_tokens = sum(2 * held[m] - held[a] for m, a in self.anchor_of.items())
         out: dict[str, Any] = {"n_shared": nf, "n_layers": L, "context_len": n, "bytes_per_element": bytes_per_element,
-                               "kv_cache_fraction_saved": nf / (2 * L),
+                               "kv_cache_fraction_saved": saved_tokens / (2 * sum(held)),
                                "score_fraction_saved": nf / L}
         hq, hkv, d, hidden = (shape[k] for k in ("n_heads", "n_kv_heads", "head_dim", "hidden_size"))
         if hkv and d:
             k_bytes = hkv * d * bytes_per_element
             out.update(kv_cache_bytes_per_token=L * 2 * k_bytes, k_cache_bytes_saved_per_token=nf * k_bytes,
-                       k_cache_bytes_saved_at_context=nf * k_bytes * n)
+                       kv_cache_bytes_at_context=2 * k_bytes * sum(held),
+                       k_cache_bytes_saved_at_context=k_bytes * sum(held[m] for m in self.followers),
+                       kv_cache_bytes_saved_at_context=k_bytes * saved_tokens)
         if hq and hkv and d and hidden:
             qk = 2 * hidden * (hq * d + hkv * d)
             total_proj = L * 2 * hidden * (2 * hq * d + 2 * hkv * d)
@@ -208,8 +220,9 @@ class SharePlan(JsonArtefact):
             "head_map": {str(m): list(heads) for m, heads in self.head_map.items()},
             "index_costs": {str(m): c for m, c in self.index_costs.items()},
             "mask_notes": {str(m): n for m, n in self.mask_notes.items()},
-            "stability": None if self.stability is None else {str(m): v for m, v in self.stability.items()},
-            "stability_resamples": self.stability_resamples,
+            "notes": self.notes,
+            "stability": None if self.stability is None else {
+                **self.stability, "followers": {str(m): v for m, v in self.stability["followers"].items()}},
             "constraints": self.constraints,
             "context_len": self.context_len,
             "savings": self.savings(),
@@ -236,8 +249,8 @@ class SharePlan(JsonArtefact):
             head_map=_read_head_map(data.get("head_map"), source),
             index_costs={int(m): _num_in(c) for m, c in (data.get("index_costs") or {}).items()},
             mask_notes={int(m): str(n) for m, n in (data.get("mask_notes") or {}).items()},
-            stability=None if data.get("stability") is None else {int(m): float(v) for m, v in data["stability"].items()},
-            stability_resamples=int(data.get("stability_resamples") or 0),
+            notes=list(data.get("notes") or []),
+            stability=data.get("stability"),
         )
         if "anchor_of" in data and {int(k): int(v) for k, v in data["anchor_of"].items()} != plan.anchor_of:
             raise UserError(f"{source} lists anchors that contradict its followers (a follower reuses the last non-shared layer); re-create the plan.")
@@ -314,6 +327,8 @@ def model_shape(report: AttentionReport) -> dict[str, Any]:
     shape.update(model_shape_numbers(info))
     if info.get("spec"):
         shape["spec"] = info["spec"]  # how the model was named on the command line (alias, path, hub id)
+    if info.get("sliding_window") and info.get("layer_types"):
+        shape.update(layer_types=list(info["layer_types"]), sliding_window=int(info["sliding_window"]))  # masks count in savings
     return shape
 
 

@@ -119,9 +119,23 @@ def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
 
 
 SEARCH_STYLES = {  # method of a plan the search tried -> marker style
-    "single layer": dict(color="0.6", marker=".", s=30), "similarity": dict(color=PALETTE[0], marker="o", s=40),
+    "single layer": dict(color="0.6", marker=".", s=30), "single layer, aligned": dict(color="0.35", marker="x", s=22),
+    "similarity": dict(color=PALETTE[0], marker="o", s=40),
     "similarity+sensitivity": dict(color=PALETTE[2], marker="s", s=40), "sensitivity": dict(color=PALETTE[1], marker="^", s=40),
     "perplexity": dict(color=PALETTE[4], marker="v", s=40)}
+
+
+def _best_curves(ax, rows) -> None:
+    """The best measured plan per layer count, one curve sharing by index and one with head maps (where tried)."""
+    for aligned, style in ((False, dict(color="0.25", linestyle="-")), (True, dict(color=PALETTE[2], linestyle="--"))):
+        best: dict[int, float] = {}
+        for r in rows:
+            if r["n_shared"] and bool(r.get("aligned")) == aligned:
+                best[r["n_shared"]] = min(best.get(r["n_shared"], np.inf), 100 * r["ppl_change"])
+        if len(best) > 1 or (best and aligned):
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], linewidth=1, zorder=1, **style,
+                    label="best " + ("with head maps" if aligned else "by head index"))
 
 
 def plot_search(search: "PlanSearch", path: str | Path) -> Path:
@@ -133,8 +147,15 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
         ax = fig.subplots()
         for method, style in SEARCH_STYLES.items():
             rows = [r for r in search.rows if r["method"] == method]
-            if rows:
-                ax.scatter([r["n_shared"] for r in rows], [100 * r["ppl_change"] for r in rows], label=method, **style)
+            for aligned in (False, True):
+                group = [r for r in rows if bool(r.get("aligned")) == aligned]
+                if not group:
+                    continue
+                hollow = aligned and not method.startswith("single")  # a candidate with head maps: open marker
+                marker = {"marker": style["marker"], "s": style["s"], "facecolors": "none", "edgecolors": style["color"]} if hollow else style
+                ax.scatter([r["n_shared"] for r in group], [100 * r["ppl_change"] for r in group],
+                           label=f"{method}, head-aligned" if hollow else method, **marker)
+        _best_curves(ax, search.rows)
         ax.axhline(100 * search.tolerance, color=PALETTE[3], linestyle="--", linewidth=1, label=f"tolerance {100 * search.tolerance:g}%")
         if search.best is not None:
             best = next(r for r in search.rows if r["followers"] == search.best["followers"])

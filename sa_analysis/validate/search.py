@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -57,13 +57,18 @@ class PlanSearch(JsonArtefact):
 
 
 def measure_sensitivity(model: torch.nn.Module, base: Baseline, layers: Iterable[int], mode: str = "fast",
-                        progress: Callable[[str], None] | None = None) -> dict[int, dict[str, float]]:
-    """Each layer shared alone (with the layer before it as anchor): its measured quality on the baseline's text."""
+                        progress: Callable[[str], None] | None = None,
+                        head_maps: Mapping[int, Sequence[int]] | None = None) -> dict[int, dict[str, float]]:
+    """Each layer shared alone (with the layer before it as anchor): its measured quality on the baseline's text;
+    through its head map where `head_maps` has one."""
     out = {}
+    head_maps = head_maps or {}
     for layer in layers:
-        out[layer] = measure_quality(model, {layer: layer - 1}, base, mode)
+        heads = head_maps.get(layer)
+        out[layer] = measure_quality(model, {layer: layer - 1}, base, mode, None if heads is None else {layer: heads})
         if progress:
-            progress(f"sensitivity: layer {layer} alone -> {100 * out[layer]['ppl_change']:+.2f}% perplexity")
+            how = "aligned" if heads is not None else "alone"
+            progress(f"sensitivity: layer {layer} {how} -> {100 * out[layer]['ppl_change']:+.2f}% perplexity")
     return out
 
 
@@ -81,7 +86,8 @@ def _sensitivity_weight(costs, sensitivity: Mapping[int, float]) -> float:
 
 def candidate_plans(report: Any, budget: int, sensitivity: Mapping[int, float], cost: str = "kl",
                     constraints: Mapping[str, Any] | None = None,
-                    nll_change: Mapping[int, float] | None = None) -> dict[str, Any]:
+                    nll_change: Mapping[int, float] | None = None,
+                    aligned_layers: Iterable[int] | None = None) -> dict[str, Any]:
     """The planner's plans for one budget, from the similarity prior and the measured single-layer losses.
 
     {method: SharePlan} for
@@ -89,7 +95,8 @@ def candidate_plans(report: Any, budget: int, sensitivity: Mapping[int, float], 
       - "similarity+sensitivity": cost + measured next-token KL per follower, medians matched so neither drowns;
       - "sensitivity": the measured next-token KL alone (sum over followers);
       - "perplexity": the measured NLL change alone (sum over followers; only when `nll_change` is given).
-    A variant the constraints make impossible is left out.
+    A variant the constraints make impossible is left out. `aligned_layers`: followers that may take a head map
+    (None: every one whose map predicts less than index sharing).
     """
     from .. import planner
 
@@ -106,7 +113,8 @@ def candidate_plans(report: Any, budget: int, sensitivity: Mapping[int, float], 
     plans = {}
     for method, kwargs in variants.items():
         try:
-            plans[method] = planner.plan_spans(report, budget=budget, cost=cost, **constraints, **kwargs)
+            plans[method] = planner.plan_spans(report, budget=budget, cost=cost, **constraints, **kwargs,
+                                               aligned_layers=aligned_layers, stability_resamples=0)
         except UserError:
             continue
     return plans
@@ -132,10 +140,12 @@ def search_plans(
     """Find the plan sharing the most layers within `tolerance`, by measurement.
 
     1. Sensitivity: every shareable layer shared alone, measured on the calibration text (next-token KL and NLL
-       change, nats).
+       change, nats), by head index and, unless `constraints.align_heads` is off, through its best head map where
+       that predicts less; auto keeps the map for the layers where it measured better (on: wherever it exists).
     2. For each budget in increasing order (default 1, 2, ... up to what the constraints allow), the planner
        proposes plans (`candidate_plans`: by similarity, similarity + sensitivity, sensitivity alone, perplexity
-       change alone); each is measured on the calibration text. With `stop_early`, the first budget with no candidate within tolerance ends the search.
+       change alone); each is measured on the calibration text, and under auto a plan with head maps is measured
+       by index too (the better one wins on measurement). With `stop_early`, the first budget with no candidate within tolerance ends the search.
     3. The best passing plan (most layers shared, then least next-token KL) is validated on the held-out text.
     The choice is made on calibration text and checked on held-out text, so the final numbers are not selected on.
     """
@@ -151,36 +161,39 @@ def search_plans(
     mask = planner.shareable_mask(report.n_layers, first_shareable, keep)
     base = baseline(model, calibration, batch_size)
 
-    singles = measure_sensitivity(model, base, [m for m in range(report.n_layers) if mask[m]], mode, say)
-    sensitivity = {m: max(q["kl_mean"], 0.0) for m, q in singles.items()}
-    nll_change = {m: q["nll_patched"] - q["nll_baseline"] for m, q in singles.items()}
-    rows = [_row("sensitivity", "single layer", planner.SharePlan(report.n_layers, [m]), q, tolerance)
-            for m, q in singles.items()]
+    singles = _measure_singles(model, base, report, cost, mask, constraints, mode, say)
+    measured = {_plan_key(plan): quality for plan, quality in singles}  # reused when a candidate is a single layer
+    proposed: dict[tuple, Any] = {_plan_key(plan): plan for plan, _ in singles}  # the plan measured for each key
+    rows = [_row("sensitivity", "single layer" + (", aligned" if plan.head_map else ""), plan, q, tolerance)
+            for plan, q in singles]
+    kept = _kept_singles(singles, constraints["align_heads"])  # {layer: (plan, quality)}, the better way per layer
+    aligned_layers = None if constraints["align_heads"] == "on" else [m for m, (plan, _) in kept.items() if plan.head_map]
+    sensitivity = {m: max(q["kl_mean"], 0.0) for m, (_, q) in kept.items()}
+    nll_change = {m: q["nll_patched"] - q["nll_baseline"] for m, (_, q) in kept.items()}
 
-    seen: dict[tuple[int, ...], dict[str, Any]] = {}
-    proposed: dict[tuple[int, ...], Any] = {}  # the planner's plan for each measured follower set
+    seen: dict[tuple, dict[str, Any]] = {}
     limit = planner.max_followers(mask, max_span)
     for budget in sorted(int(b) for b in budgets) if budgets else range(1, limit + 1):
         passed_any = False
-        for method, plan in candidate_plans(report, int(budget), sensitivity, cost, constraints, nll_change).items():
-            key = tuple(plan.followers)
-            if key in seen:
-                seen[key]["methods"].append(method)
-                passed_any |= seen[key]["passed"]
-                continue
-            quality = singles[key[0]] if len(key) == 1 else measure_quality(model, plan, base, mode)
-            row = _row("candidate", method, plan, quality, tolerance)
-            row["methods"] = [method]
-            seen[key] = row
-            proposed[key] = plan
-            rows.append(row)
-            passed_any |= row["passed"]
-            say(f"budget {budget}: {method} {plan.spans_spec() or '-'} -> {100 * quality['ppl_change']:+.2f}%")
+        for method, plan in candidate_plans(report, int(budget), sensitivity, cost, constraints, nll_change, aligned_layers).items():
+            for variant in _variants(plan, constraints["align_heads"]):
+                key = _plan_key(variant)
+                if key in seen:
+                    seen[key]["methods"].append(method)
+                    passed_any |= seen[key]["passed"]
+                    continue
+                quality = measured.get(key) or measure_quality(model, variant, base, mode)
+                row = _row("candidate", method, variant, quality, tolerance)
+                row["methods"] = [method]
+                seen[key], proposed[key] = row, variant
+                rows.append(row)
+                passed_any |= row["passed"]
+                say(f"budget {budget}: {method} {_describe(variant)} -> {100 * quality['ppl_change']:+.2f}%")
         if stop_early and not passed_any:
             break
 
     best_row = _choose(rows)
-    best_plan = None if best_row is None else _chosen_plan(best_row, proposed.get(tuple(best_row["followers"])), loaded.info)
+    best_plan = None if best_row is None else _chosen_plan(best_row, proposed.get(_row_key(best_row)), loaded.info)
     validation = None
     if best_plan is not None:
         say(f"validating {best_plan.spans_spec()} on held-out text")
@@ -189,24 +202,72 @@ def search_plans(
     return PlanSearch(tolerance=float(tolerance), mode=mode, rows=rows, sensitivity=sensitivity,
                       best=None if best_plan is None else best_plan.to_dict(), validation=validation,
                       meta={"calibration": describe_batch(calibration), "heldout": describe_batch(heldout), "cost": cost,
-                            "constraints": constraints, "budgets": list(budgets) if budgets else None})
+                            "constraints": constraints, "budgets": list(budgets) if budgets else None,
+                            "aligned_layers": aligned_layers})
+
+
+def _measure_singles(model, base, report, cost: str, mask, constraints: Mapping[str, Any], mode: str,
+                     say: Callable[[str], None]) -> list[tuple[Any, dict[str, float]]]:
+    """[(one-follower plan, its quality)]: every shareable layer alone by index, and through its best head map
+    too where that map predicts less than index sharing (unless --align-heads off)."""
+    from .. import planner
+
+    layers = [m for m in range(report.n_layers) if mask[m]]
+    by_index = measure_sensitivity(model, base, layers, mode, say)
+    out = [(planner.SharePlan(report.n_layers, [m]), q) for m, q in by_index.items()]
+    if constraints["align_heads"] == "off":
+        return out
+    prices = planner.price_pairs(report, cost, constraints["align_heads"], mask_change=constraints["mask_change"])
+    maps = {m: prices.head_map_for(m, m - 1) for m in layers}
+    maps = {m: heads for m, heads in maps.items() if heads is not None}
+    aligned = measure_sensitivity(model, base, sorted(maps), mode, say, maps)
+    return out + [(planner.SharePlan(report.n_layers, [m], head_map={m: maps[m]}), q) for m, q in aligned.items()]
+
+
+def _kept_singles(singles: list[tuple[Any, dict[str, float]]], align: str) -> dict[int, tuple[Any, dict[str, float]]]:
+    """Per layer, the single-layer measurement the planner goes on: auto keeps the head map where it measured less
+    next-token KL than index sharing, on wherever there is one, off never."""
+    kept: dict[int, tuple[Any, dict[str, float]]] = {}
+    for plan, quality in singles:
+        layer = plan.followers[0]
+        if layer not in kept or align == "on" or quality["kl_mean"] < kept[layer][1]["kl_mean"]:
+            kept[layer] = (plan, quality)
+    return kept
+
+
+def _variants(plan: Any, align: str) -> list[Any]:
+    """The plan, and under auto the same followers by index where it maps heads: both are measured."""
+    if align != "auto" or not plan.head_map:
+        return [plan]
+    by_index = dict(plan.follower_costs or {})
+    by_index.update(plan.index_costs)
+    return [plan, replace(plan, head_map={}, index_costs={}, follower_costs=by_index or None)]
+
+
+def _plan_key(plan: Any) -> tuple:
+    return tuple(plan.followers), tuple(sorted(plan.head_map))
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple:
+    return tuple(row["followers"]), tuple(sorted(row.get("aligned", [])))
+
+
+def _describe(plan: Any) -> str:
+    aligned = f" (aligned {', '.join(map(str, plan.aligned_followers))})" if plan.head_map else ""
+    return (plan.spans_spec() or "-") + aligned
 
 
 def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: Any):
-    """The chosen plan, for this model's shape, keeping the planner's predicted costs when it proposed it."""
-    from ..planner import SharePlan
-
-    if proposed is None:
-        return SharePlan(info.n_layers, list(row["followers"]), model=info.shape(), method="validated")
-    return SharePlan(info.n_layers, list(row["followers"]), model=info.shape(),
-                     method="validated: " + ", ".join(row.get("methods", [row["method"]])),
-                     cost_name=proposed.cost_name, follower_costs=proposed.follower_costs,
-                     constraints=dict(proposed.constraints), context_len=proposed.context_len)
+    """The chosen plan as measured (its head maps included), for this model's shape, with the planner's predicted
+    costs when the planner proposed it."""
+    return replace(proposed, model={**proposed.model, **info.shape()},
+                   method="validated: " + ", ".join(row.get("methods", [row["method"]])), stability=None)
 
 
 def _row(stage: str, method: str, plan: Any, quality: Mapping[str, float], tolerance: float) -> dict[str, Any]:
     return {"stage": stage, "method": method, "n_shared": plan.n_shared, "spans": plan.spans_spec(),
-            "followers": list(plan.followers), "predicted_cost": getattr(plan, "total_cost", None),
+            "followers": list(plan.followers), "aligned": list(plan.aligned_followers),
+            "predicted_cost": getattr(plan, "total_cost", None),
             "ppl_change": quality["ppl_change"], "kl_mean": quality["kl_mean"],
             "top1_agreement": quality["top1_agreement"], "passed": bool(quality["ppl_change"] <= tolerance)}
 
