@@ -73,13 +73,15 @@ def print_search(search) -> None:
     """The candidates tried (calibration text), least KL first within each layer count, and the choice."""
     table = Table(title=f"Plans measured on calibration text (tolerance {100 * search.tolerance:g}% perplexity)",
                   title_justify="left")
-    for column in ("layers", "spans", "proposed by", "planner cost", "perplexity change", "next-token KL", "pass"):
-        table.add_column(column, justify="left" if column in ("spans", "proposed by", "pass") else "right",
+    for column in ("layers", "spans", "heads", "proposed by", "planner cost", "perplexity change", "next-token KL", "pass"):
+        table.add_column(column, justify="left" if column in ("spans", "heads", "proposed by", "pass") else "right",
                          overflow="fold")
     candidates = sorted((r for r in search.rows if r["stage"] == "candidate"), key=lambda r: (r["n_shared"], r["kl_mean"]))
     for r in candidates:
         cost = r.get("predicted_cost")
-        table.add_row(str(r["n_shared"]), r["spans"], ", ".join(r.get("methods", [r["method"]])),
+        aligned = r.get("aligned") or []
+        heads = "index" if not aligned else "aligned" if len(aligned) == r["n_shared"] else "aligned " + ",".join(map(str, aligned))
+        table.add_row(str(r["n_shared"]), r["spans"], heads, ", ".join(r.get("methods", [r["method"]])),
                       "-" if cost is None else f"{cost:.4g}", f"{100 * r['ppl_change']:+.2f}%", f"{r['kl_mean']:.4g}",
                       "yes" if r["passed"] else "no")
     console.print(table)
@@ -87,7 +89,12 @@ def print_search(search) -> None:
     if singles:
         easy = ", ".join(f"{m} ({v:.3g})" for m, v in singles[:5])
         hard = ", ".join(f"{m} ({v:.3g})" for m, v in singles[-3:])
-        console.print(f"Measured sensitivity (next-token KL when shared alone): least {easy}; most {hard}", highlight=False)
+        console.print(f"Measured sensitivity (next-token KL when shared alone, the better of index and head-aligned): "
+                      f"least {easy}; most {hard}", highlight=False)
+    aligned = search.meta.get("aligned_layers")
+    if aligned is not None:
+        console.print(f"Head maps kept where they measured better than index sharing (alone): "
+                      f"{', '.join(map(str, aligned)) or 'none'}", highlight=False)
     best = search.best_plan
     if best is None:
         console.print("[bold red]No plan tried stays within the tolerance;[/] raise --tolerance or share fewer layers.")

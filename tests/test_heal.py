@@ -188,6 +188,25 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_head_maps_travel_through_heal_export_and_load_shared(tmp_path, text_data, heldout):
+    from sa_analysis import load_shared
+
+    loaded = tiny_loaded()
+    plan = SharePlan(4, [2, 3], model=loaded.info.shape(), head_map={3: [2, 0, 3, 1]})
+    report = heal(loaded, plan, text_data, heldout, config(steps=2), out=tmp_path)
+    assert loaded.share.head_map == {3: (2, 0, 3, 1)}
+    expected = _logits(loaded.model, heldout.input_ids)
+    reloaded = load_shared(report.files["model"], device="cpu", dtype="float32")
+    assert reloaded.share.head_map == {3: (2, 0, 3, 1)}
+    assert torch.equal(_logits(reloaded.model, heldout.input_ids), expected)
+    exact = load_shared(report.files["model"], device="cpu", dtype="float32", mode="exact")  # the map survives a mode change
+    assert exact.share.head_map == {3: (2, 0, 3, 1)}
+    torch.testing.assert_close(_logits(exact.model, heldout.input_ids), expected, rtol=1e-4, atol=1e-4)
+    reloaded.share.remove()
+    with share_attention(reloaded.model, PLAN):  # by index the same weights give other logits: the map was applied
+        assert not torch.allclose(_logits(reloaded.model, heldout.input_ids), expected, atol=1e-4)
+
+
 def test_full_heal_sends_gradients_through_the_follower_into_the_anchor(text_data, heldout):
     loaded = tiny_loaded()
     model = loaded.model

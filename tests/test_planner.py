@@ -559,3 +559,134 @@ def test_a_plan_that_repeats_a_follower_says_so(tmp_path):
     path.write_text(json.dumps(plan))
     with pytest.raises(UserError, match="lists follower 3 more than once"):
         SharePlan.load(path)
+
+
+# ----- head alignment ----------------------------------------------------------------------------------------
+def permuted_report(n_layers: int = 4, n_heads: int = 4, perm=(2, 0, 3, 1), off: float = 2.0) -> AttentionReport:
+    """Cross-head KL where follower head h of layer m matches anchor head perm[h] of layer m-1 exactly (KL 0) and
+    every other head pair costs `off`: sharing by index costs `off` per head, the aligned map costs 0."""
+    kl_mean = np.full((n_layers, n_heads, n_layers, n_heads), off)
+    for m in range(1, n_layers):
+        for h in range(n_heads):
+            kl_mean[m, h, m - 1, perm[h]] = 0.0
+    for l in range(n_layers):
+        kl_mean[l, :, l, :] = off
+        kl_mean[l, np.arange(n_heads), l, np.arange(n_heads)] = 0.0
+    head_mean = np.diagonal(kl_mean, axis1=1, axis2=3).mean(-1)  # [L, L] index-matched
+    report = fake_report(head_mean, n_heads=n_heads)
+    report.arrays["kl_mean"] = kl_mean
+    return report
+
+
+def test_hungarian_recovers_a_known_head_permutation():
+    from sa_analysis.planner import head_alignment
+
+    alignment = head_alignment(permuted_report())
+    assert alignment.maps[2, 1].tolist() == [2, 0, 3, 1]
+    assert alignment.aligned[2, 1] == 0.0 and alignment.by_index[2, 1] == pytest.approx(2.0)
+    assert alignment.helps()[2, 1] and not alignment.helps()[1, 1]
+
+
+def test_planner_takes_head_maps_where_they_predict_less():
+    report = permuted_report()
+    aligned = plan_spans(report, budget=1, stability_resamples=0)
+    by_index = plan_spans(report, budget=1, align_heads="off", stability_resamples=0)
+    follower = aligned.followers[0]
+    assert aligned.head_map == {follower: [2, 0, 3, 1]} and aligned.total_cost == 0.0
+    assert aligned.index_costs == {follower: pytest.approx(2.0)}
+    assert by_index.head_map == {} and by_index.total_cost == pytest.approx(2.0)
+    again = SharePlan.from_dict(json.loads(json.dumps(aligned.to_dict())))
+    assert again.head_map == aligned.head_map and again.index_costs == aligned.index_costs
+
+
+def test_planner_keeps_index_sharing_where_a_map_gains_nothing():
+    report = permuted_report(perm=(0, 1, 2, 3))  # heads already aligned by index
+    plan = plan_spans(report, budget=2, stability_resamples=0)
+    assert plan.head_map == {} and plan.total_cost == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aligned_layers_limit_where_maps_are_used_and_js_cannot_align():
+    report = permuted_report()
+    plan = plan_spans(report, budget=1, aligned_layers=[], stability_resamples=0)
+    assert plan.head_map == {}
+    with pytest.raises(UserError, match="cannot be aligned"):
+        plan_spans(report, budget=1, cost="js", align_heads="on")
+    auto = plan_spans(report, budget=1, cost="js", stability_resamples=0)
+    assert auto.head_map == {} and any("by index" in note for note in auto.notes)
+    with pytest.raises(UserError, match="auto, on or off"):
+        plan_spans(report, budget=1, align_heads="yes")
+
+
+def test_evaluate_plan_prices_a_given_head_map():
+    report = permuted_report()
+    plan = SharePlan(4, [2], head_map={2: [2, 0, 3, 1]})
+    assert evaluate_plan(plan, report).total_cost == 0.0
+    assert evaluate_plan(SharePlan(4, [2]), report).total_cost == pytest.approx(2.0)
+
+
+def test_bad_head_maps_in_plan_files_are_refused(tmp_path):
+    with pytest.raises(UserError, match="does not share"):
+        SharePlan(4, [2], head_map={3: [0, 1, 2, 3]})
+    with pytest.raises(UserError, match="4 query heads"):
+        SharePlan(4, [2], model={"n_heads": 4}, head_map={2: [0, 1]})
+    data = SharePlan(4, [2]).to_dict()
+    data["head_map"] = {"2": "abc"}
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="malformed head_map"):
+        SharePlan.load(tmp_path / "plan.json")
+
+
+# ----- sliding windows ---------------------------------------------------------------------------------------------
+GEMMA3_270M = {"name": "gemma-3-270m", "n_layers": 18, "n_heads": 4, "n_kv_heads": 1, "head_dim": 256, "hidden_size": 640,
+               "sliding_window": 512, "layer_types": ["full_attention" if (l + 1) % 6 == 0 else "sliding_attention" for l in range(18)]}
+
+
+def test_windowed_kv_savings_by_hand():
+    """Gemma-3-270M at 4096 tokens: 15 sliding layers cache 512 tokens, 3 global layers 4096 (19.5 MiB of K+V)."""
+    plan = SharePlan(18, [1, 2, 3], model=GEMMA3_270M)
+    s = plan.savings(context_len=4096)
+    per_token = 1 * 256 * 2  # one KV head of 256, bf16
+    assert s["kv_cache_bytes_at_context"] == 2 * per_token * (15 * 512 + 3 * 4096) == 20_447_232  # 19.5 MiB
+    assert s["kv_cache_bytes_saved_at_context"] == 3 * per_token * 512  # three sliding K caches, values unchanged
+    assert s["kv_cache_fraction_saved"] == pytest.approx(3 * 512 / (2 * (15 * 512 + 3 * 4096)))
+    # a global follower of a sliding anchor: its K cache goes and its values shrink to the window
+    mixed = SharePlan(18, [5], model=GEMMA3_270M).savings(context_len=4096)
+    assert mixed["kv_cache_bytes_saved_at_context"] == per_token * (4096 + 4096 - 512)
+
+
+def gemma_report(seq_len: int) -> AttentionReport:
+    kl = np.full((18, 18), 1.0)
+    for l in range(18):
+        kl[l, l] = 0.0
+    kl[5, 4] = kl[11, 10] = 0.01  # a global layer looks just like the sliding layer before it (short analysis)
+    report = fake_report(kl, n_heads=4, model=GEMMA3_270M)
+    report.meta["data"] = {"seq_len": seq_len}
+    return report
+
+
+def test_pairs_whose_masks_differ_are_forbidden_and_said():
+    plan = plan_spans(gemma_report(256), budget=2, stability_resamples=0)
+    assert not set(plan.followers) & {5, 11, 17} and plan.mask_notes == {}
+    assert any("not allowed" in note for note in plan.notes)
+    assert any("256 tokens" in note and "--seq-len 1024" in note for note in plan.notes)
+    allowed = plan_spans(gemma_report(256), budget=2, mask_change=True, stability_resamples=0)
+    assert allowed.followers == [5, 11]
+    assert "past 512 tokens layer 5 sees only the last 512" in allowed.mask_notes[5]
+    assert not any("no longer than the sliding window" in n for n in plan_spans(gemma_report(1024), budget=2, stability_resamples=0).notes)
+
+
+# ----- stability -----------------------------------------------------------------------------------------------------
+def test_bootstrap_stability_of_a_clear_and_a_coin_toss_choice():
+    kl = np.full((6, 6), 1.0)
+    kl[3, 2] = 0.1  # a clear choice: the planner picks 3 whatever the resample
+    clear = fake_report(kl, n_seqs=8)
+    plan = plan_spans(clear, budget=1, stability_resamples=50)
+    assert plan.followers == [3] and plan.stability["followers"] == {3: 1.0} and plan.stability["same_plan"] == 1.0
+    toss = fake_report(kl, n_seqs=8)
+    per_seq = toss.arrays["kl_layers"]
+    per_seq[:, 3, 2] = np.where(np.arange(8) % 2 == 0, 0.0, 0.2)  # layers 3 and 4 alternate as the cheaper one
+    per_seq[:, 4, 3] = np.where(np.arange(8) % 2 == 0, 0.2, 0.0001)
+    plan = plan_spans(toss, budget=1, stability_resamples=200)
+    share = plan.stability["followers"][plan.followers[0]]
+    assert 0.3 < share < 0.9 and plan.stability["resamples"] == 200
+    assert SharePlan.from_dict(plan.to_dict()).stability == plan.stability

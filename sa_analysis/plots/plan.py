@@ -143,7 +143,7 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     with paper_style():
-        fig = new_figure(7, 4.5)
+        fig = new_figure(9.5, 4.5)
         ax = fig.subplots()
         for method, style in SEARCH_STYLES.items():
             rows = [r for r in search.rows if r["method"] == method]
@@ -158,7 +158,8 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
         _best_curves(ax, search.rows)
         ax.axhline(100 * search.tolerance, color=PALETTE[3], linestyle="--", linewidth=1, label=f"tolerance {100 * search.tolerance:g}%")
         if search.best is not None:
-            best = next(r for r in search.rows if r["followers"] == search.best["followers"])
+            aligned = sorted(int(m) for m in (search.best.get("head_map") or {}))
+            best = next(r for r in search.rows if r["followers"] == search.best["followers"] and sorted(r.get("aligned", [])) == aligned)
             ax.scatter([best["n_shared"]], [100 * best["ppl_change"]], marker="*", s=220, facecolor="none",
                        edgecolor="black", linewidth=1.2, label=f"chosen: {best['spans']}")
         if search.validation is not None:
@@ -174,5 +175,5 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
         ax.set_ylabel("perplexity change (%, log scale above 10)")
         ax.set_title("Shared Attention plans tried (calibration text)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         return save_figure(fig, path, ("png",))[0]

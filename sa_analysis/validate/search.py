@@ -239,9 +239,7 @@ def _variants(plan: Any, align: str) -> list[Any]:
     """The plan, and under auto the same followers by index where it maps heads: both are measured."""
     if align != "auto" or not plan.head_map:
         return [plan]
-    by_index = dict(plan.follower_costs or {})
-    by_index.update(plan.index_costs)
-    return [plan, replace(plan, head_map={}, index_costs={}, follower_costs=by_index or None)]
+    return [plan, replace(plan, head_map={}, index_costs={}, follower_costs=None)]  # its planner cost is not the plan's
 
 
 def _plan_key(plan: Any) -> tuple:
