@@ -45,6 +45,9 @@ DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="'auto
 TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Plain-text or JSONL file (field 'text'). Default: CPython's documentation topics.")]
 NSeqsOpt = Annotated[int, typer.Option("--n-seqs", min=1, help="Number of sequences to analyse.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per sequence.")]
+AnalysisSeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", min=2, show_default=False, help=(
+    f"Tokens per sequence. Default: {defaults.SEQ_LEN}, or twice the sliding window for a model that mixes windowed and "
+    "global layers (so the analysis tells them apart)."))]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: sa-output/<model>/.")]
 
 DEFAULT_MODEL = defaults.MODEL  # every default the CLI shows comes from the library (sa_analysis/defaults.py)

@@ -9,8 +9,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, OptionalModelOpt,
-                     NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt, app, console, default_out, loading_status,
+from cli.app import (AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, OptionalModelOpt,
+                     NSeqsOpt, OutOpt, RandomInitOpt, TextOpt, app, console, default_out, loading_status,
                      sequence_progress, user_errors, wrote)
 
 
@@ -24,7 +24,7 @@ def heatmap(
     device_map: DeviceMapOpt = None,
     text: TextOpt = None,
     n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
-    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    seq_len: AnalysisSeqLenOpt = None,
     out: OutOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Redraw the figures of a saved report.json without running the model.")] = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="Leave the first k key positions (attention sinks) out of every metric.")] = 0,
@@ -55,6 +55,9 @@ def heatmap(
                                   exclude_first=exclude_first, path=path, formats=formats, progress=sequence_progress,
                                   status=loading_status)
     print_summary(result)
+    note = result.meta.get("settings", {}).get("length_note")
+    if note:
+        console.print(f"note: {note}", highlight=False)
     console.print(f"[bold]Report and figures[/] for {result.model_name} in [cyan]{out_dir}[/]:")
     wrote(written)
 

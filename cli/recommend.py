@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from cli.app import (
-    DEFAULT_MODEL, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
-    RandomInitOpt, SeqLenOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
+    AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
+    RandomInitOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
     user_errors, wrote,
 )
 from sa_analysis import defaults
@@ -36,7 +36,7 @@ def recommend_spans(
     dtype: DtypeOpt = None,
     text: TextOpt = None,
     n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
-    seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
+    seq_len: AnalysisSeqLenOpt = None,
     random_init: RandomInitOpt = False,
     device_map: DeviceMapOpt = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
@@ -72,7 +72,7 @@ def recommend_spans(
         with spinner("measuring plans") as shown:
             search, paths = run_search(
                 result.report, ModelSpec(result.model_spec, device, dtype, random_init, device_map),
-                TextSpec(text, n_seqs, seq_len), out=result.out, max_budget=plan.n_shared, tolerance=tolerance,
+                TextSpec(text, n_seqs, seq_len or result.report.meta.get("data", {}).get("seq_len") or defaults.SEQ_LEN), out=result.out, max_budget=plan.n_shared, tolerance=tolerance,
                 cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span"),
                                                        constraints.align_heads, constraints.mask_change),
                 progress=lambda message: shown.update(f"[bold]{message}[/]"))

@@ -54,3 +54,32 @@ def _shape(config: dict) -> ConfigShape | None:
         return None
     positions = text.get("max_position_embeddings") or text.get("n_positions")
     return ConfigShape(layers, positions if isinstance(positions, int) else None)
+
+
+CPU_EXPOSE_LIMIT = 2048  # on a CPU, the default analysis is not lengthened past this many tokens (time)
+
+
+def analysis_length(requested: int | None, layer_types: list[str], window: int | None, max_positions: int | None,
+                    on_gpu: bool, default: int) -> tuple[int, str | None]:
+    """(tokens per analysed sequence, a sentence for the user or None).
+
+    Windowed (sliding) and global layers only differ on sequences longer than the window; an analysis shorter
+    than it calls them alike. Without a --seq-len the analysis of a model that mixes them is lengthened to twice the
+    window (within the context, and on a CPU only up to `CPU_EXPOSE_LIMIT` tokens: otherwise it says why not).
+    """
+    mixed = bool(window) and len(set(layer_types)) > 1
+    if not mixed or (requested is None and default > window):
+        return (requested or default), None
+    if requested is not None:
+        if requested > window:
+            return requested, None
+        return requested, (f"--seq-len {requested} does not reach the {window}-token sliding window, so windowed and global "
+                           f"layers look alike in this analysis; the planner keeps them apart by their masks "
+                           f"(--seq-len {2 * window} measures them)")
+    wanted = min(2 * window, max_positions or 2 * window)
+    if not on_gpu and wanted > CPU_EXPOSE_LIMIT:
+        return default, (f"analysing {default} tokens per sequence: exposing the {window}-token sliding window needs "
+                         f"--seq-len {wanted}, too slow on a CPU (run it on a GPU); the planner keeps windowed and global "
+                         f"layers apart by their masks")
+    return wanted, (f"analysing {wanted} tokens per sequence (twice the {window}-token sliding window) so that windowed "
+                    f"and global layers are told apart")

@@ -690,3 +690,18 @@ def test_bootstrap_stability_of_a_clear_and_a_coin_toss_choice():
     share = plan.stability["followers"][plan.followers[0]]
     assert 0.3 < share < 0.9 and plan.stability["resamples"] == 200
     assert SharePlan.from_dict(plan.to_dict()).stability == plan.stability
+
+
+def test_analysis_length_exposes_the_window_or_says_why_not():
+    from sa_analysis.shapes import analysis_length
+
+    gemma = GEMMA3_270M["layer_types"]
+    assert analysis_length(None, gemma, 512, 32768, on_gpu=False, default=256)[0] == 1024
+    assert analysis_length(None, ["sliding_attention"] * 4, 4096, 32768, on_gpu=False, default=256) == (256, None)  # Mistral: one mask
+    assert analysis_length(None, ["full_attention"] * 4, None, 4096, on_gpu=False, default=256) == (256, None)
+    kept, why = analysis_length(None, gemma, 4096, 8192, on_gpu=False, default=256)
+    assert kept == 256 and "--seq-len 8192" in why and "CPU" in why
+    assert analysis_length(None, gemma, 4096, 8192, on_gpu=True, default=256)[0] == 8192
+    given, note = analysis_length(300, gemma, 512, 32768, on_gpu=True, default=256)
+    assert given == 300 and "does not reach the 512-token sliding window" in note
+    assert analysis_length(600, gemma, 512, 32768, on_gpu=False, default=256) == (600, None)

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..io import ensure_writable_dir
 from ..loading import LoadedModel
 from ..prechecks import check_before_loading
+from ..shapes import analysis_length
 from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
 from ..report import AttentionReport, check_report_model
@@ -127,7 +128,7 @@ def run_heatmap(
     dtype: str | None = None,
     text: str | Path | None = None,
     n_seqs: int = defaults.N_SEQS,
-    seq_len: int = defaults.SEQ_LEN,
+    seq_len: int | None = None,
     out: Path,
     random_init: bool = False,
     device_map: str | None = None,
@@ -141,17 +142,24 @@ def run_heatmap(
 
     `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
     `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner).
+    `seq_len` None: `defaults.SEQ_LEN`, or twice the sliding window of a model that mixes windowed and global layers
+    (`shapes.analysis_length`; the report's settings say why, under "length_note").
     """
     check_before_loading(model, out=out, text=text, seq_len=seq_len)
     with status(f"loading {model}") if status else nullcontext():
         loaded = load_with_plan(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
+    info = loaded.info
+    seq_len, length_note = analysis_length(seq_len, info.layer_types, info.sliding_window, info.max_positions,
+                                           "cuda" in info.device, defaults.SEQ_LEN)
     batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
     path = preflight(loaded, batch, path)
     bar = progress(batch.n_seqs) if progress else nullcontext(None)
     with bar as advance:
         report = analyse(loaded, batch, exclude_first=exclude_first, path=path, on_sequence=advance)
+    if length_note:
+        report.meta["settings"]["length_note"] = length_note
     return report, write_outputs(report, out, formats)
 
 

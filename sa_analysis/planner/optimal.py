@@ -75,7 +75,9 @@ def optimal_followers(
         limit = max_cost + _TOL * max(1.0, abs(max_cost))
         n_share = max(k for k in range(k_max + 1) if best[0, k] <= limit or k == 0)
     elif not np.isfinite(best[0, n_share]):
-        raise UserError(f"Every way of sharing {n_share} layers has an infinite cost (e.g. KL across different attention masks); lower the budget or use --cost cosine.")
+        raise UserError(f"Every way of sharing {n_share} layers has an infinite cost (layer pairs whose attention masks differ are "
+                        f"forbidden unless --allow-mask-change, and their KL is infinite once the analysis passes the window, "
+                        f"where --cost cosine still prices them); lower the budget.")
     return _followers_from_choice(choice, n_share)
 
 

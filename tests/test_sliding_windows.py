@@ -1,0 +1,59 @@
+"""Sliding-window models: an analysis shorter than the window calls windowed and global layers alike, a longer one
+gives infinite KL between them; either way the planner keeps such pairs apart and says why (tiny Gemma 3 with a
+40-token window, five sliding layers then a global one, as Gemma 3 orders them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from sa_analysis.errors import UserError
+from sa_analysis.loading import LoadedModel, describe
+from sa_analysis.pipeline import analyse
+from sa_analysis.planner import plan_spans
+from sa_analysis.shapes import analysis_length
+
+WINDOW = 40
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    model = tiny_model("gemma3_text", dtype=torch.float32, n_layers=6, sliding_window=WINDOW, max_position_embeddings=256,
+                       layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    return LoadedModel(model, None, describe(model, "tiny-gemma3", "tiny-gemma3", "random-init"))
+
+
+def _report(loaded, seq_len):
+    from sa_analysis.data import default_tokenizer, token_batch
+
+    batch = token_batch(default_tokenizer(), n_seqs=2, seq_len=seq_len, vocab_size=128)
+    return analyse(loaded, batch)
+
+
+def test_the_default_length_exposes_the_window_and_the_pairs_diverge(gemma):
+    info = gemma.info
+    seq_len, note = analysis_length(None, info.layer_types, info.sliding_window, info.max_positions, False, default=32)
+    assert seq_len == 2 * WINDOW and "twice the 40-token sliding window" in note
+    long = _report(gemma, seq_len).layer_matrix("kl")
+    short = _report(gemma, WINDOW).layer_matrix("kl")
+    sliding, full = 4, 5
+    assert info.layer_types[sliding] == "sliding_attention" and info.layer_types[full] == "full_attention"
+    assert np.isinf(long[full, sliding]) and np.isfinite(long[sliding, 3])  # same masks stay comparable
+    assert np.isfinite(short[full, sliding])  # within the window both masks are the same causal triangle
+
+
+def test_the_planner_keeps_windowed_and_global_layers_apart_at_any_length(gemma):
+    short = _report(gemma, WINDOW)
+    assert np.isfinite(short.layer_matrix("kl")[5, 4])
+    plan = plan_spans(short, budget=2, stability_resamples=0)
+    assert 5 not in plan.followers and plan.mask_notes == {}
+    assert any("no longer than the sliding window" in note for note in plan.notes)
+    with pytest.raises(UserError, match="--allow-mask-change"):
+        plan_spans(short, budget=1, first_shareable=5, stability_resamples=0)
+    mixed = plan_spans(short, budget=1, mask_change=True, first_shareable=5, stability_resamples=0)
+    assert mixed.followers == [5] and "past 40 tokens layer 5 sees only the last 40" in mixed.mask_notes[5]
