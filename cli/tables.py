@@ -49,7 +49,7 @@ def _print_speed(speed: dict, predicted: Optional[dict]) -> None:
 
 
 def _print_tasks(tasks: dict) -> None:
-    table = Table(title="Downstream tasks (lm-evaluation-harness)", title_justify="left")
+    table = Table(title="Downstream tasks", title_justify="left")
     for column in ("task", "metric", "baseline", "patched", "change"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for task, metrics in tasks["baseline"].items():

@@ -17,7 +17,7 @@ PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.js
 SpansOpt = Annotated[Optional[str], typer.Option("--spans", help="Instead of --plan: followers as ranges, e.g. 23-26,28-30 (each span reuses the layer before it).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="fast (SDPA on the anchor's Q and K) or exact (the anchor's materialised fp32 softmax).")]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest relative perplexity increase that passes (0.05 = +5%).")]
-TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated: names (sa_tiny_mc ships with sa-analysis) or task YAML paths. Needs `pip install lm-eval`.")]
+TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Tasks, comma-separated: passkey (retrieval of a key hidden at several depths, at lengths up to the model's context, or up to N with passkey@N; built in), or lm-evaluation-harness names (sa_tiny_mc ships with sa-analysis) and task YAML paths (these need `pip install lm-eval`).")]
 TaskLimitOpt = Annotated[Optional[int], typer.Option("--task-limit", min=1, help="At most this many examples per task.")]
 NoSpeedOpt = Annotated[bool, typer.Option("--no-speed", help="Skip the prefill/decode throughput and memory measurements.")]
 DecodeOpt = Annotated[int, typer.Option("--decode-tokens", min=0, help="Tokens decoded per sequence when measuring decode speed.")]

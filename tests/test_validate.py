@@ -170,6 +170,69 @@ def test_tasks_without_lm_eval_say_how_to_install(monkeypatch):
         run_tasks(tiny_model("llama"), None, ["sa_tiny_mc"])
 
 
+# ----- memory flat in the vocabulary ----------------------------------------------------------------------------------
+def test_a_large_vocabulary_recomputes_the_baseline_with_the_same_numbers(monkeypatch):
+    from sa_analysis.validate import quality
+
+    model = tiny_model("llama", dtype=torch.float32, vocab_size=4096)
+    ids = torch.randint(3, 4096, (4, 40), generator=torch.Generator().manual_seed(0))
+    kept = quality.baseline(model, ids, batch_size=4)
+    assert kept.log_probs is not None and kept.batch_size == 4
+    recomputed = quality.baseline(model, ids, batch_size=4, keep_bytes=0)  # as for a 262k vocabulary at 8 x 256
+    assert recomputed.log_probs is None
+    monkeypatch.setattr(quality, "MICRO_BATCH_BYTES", 2 * 39 * 4096 * 4)  # room for two sequences at a time
+    monkeypatch.setattr(quality, "POSITION_CHUNK", 7)  # the comparison in chunks of positions
+    small = quality.baseline(model, ids, batch_size=4, keep_bytes=0)
+    assert small.batch_size == 2
+    plan = {2: 1, 3: 1}
+    expected = quality.measure_quality(model, plan, kept)
+    for base in (recomputed, small):
+        got = quality.measure_quality(model, plan, base)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key  # float32 sums in another order
+    assert expected["kl_mean"] > 0 and expected["top1_agreement"] < 1
+
+
+# ----- passkey retrieval (built in) ----------------------------------------------------------------------------------------
+def test_passkey_prompts_hide_the_key_at_each_depth_and_length():
+    from sa_analysis.data import default_tokenizer
+    from sa_analysis.validate.passkey import DEPTHS, passkey_lengths, passkey_prompts
+
+    tokenizer = default_tokenizer()
+    assert passkey_lengths(8192) == [1024, 2048, 4096, 8192] and passkey_lengths(1024) == [256, 512, 1024]
+    prompts = passkey_prompts(tokenizer, [300, 600], samples=2)
+    assert len(prompts) == 2 * len(DEPTHS) * 2 and {len(p["ids"]) for p in prompts} == {300, 600}
+    assert passkey_prompts(tokenizer, [300]) == passkey_prompts(tokenizer, [300])  # the same every run
+    for p in prompts:
+        text = tokenizer.decode(p["ids"])
+        key = tokenizer.decode(p["ids"][-p["key_len"]:]).strip()
+        assert len(key) == 5 and key.isdigit() and text.count(key) == 3  # twice in the needle, once as the answer
+        where = text.index("The pass key is") / len(text)
+        assert abs(where - p["depth"]) < 0.25  # the needle sits at its depth of the filler
+
+
+def test_passkey_task_names_are_checked_without_lm_eval(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # built-in tasks need no lm-eval
+    from sa_analysis.validate import check_tasks
+
+    assert check_tasks(["passkey", "passkey@1024"]) == ["passkey", "passkey@1024"]
+    with pytest.raises(UserError, match="did you mean passkey"):
+        check_tasks(["paskey"])
+    with pytest.raises(UserError, match="passkey@N"):
+        check_tasks(["passkey@big"])
+
+
+@pytest.mark.slow
+def test_default_model_retrieves_passkeys_and_a_random_model_does_not(default_model):
+    from sa_analysis.validate import run_tasks
+
+    found = run_tasks(default_model.model, default_model.tokenizer, ["passkey@512"], limit=1)["passkey@512"]
+    assert found["acc"] >= 0.8 and set(found) >= {"acc_len256", "acc_len512", "acc_depth50"}  # SmolLM2-135M finds it
+    model = tiny_model("llama", dtype=torch.float32, vocab_size=default_model.info.vocab_size, max_position_embeddings=512)
+    assert run_tasks(model, default_model.tokenizer, ["passkey@512"], limit=1)["passkey@512"]["acc"] == 0.0
+
+
 # ----- the real default model and the CLI ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_model_validate_run(default_model):

@@ -24,7 +24,7 @@ def check_validate_options(plan_file: str | Path | None, spans: str | None, mode
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     check_mode(mode)
     if tasks:
-        with status_of(status, "indexing lm-eval tasks"):
+        with status_of(status, "checking the task names"):
             check_tasks(tasks)
 
 

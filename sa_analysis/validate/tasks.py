@@ -1,4 +1,5 @@
-"""Downstream tasks through lm-evaluation-harness (`HFLM` wrapping the model object; local task files offline)."""
+"""Downstream tasks: the built-in ones (`BUILTIN_TASKS`: passkey retrieval at long context, no extra package) and
+any lm-evaluation-harness task (`HFLM` wrapping the model object; local task files offline)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,42 @@ from ..errors import UserError
 from ..patch import share_attention
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # the shipped offline tasks (sa_tiny_mc)
+
+
+def _passkey(model: torch.nn.Module, tokenizer: Any, limit: int | None, longest: int | None) -> dict[str, float]:
+    from .passkey import run_passkey
+
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return run_passkey(model, tokenizer, min(longest, context or longest) if longest else context, limit)
+
+
+BUILTIN_TASKS = {"passkey": _passkey}  # name -> run(model, tokenizer, limit, longest) -> {metric: value}; no lm-eval
+
+
+def _builtin_name(task: str) -> tuple[str, int | None] | None:
+    """("passkey", 4096) for "passkey@4096" (prompts up to that length), ("passkey", None) for "passkey", else None."""
+    name, _, longest = task.partition("@")
+    if name not in BUILTIN_TASKS:
+        return None
+    if longest and not (longest.isdigit() and int(longest) >= 256):
+        raise UserError(f"Could not read the task {task!r}; write {name} or {name}@N with N >= 256 tokens, e.g. {name}@4096.")
+    return name, int(longest) if longest else None
+
+
+def _split_builtin(tasks: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(built-in task names, the rest for lm-eval); a near miss of a built-in name is refused with its spelling."""
+    import difflib
+
+    builtin, others = [], []
+    for task in tasks:
+        if _builtin_name(task) is not None:
+            builtin.append(task)
+            continue
+        close = difflib.get_close_matches(task.lower(), list(BUILTIN_TASKS), n=1, cutoff=0.75)
+        if close and not Path(task).suffix:
+            raise UserError(f"Unknown task {task!r}; did you mean {close[0]}?")
+        others.append(task)
+    return builtin, others
 
 
 def _require_lm_eval():
@@ -72,24 +109,41 @@ def _task_manager(paths: tuple[str, ...], names: tuple[str, ...]):
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
-    """The lm-eval task names for `tasks` (names or YAML paths), checked before any model time is spent."""
+    """The task names for `tasks` (built-in names, lm-eval names or YAML paths), checked before any model time is
+    spent; lm-eval is only needed (and indexed) for tasks that are not built in."""
+    builtin, others = _split_builtin(tasks)
+    if not others:
+        return builtin
     _require_lm_eval()
-    names, paths = _task_names_and_paths(tasks)
+    names, paths = _task_names_and_paths(others)
     _task_manager(tuple(paths), tuple(names))
-    return names
+    return builtin + names
 
 
 def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None,
               batch_size: int = 8) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness tasks on the model object as it is now (patched or not): {task: {metric: value}}.
 
-    Local tasks (the shipped `sa_tiny_mc`, or YAML files given by path) run offline.
+    Built-in tasks (passkey) and local lm-eval tasks (the shipped `sa_tiny_mc`, or YAML files given by path) run
+    offline. `limit`: examples per lm-eval task, prompts per (length, depth) for passkey.
     """
-    _require_lm_eval()
     if tokenizer is None:
         from ..data import default_tokenizer
 
         tokenizer = default_tokenizer()
+    builtin, others = _split_builtin(tasks)
+    results = {}
+    for task in builtin:
+        name, longest = _builtin_name(task)
+        results[task] = BUILTIN_TASKS[name](model, tokenizer, limit, longest)
+    if others:
+        results.update(_run_lm_eval(model, tokenizer, others, limit, batch_size))
+    return results
+
+
+def _run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | None,
+                 batch_size: int) -> dict[str, dict[str, float]]:
+    _require_lm_eval()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
