@@ -29,10 +29,10 @@ def gemma():
 
 
 def _report(loaded, seq_len):
-    from sa_analysis.data import default_tokenizer, token_batch
+    from sa_analysis.data import TokenBatch
 
-    batch = token_batch(default_tokenizer(), n_seqs=2, seq_len=seq_len, vocab_size=128)
-    return analyse(loaded, batch)
+    ids = torch.randint(3, 128, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))  # [S, T]
+    return analyse(loaded, TokenBatch(ids, "random", "calibration", 1))
 
 
 def test_the_default_length_exposes_the_window_and_the_pairs_diverge(gemma):

@@ -31,6 +31,7 @@ class SharedAttention(nn.Module):
         self.v_proj = original.v_proj
         self.o_proj = original.o_proj
         self.head_map = None if head_map is None else tuple(int(g) for g in head_map)  # query head h reuses anchor head head_map[h]
+        self.__dict__["_index_cache"] = {}  # device -> (query heads, key heads) index tensors of the map
         # plain attributes (not submodules): the original module comes back on removal; the state is shared
         self.__dict__["original"] = original
         self.__dict__["_state"] = state
@@ -93,22 +94,32 @@ class SharedAttention(nn.Module):
 
     def _gather_heads(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         """(query [B, Hq, Q, D], key, value, module for the attention call) under this follower's head map."""
-        groups = self.num_key_value_groups
-        heads = torch.tensor(self.head_map, device=query.device)  # [Hq] anchor query head per query head
-        key_heads = heads // groups  # [Hq] the anchor key head each query head needs
-        query = query.index_select(1, heads)  # [B, Hq, Q, D]
-        per_group = key_heads.view(-1, groups)  # [Hkv, G]
-        if bool((per_group == per_group[:, :1]).all()):
-            return query, key.index_select(1, per_group[:, 0]), value, self  # key [B, Hkv, K, D]: still grouped
+        query_heads, key_heads, grouped = self._map_indices(query.device)
+        query = query.index_select(1, query_heads)  # [B, Hq, Q, D]
+        if grouped:
+            return query, key.index_select(1, key_heads), value, self  # key [B, Hkv, K, D]: still grouped
         key = key.index_select(1, key_heads)  # [B, Hq, K, D]
-        value = value.repeat_interleave(groups, dim=1)  # [B, Hq, K, D]: the follower's own value head h // G
+        value = value.repeat_interleave(self.num_key_value_groups, dim=1)  # [B, Hq, K, D]: the follower's value head h // G
         return query, key, value, _Ungrouped(self)
+
+    def _map_indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(anchor query head per query head [Hq], key heads to gather [Hkv] or [Hq], grouped?), made once per device
+        (no host-device copy or sync in the forward). Grouped: every query head of a KV group takes its keys from one
+        anchor key head, so one key head per group is gathered."""
+        if device not in self._index_cache:
+            groups = self.num_key_value_groups
+            key_of = [g // groups for g in self.head_map]  # the anchor key head each query head needs
+            per_group = [key_of[k * groups:(k + 1) * groups] for k in range(len(key_of) // groups)]
+            grouped = all(len(set(heads)) == 1 for heads in per_group)
+            keys = [heads[0] for heads in per_group] if grouped else key_of
+            self._index_cache[device] = (torch.tensor(self.head_map, device=device), torch.tensor(keys, device=device), grouped)
+        return self._index_cache[device]
 
     def _attend_exact(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
         """`P_anchor @ V_own` with the anchor's materialised softmax, like eager attention: [B, Q, Hq, D]."""
         probs = anchor.probs.to(value.dtype)  # [B, Hq, Q, K]
         if self.head_map is not None:
-            probs = probs.index_select(1, torch.tensor(self.head_map, device=probs.device))  # head h <- anchor head map[h]
+            probs = probs.index_select(1, self._map_indices(probs.device)[0])  # head h <- anchor head map[h]
         if self.training and self.attention_dropout:
             probs = nn.functional.dropout(probs, p=self.attention_dropout)
         value = value.repeat_interleave(self.num_key_value_groups, dim=1)  # [B, Hq, K, D]
