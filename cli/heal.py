@@ -1,8 +1,9 @@
 """`sa-analyze heal`: fine-tune a model with Shared Attention in force, compare perplexities, export it with its plan.
 
-One GPU or CPU: `sa-analyze heal --plan plan.json --data alpaca.jsonl`. The GPUs of one host (data parallel):
-`accelerate launch --num_processes 2 -m cli.main heal --plan plan.json --data alpaca.jsonl` (DeepSpeed optional,
-through accelerate's own config; never required).
+One GPU or CPU: `sa-analyze heal --plan plan.json --data alpaca.jsonl`. The GPUs of one host: one model spread
+over them (`--device-map auto`, LoRA), data parallel (`accelerate launch --num_processes 2 -m cli.main heal ...`), or
+a sharded full fine-tune (`... heal --full --fsdp`, or `--deepspeed ds_config.json` where DeepSpeed is installed).
+Training runs on transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.app import (DEFAULT_MODEL, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
+from cli.app import (DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
                      PlainStatus, app, console, default_out, spinner, user_errors, wrote)
 from sa_analysis import defaults
 
@@ -41,11 +42,15 @@ def heal(
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
     seq_len: SeqLenOpt = defaults.SEQ_LEN,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save a training checkpoint every N steps under OUT/checkpoints (0: never).")] = 0,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="With --full under accelerate launch / torchrun: shard weights, gradients and optimizer states over the processes (FSDP2).")] = False,
+    deepspeed: Annotated[Optional[Path], typer.Option("--deepspeed", help="A DeepSpeed config file (ZeRO-1/2/3) for the Trainer, where DeepSpeed is installed.")] = None,
+    report_to: Annotated[str, typer.Option("--report-to", help="Where the Trainer logs: none, tensorboard or wandb (when installed).")] = "none",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under OUT/checkpoints.")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast or exact.")] = "fast",
     seed: Annotated[int, typer.Option("--seed", help="Data order and adapter initialisation.")] = 0,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype. Default: float32 on CPU; on GPU bfloat16 for LoRA, float32 master weights (bf16 autocast) for --full.")] = None,
     random_init: RandomInitOpt = False,
     text: TextOpt = None,
@@ -57,8 +62,9 @@ def heal(
     plan (load it with `--model OUT/healed-model` or `sa_analysis.load_shared`).
 
     --text / --n-seqs / --seq-len choose the held-out evaluation text. Writes heal_report.json, heal.png,
-    healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host:
-    `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data parallel).
+    healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host: --device-map auto
+    (one process, LoRA), or `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data
+    parallel; with --full --fsdp, sharded).
     """
     from sa_analysis.prechecks import check_before_loading
 
@@ -70,7 +76,8 @@ def heal(
     method = "lora" if lora else "full"
     config = HealConfig(method=method, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
                         full_scope=full_scope, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                        seq_len=seq_len, save_every=save_every, mode=mode, seed=seed)
+                        seq_len=seq_len, save_every=save_every, mode=mode, seed=seed, shard="fsdp" if fsdp else "none",
+                        deepspeed=str(deepspeed) if deepspeed else None, report_to=report_to)
     bar: dict = {}  # the progress bar, made once the main process starts training
 
     def starting(start) -> None:
@@ -100,7 +107,7 @@ def heal(
 
     try:
         report = run_heal(
-            ModelSpec(model, device, dtype, random_init), TextSpec(text, n_seqs, seq_len), config, plan_file=plan,
+            ModelSpec(model, device, dtype, random_init, device_map), TextSpec(text, n_seqs, seq_len), config, plan_file=plan,
             spans=spans, data=data, out=default_out(out, model), resume=resume, status=spinner, on_start=starting,
             on_step=lambda step, loss: update(completed=step, loss=f"{loss:.4f}"),
             on_phase=lambda phase: update(description=PHASES.get(phase, phase)))

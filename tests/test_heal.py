@@ -18,7 +18,7 @@ from conftest import tiny_model
 from sa_analysis.compat import attention_implementation
 from sa_analysis.errors import UserError
 from sa_analysis.heal import (IGNORE_INDEX, HealConfig, alpaca_prompt, check_full_fits, full_finetune_bytes,
-                              full_parameters, heal, latest_checkpoint, load_heal_data, lora_targets)
+                              full_parameters, heal, load_heal_data, lora_targets)
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.patch import SharedAttention, share_attention
 from sa_analysis.planner import SharePlan
@@ -92,14 +92,14 @@ def test_alpaca_rows_learn_the_response_only(tokenizer):
     assert cut.n_skipped["prompt_too_long"] > 0 and all(len(ids) <= 40 for ids, _ in cut.examples)
 
 
-def test_text_windows_and_deterministic_order(text_data):
+def test_text_windows_and_the_trainers_rows(text_data):
     assert text_data.kind == "text" and all(len(ids) == SEQ for ids, _ in text_data.examples)
     assert all(torch.equal(ids, labels) for ids, labels in text_data.examples)
-    a = [text_data.indices(s, m, 4, 2, seed=3) for s in range(5) for m in range(2)]
-    b = [text_data.indices(s, m, 4, 2, seed=3) for s in range(5) for m in range(2)]
-    assert a == b
-    two = [text_data.indices(0, 0, 4, 1, rank=r, world=2) for r in range(2)]  # processes see different examples
-    assert not set(two[0]) & set(two[1])
+    rows = [text_data[i] for i in (0, 3)]  # the dataset rows the Trainer draws, and its collator
+    batch = text_data.collate(rows)
+    assert torch.equal(batch["input_ids"], torch.stack([r["input_ids"] for r in rows]))
+    assert batch["attention_mask"].all()
+    assert torch.equal(batch["labels"], text_data.batch([0, 3])["labels"])
 
 
 def test_alpaca_json_list_and_text_jsonl(tmp_path, tokenizer):
@@ -242,16 +242,20 @@ def test_lora_targets_skip_what_followers_never_run():
 
 
 def test_resume_continues_where_the_checkpoint_stopped(tmp_path, text_data, heldout):
-    settings = dict(steps=6, save_every=2)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    settings = dict(steps=6, save_every=2, lora_dropout=0.1)  # dropout: the RNG state must come back too
     whole = heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "whole", export=False)
 
     def stop_at_5(step, _loss):
         if step == 5:
             raise KeyboardInterrupt
 
+    interrupted = tiny_loaded()
     with pytest.raises(KeyboardInterrupt):
-        heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", on_step=stop_at_5)
-    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-000004"
+        heal(interrupted, PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", on_step=stop_at_5)
+    assert attention_implementation(interrupted.model) == "sdpa"  # the patch came off with the interruption
+    assert Path(get_last_checkpoint(str(tmp_path / "cut" / "checkpoints"))).name == "checkpoint-4"
     resumed = heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", resume=True)
     assert resumed.run["resumed_from"] == 4 and resumed.run["steps_run"] == 2
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
@@ -280,6 +284,21 @@ def test_full_finetune_that_does_not_fit_suggests_lora(monkeypatch, text_data, h
     with pytest.raises(UserError, match="LoRA"):
         heal(loaded, PLAN, text_data, heldout, config(method="full", steps=1))
     assert attention_implementation(loaded.model) == "sdpa"  # refused before patching anything
+    # on a host with GPUs the sentence names the fewest that would hold it sharded: 4W of state, 0.9 x 2W per GPU
+    with pytest.raises(UserError, match=r"FSDP over 3 GPUs \(`accelerate launch --num_processes 3"):
+        check_full_fits(params, torch.device("cuda"), gpus=8)
+    with pytest.raises(UserError, match="LoRA instead"):  # more GPUs than the host has: LoRA
+        check_full_fits(params, torch.device("cuda"), gpus=2)
+    assert check_full_fits(params, torch.device("cuda"), world=3, sharded=True, gpus=8)["per_process"] <= 0.9 * 2 * need["weights"]
+
+
+def test_sharded_lora_and_a_missing_deepspeed_config_are_refused(tmp_path):
+    with pytest.raises(UserError, match="full fine-tunes"):
+        HealConfig(method="lora", shard="fsdp")
+    with pytest.raises(UserError, match="does not exist"):
+        HealConfig(method="full", deepspeed=str(tmp_path / "ds.json"))
+    with pytest.raises(UserError, match="none, tensorboard or wandb"):
+        HealConfig(report_to="mlflow")
 
 
 # ----- the command -------------------------------------------------------------------------------------------
@@ -295,7 +314,7 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
             "--seq-len", 64, "--n-seqs", 2, "--save-every", 2, "--out", out]
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/step-000002/state.json"):
+    for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/checkpoint-2/trainer_state.json"):
         assert (out / name).exists(), name
     assert "healed" in result.output and "Recovered" in result.output
     assert "healing: step 3/3, loss" in result.output  # not a terminal: progress as plain lines

@@ -14,30 +14,33 @@ Order of operations (why LoRA applies to the weights actually used):
 2. LoRA adapters are injected *before* patching, into the unpatched attention modules: the follower module that
    the patch swaps in holds the same (now LoRA-wrapped) `v_proj` / `o_proj`, and anchors keep theirs. Followers'
    `q_proj` / `k_proj` get no adapter (the patch takes them out of the module tree: they are never used);
-3. the patch is applied, the loop trains (plain torch + `accelerate.Accelerator`: device placement, DDP across
-   the GPUs of one host under `accelerate launch`, bf16 autocast on GPU, float32 on CPU);
-4. the patch is lifted, LoRA is merged into the base weights, the patch is applied again, the healed perplexity is
-   measured on exactly the weights that are exported (`shared_model.export_shared`).
+3. the patch is applied and `transformers.Trainer` trains: the schedule (warm-up, cosine decay), gradient
+   accumulation, clipping, bf16 autocast on GPU, checkpoints and resume, logging (`report_to`), and the processes
+   of `accelerate launch` / torchrun: data parallel, FSDP2 (`shard="fsdp"`) or DeepSpeed (`deepspeed=CONFIG`);
+   a model spread with `--device-map` trains in one process (LoRA);
+4. the patch is lifted, LoRA is merged into the base weights (sharded runs: the full weights are gathered into
+   an unsharded copy on the main process), the patch is applied again, the healed perplexity is measured on exactly
+   the weights that are exported (`shared_model.export_shared`).
 
-Gradient checkpointing (activation recomputation) is not supported while patched; "checkpoints" here are saved
-training states (trainable weights, optimizer, step) under `out/checkpoints/`, from which `resume=True` continues.
-Data order and dropout are functions of (seed, step), so a resumed run repeats an uninterrupted one.
+Gradient checkpointing (activation recomputation) is not supported while patched; "checkpoints" here are the
+Trainer's saved states under `out/checkpoints/` (weights or adapters, optimizer, schedule, RNG, data position),
+from which `resume=True` continues where an uninterrupted run would be.
 
-Modules: `config` (HealConfig), `data` (training rows), `params` (what trains, and whether it fits), `evaluate`
-(perplexity), `checkpoints`, `report` (HealReport), `train` (the run).
+Modules: `config` (HealConfig and its TrainingArguments), `data` (training rows, the Trainer's dataset and
+collator), `params` (what trains, and whether it fits), `evaluate` (perplexity), `report` (HealReport), `train`
+(the run).
 """
 
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DEFAULT_LR, FULL_SCOPES, METHODS, TRAIN_LAYERS, HealConfig
 from .data import ALPACA_PROMPT, IGNORE_INDEX, HealData, alpaca_example, alpaca_prompt, load_heal_data
 from .evaluate import perplexity, recovered_fraction
 from .params import add_lora, check_full_fits, free_memory_bytes, full_finetune_bytes, full_parameters, lora_targets
 from .report import HealReport
-from .train import export_healed, heal, make_accelerator
+from .train import SETTINGS_FILE, export_healed, heal
 
 __all__ = [
     "ALPACA_PROMPT", "DEFAULT_LR", "FULL_SCOPES", "IGNORE_INDEX", "METHODS", "TRAIN_LAYERS", "HealConfig", "HealData", "HealReport",
     "add_lora", "alpaca_example", "alpaca_prompt", "check_full_fits", "export_healed", "free_memory_bytes",
-    "full_finetune_bytes", "full_parameters", "heal", "latest_checkpoint", "load_checkpoint", "load_heal_data",
-    "lora_targets", "make_accelerator", "perplexity", "recovered_fraction", "save_checkpoint",
+    "full_finetune_bytes", "full_parameters", "heal", "load_heal_data", "lora_targets", "perplexity",
+    "recovered_fraction", "SETTINGS_FILE",
 ]

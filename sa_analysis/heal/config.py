@@ -1,4 +1,5 @@
-"""Heal settings: one small dataclass, with the library's defaults (the CLI shows these)."""
+"""Heal settings: one small dataclass, with the library's defaults (the CLI shows these), and the
+`transformers.TrainingArguments` they become."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ TRAIN_LAYERS = ("all", "from-anchor")
 FULL_SCOPES = ("all", "attention")
 
 
+SHARDING = ("none", "fsdp")  # fsdp: torch's FSDP2 through accelerate (full fine-tunes); DeepSpeed: `deepspeed=CONFIG`
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 
 
@@ -32,7 +39,9 @@ class HealConfig:
     batch_size is per process (GPU); one optimizer step sees batch_size x grad_accum x processes sequences.
     train_layers="from-anchor" leaves the layers below the first anchor frozen (their outputs do not change
     with sharing; backward then stops at the first anchor, which is cheaper). full_scope="attention" trains only
-    the attention projections in a full fine-tune.
+    the attention projections in a full fine-tune. shard="fsdp" shards a full fine-tune over the processes of
+    `accelerate launch` / torchrun (FSDP2); `deepspeed` is a DeepSpeed config file (ZeRO-1/2/3) handed to the
+    Trainer. report_to: where the Trainer logs (none, tensorboard, wandb).
     """
 
     method: str = "lora"
@@ -56,6 +65,9 @@ class HealConfig:
     seed: int = 0
     mode: str = "fast"  # Shared Attention mode while training and in the export
     eval_batch_size: int = 4
+    shard: str = "none"
+    deepspeed: str | None = None
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         from ..patch import check_mode
@@ -78,6 +90,28 @@ class HealConfig:
             raise UserError(f"The learning rate must be a positive number; got {self.lr}.")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"LoRA dropout must lie in [0, 1); got {self.lora_dropout}.")
+        if self.shard not in SHARDING:
+            raise UserError(f"Unknown sharding {self.shard!r}; use none or fsdp.")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"Unknown --report-to {self.report_to!r}; use none, tensorboard or wandb.")
+        if self.sharded and self.method == "lora":
+            raise UserError("Sharded training (FSDP, DeepSpeed) is for full fine-tunes; heal with LoRA on one GPU, "
+                            "with --device-map auto across the GPUs of one host, or data parallel (accelerate launch).")
+        if self.shard == "fsdp" and self.deepspeed:
+            raise UserError("Give either --fsdp or --deepspeed, not both.")
+        if self.deepspeed:
+            import importlib.util
+            from pathlib import Path
+
+            if not Path(self.deepspeed).expanduser().is_file():
+                raise UserError(f"The DeepSpeed config {self.deepspeed} does not exist; pass a DeepSpeed JSON config file.")
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserError("--deepspeed needs DeepSpeed (`pip install deepspeed`); or shard with --fsdp, which needs nothing more.")
+
+    @property
+    def sharded(self) -> bool:
+        """Are the weights sharded across processes (FSDP or a DeepSpeed config)?"""
+        return self.shard == "fsdp" or bool(self.deepspeed)
 
     @property
     def learning_rate(self) -> float:
@@ -87,15 +121,6 @@ class HealConfig:
     def warmup(self) -> int:
         return int(self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10))
 
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to `min_lr_ratio` x lr at the last step (a pure function of step)."""
-        lr = self.learning_rate
-        if step < self.warmup:
-            return lr * (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
     def structure(self) -> dict[str, Any]:
         """What a checkpoint's trainable weights depend on (a resumed run must agree on these)."""
         keys = ("method", "lora_rank", "lora_alpha", "lora_mlp", "train_layers", "full_scope", "mode")
@@ -103,3 +128,27 @@ class HealConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "learning_rate": self.learning_rate, "warmup": self.warmup}
+
+    def training_arguments(self, output_dir: str, cpu: bool, bf16: bool, layer_class: str | None = None):
+        """The `transformers.TrainingArguments` of this heal: the schedule (linear warm-up, cosine decay to
+        `min_lr_ratio` x lr), accumulation, clipping, checkpoints every `save_every` steps (keeping
+        `keep_checkpoints`), one log line per step, bf16 autocast where asked, and FSDP2 wrapping each
+        `layer_class` (the decoder layer) when sharded."""
+        from transformers import TrainingArguments
+
+        sharding: dict[str, Any] = {}
+        if self.shard == "fsdp":
+            sharding = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": [layer_class],
+                                                      "reshard_after_forward": True}}
+        elif self.deepspeed:
+            sharding = {"deepspeed": self.deepspeed}
+        return TrainingArguments(
+            output_dir=output_dir, max_steps=self.steps, per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum, learning_rate=self.learning_rate,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": self.min_lr_ratio},
+            warmup_steps=self.warmup, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm or 0.0,
+            save_strategy="steps" if self.save_every else "no", save_steps=self.save_every or 500,
+            save_total_limit=self.keep_checkpoints, seed=self.seed, data_seed=self.seed, logging_strategy="steps",
+            logging_steps=1, report_to=[] if self.report_to == "none" else [self.report_to], disable_tqdm=True,
+            remove_unused_columns=False, use_cpu=cpu, bf16=bf16, include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0, ddp_find_unused_parameters=False, log_level="error", log_level_replica="error", **sharding)

@@ -36,7 +36,6 @@ class HealData:
     pad_id: int
     n_rows: int = 0
     n_skipped: dict[str, int] = field(default_factory=dict)
-    _orders: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -48,24 +47,21 @@ class HealData:
                 "skipped": dict(self.n_skipped), "n_tokens": sum(lengths), "n_loss_tokens": loss_tokens,
                 "max_len": max(lengths) if lengths else 0}
 
-    def indices(self, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0, world: int = 1,
-                seed: int = 0) -> list[int]:
-        """The examples of micro-batch `micro` of optimizer step `step` on process `rank`: a fixed function of its
-        arguments (epochs are seeded permutations), so a resumed run sees the same data as an uninterrupted one."""
-        first = ((step * grad_accum + micro) * world + rank) * batch_size
-        return [self._example_at(position, seed) for position in range(first, first + batch_size)]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """One example as the Trainer's dataset row: {"input_ids", "labels"} (this object is the train dataset)."""
+        ids, labels = self.examples[index]
+        return {"input_ids": ids, "labels": labels}
 
-    def _example_at(self, position: int, seed: int) -> int:
-        epoch, index = divmod(position, len(self.examples))
-        order = self._orders.get(epoch)
-        if order is None:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = self._orders[epoch] = torch.randperm(len(self.examples), generator=generator)
-        return int(order[index])
+    def collate(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The Trainer's data collator: rows padded on the right with the data's pad id (its vocabulary's, which a
+        tokenizer's pad token may not be for a folded test vocabulary), no loss and no attention on padding."""
+        return self._pad([(row["input_ids"], row["labels"]) for row in rows])
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids`, `attention_mask`, `labels` [b, longest] for the given examples."""
-        rows = [self.examples[i] for i in indices]
+        return self._pad([self.examples[i] for i in indices])
+
+    def _pad(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

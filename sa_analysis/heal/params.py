@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Mapping, Sequence
 
@@ -112,18 +113,31 @@ def full_finetune_bytes(params: Sequence[torch.nn.Parameter]) -> dict[str, int]:
     return {"weights": weights, "gradients": weights, "optimizer": 2 * weights, "total": 4 * weights}
 
 
-def check_full_fits(params: Sequence[torch.nn.Parameter], device: torch.device, margin: float = 0.9) -> dict[str, int]:
-    """Refuse (UserError, suggesting LoRA) a full fine-tune whose gradients + optimizer states exceed free memory.
+def check_full_fits(params: Sequence[torch.nn.Parameter], device: torch.device, margin: float = 0.9, *,
+                    all_params: Sequence[torch.nn.Parameter] | None = None, world: int = 1, sharded: bool = False,
+                    gpus: int | None = None) -> dict[str, int]:
+    """Refuse, in one sentence naming an option that fits, a full fine-tune whose state exceeds free memory.
 
-    The weights are already resident; activations come on top, so only `margin` of the free memory is offered.
+    Per process: the weights (`all_params`, already resident unless sharded), gradients and two AdamW states of the
+    trained `params`; divided by `world` when the weights are sharded (FSDP, ZeRO-3). Activations come on top, so
+    only `margin` of the free memory is offered. The sentence suggests FSDP over the fewest GPUs of this host that
+    would hold it (`gpus`, default: those visible), else LoRA.
     """
     need = full_finetune_bytes(params)
-    extra = need["gradients"] + need["optimizer"]
+    weights = sum(p.numel() * p.element_size() for p in (all_params if all_params is not None else params))
+    state = weights + need["gradients"] + need["optimizer"]  # the whole run's state, unsharded
+    per_process = state / world if sharded else state
     free = free_memory_bytes(device)
-    if free is not None and extra > margin * free:
-        raise UserError(
-            f"A full fine-tune of {sum(p.numel() for p in params) / 1e6:,.1f}M parameters needs about "
-            f"{need['total'] / GIB:.1f} GiB on {device} (weights, gradients and two AdamW states) but only "
-            f"{free / GIB:.1f} GiB more is free; heal with LoRA instead (--lora, the default), or train fewer weights "
-            f"(--full-scope attention, --train-layers from-anchor).")
-    return {**need, "free": free}
+    capacity = None if free is None else margin * (free + weights)  # the weights are resident while this is asked
+    if capacity is None or per_process <= capacity:
+        return {**need, "free": free, "per_process": int(per_process)}
+    shards = math.ceil(state / capacity)
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    what = (f"A full fine-tune of {sum(p.numel() for p in params) / 1e6:,.1f}M parameters needs about "
+            f"{per_process / GIB:.1f} GiB per {'process' if sharded else 'device'} on {device} (weights, gradients and "
+            f"two AdamW states{f', sharded over {world}' if sharded else ''}) but only {capacity / GIB:.1f} GiB is there")
+    if device.type == "cuda" and world < shards <= gpus:
+        raise UserError(f"{what}; shard it with FSDP over {shards} GPUs (`accelerate launch --num_processes {shards} "
+                        f"-m cli.main heal --full --fsdp ...`), or heal with LoRA (--lora, the default).")
+    raise UserError(f"{what}; heal with LoRA instead (--lora, the default; --device-map auto spreads a large model "
+                    f"over the GPUs of one host), or train fewer weights (--full-scope attention, --train-layers from-anchor).")

@@ -1,35 +1,33 @@
-"""The heal run: baseline and patched perplexity, training with the patch in force, merge, healed perplexity, export."""
+"""The heal run: baseline and patched perplexity, training on `transformers.Trainer` with the patch in force, merge
+(or gather sharded weights), healed perplexity, export."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import math
-import time
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..artefact import provenance
+from ..capture import decoder_layers
 from ..errors import UserError
+from ..io import read_json, write_json
 from ..rng import seeded
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import HealConfig
 from .data import HealData
 from .evaluate import perplexity, recovered_fraction
-from .params import add_lora, check_full_fits, full_parameters
+from .params import FOLLOWER_UNUSED, add_lora, check_full_fits, full_parameters
 from .report import HealReport
 
 
+SETTINGS_FILE = "heal_settings.json"  # beside the Trainer's checkpoints: what they were made with
 
-def make_accelerator(device: torch.device | None = None):
-    """An `accelerate.Accelerator` for healing: bf16 autocast on a GPU that has it, none on the CPU; the model is
-    placed by us (on its loading device, or the process's GPU under `accelerate launch`)."""
-    from accelerate import Accelerator
-
-    cpu = device is not None and device.type == "cpu"
-    bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", device_placement=False)
 
 
 def heal(
@@ -41,19 +39,20 @@ def heal(
     *,
     out: str | Path | None = None,
     resume: bool = False,
-    accelerator: Any = None,
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     export: bool = True,
-) -> HealReport:
-    """Fine-tune `loaded.model` with Shared Attention for `plan` in force; measure, export, report.
+) -> HealReport | None:
+    """Fine-tune `loaded.model` with Shared Attention for `plan` in force, on `transformers.Trainer`; measure,
+    export, report.
 
     eval_batch: held-out token ids (a TokenBatch of split "heldout", or [S, T]) for baseline/patched/healed
-    perplexity. out: folder for checkpoints/, model/ (the export), heal_report.json and heal.png (None: nothing is
-    written). resume: continue from the newest checkpoint under out/checkpoints (a fresh start when there is none).
-    on_step(step, loss) is called on the main process after each optimizer step, on_phase(name) as each phase starts
-    ("before", "train", "after", "export"). Afterwards `loaded.model` holds
-    the healed weights (LoRA merged) with the patch in force, `loaded.share` its handle.
+    perplexity. out: folder for checkpoints/ (the Trainer's), healed-model/ (the export), heal_report.json and
+    heal.png (None: nothing is kept). resume: continue from the newest checkpoint under out/checkpoints (a fresh start
+    when there is none). on_step(step, loss) is called on the main process after each optimizer step, on_phase(name)
+    as each phase starts ("before", "train", "after", "export"). Several processes (`accelerate launch`, torchrun):
+    data parallel, or sharded with `config.shard="fsdp"` / `config.deepspeed`; only the main process returns the
+    report. Afterwards `loaded.model` holds the healed weights (LoRA merged) with the patch in force.
     """
     from ..patch import share_attention
     from ..validate import as_plan, check_plan_for_model
@@ -64,7 +63,6 @@ def heal(
         raise UserError("This model already runs with Shared Attention (it was loaded from a shared folder); heal the base model, or call loaded.share.remove() first.")
     share_plan = as_plan(plan, info.n_layers, info.shape())
     check_plan_for_model(share_plan, info)
-    anchor_of = share_plan.anchor_of
     ids_eval = eval_batch.input_ids if hasattr(eval_batch, "input_ids") else eval_batch
     if hasattr(eval_batch, "input_ids") and getattr(eval_batch, "split", "heldout") != "heldout":  # (a tensor has .split())
         raise UserError("Heal evaluates on held-out text, never the calibration text; pass a batch with split='heldout'.")
@@ -72,78 +70,89 @@ def heal(
         raise UserError(f"The data {data.source} has no usable rows.")
     model = loaded.model
     device = next(model.parameters()).device
-    acc = accelerator or make_accelerator(device)
-    main = acc.is_main_process
-    _check_distributed(acc)
-    out = Path(out) if out is not None else None
-    notes: list[str] = []
-    phase = (on_phase if main and on_phase is not None else (lambda _name: None))
+    spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+    if spread and config.sharded:
+        raise UserError("A model spread over GPUs with --device-map cannot also be sharded; use one or the other.")
+    scratch = tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(str(Path(out) / "checkpoints"))
+    with scratch as checkpoints:
+        args = config.training_arguments(checkpoints, cpu=device.type == "cpu", bf16=_bf16(device),
+                                         layer_class=type(decoder_layers(model)[0]).__name__)
+        main = args.process_index == 0
+        phase = on_phase if main and on_phase is not None else (lambda _name: None)
+        notes: list[str] = []
 
-    # 1. before: baseline and patched perplexity on held-out text
-    ppl: dict[str, float] = {}
-    phase("before")
-    if main:
-        ppl["baseline"] = perplexity(model, ids_eval, config.eval_batch_size)
-        with share_attention(model, share_plan, mode=config.mode):
-            ppl["patched"] = perplexity(model, ids_eval, config.eval_batch_size)
+        # 1. before: baseline and patched perplexity on held-out text (the main process, unsharded weights)
+        ppl: dict[str, float] = {}
+        phase("before")
+        if main:
+            ppl["baseline"] = perplexity(model, ids_eval, config.eval_batch_size)
+            with share_attention(model, share_plan, mode=config.mode):
+                ppl["patched"] = perplexity(model, ids_eval, config.eval_batch_size)
+        keep = copy.deepcopy(model).to("cpu") if main and config.sharded else None  # receives the gathered weights
 
-    # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch
-    peft_model, memory = _make_trainable(model, anchor_of, config, device)
-    handle = share_attention(model, share_plan, mode=config.mode)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config.method == "full" and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named):
-        notes.append("full fine-tune of half-precision weights: small updates may round away; load float32 weights "
-                     "(--dtype float32) to train with bf16 autocast instead")
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.learning_rate, weight_decay=config.weight_decay)
-    train_model, optimizer = acc.prepare(model, optimizer)
+        # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch
+        peft_model, memory = _make_trainable(model, share_plan.anchor_of, config, device, args.world_size)
+        handle = share_attention(model, share_plan, mode=config.mode)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if config.method == "full" and any(p.dtype in (torch.bfloat16, torch.float16) for p in trained):
+            notes.append("full fine-tune of half-precision weights: small updates may round away; load float32 weights "
+                         "(--dtype float32) to train with bf16 autocast instead")
 
-    # 3. resume from the newest checkpoint
-    n_trainable = sum(p.numel() for _, p in named)
-    fingerprint = {**config.structure(), "followers": list(share_plan.followers), "model": info.name, "n_trainable": n_trainable}
-    checkpoints = out / "checkpoints" if out is not None else None
-    start, losses = 0, []
-    if resume:
-        last = latest_checkpoint(checkpoints) if checkpoints is not None else None
-        if last is None:
-            notes.append("resume asked but no checkpoint was found; started from step 0")
+        # 3. train on the Trainer (schedule, accumulation, clipping, mixed precision, DDP / FSDP / DeepSpeed, checkpoints)
+        start = _resume_point(checkpoints, resume, config, share_plan, info, sum(p.numel() for p in trained), main, notes)
+        trainer = Trainer(model=peft_model or model, args=args, train_dataset=data, data_collator=data.collate,
+                          callbacks=[_StepReporter(on_step if main else None)])
+        trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
+        if config.shard == "fsdp" and not trainer.is_fsdp_enabled:
+            handle.remove()
+            raise UserError("FSDP shards over the GPU processes of `accelerate launch --num_processes N --multi_gpu` (or "
+                            "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
+        phase("train")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with seeded(config.seed):  # the Trainer seeds itself; the caller's random state comes back after
+                result = trainer.train(resume_from_checkpoint=start)
+        except BaseException:
+            handle.remove()  # an interrupted heal leaves the model unpatched
+            raise
+        run = _run_stats(trainer, result, device, start)
+        run.update(n_trainable=sum(p.numel() for p in trained), full_finetune_bytes=memory)
+
+        # 4. the healed weights, gathered (sharded) or unwrapped, LoRA merged; the patch in force again
+        if config.sharded:
+            gathered = trainer.accelerator.get_state_dict(trainer.model)  # full weights on the main process
+            model = _load_gathered(keep, gathered) if main else None
         else:
-            start, losses = load_checkpoint(last, named, optimizer, fingerprint)
-            losses = losses[:start]
+            model = trainer.accelerator.unwrap_model(trainer.model)
+        trainer.accelerator.wait_for_everyone()
+        handle.remove()
+        del trainer  # the optimizer states and the sharded weights' memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not main:
+            return None
+        if peft_model is not None:
+            model = model.merge_and_unload()
+        model = model.to(device).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        loaded.model = model
+        loaded.share = share_attention(model, share_plan, mode=config.mode)
+        run["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
 
-    # 4. train
-    phase("train")
-    with seeded(config.seed):  # the loop re-seeds per step for dropout; the caller's random state comes back after
-        run = _train_loop(train_model, optimizer, named, data, config, acc, start, losses, checkpoints, fingerprint,
-                          on_step if main else None)
-    run.update(resumed_from=start if resume and start else None, device=str(device), n_trainable=n_trainable,
-               mixed_precision=str(acc.mixed_precision))
-    if memory is not None:
-        run["full_finetune_bytes"] = memory
-
-    # 5. lift the patch, merge LoRA, patch again: the healed model is exactly what is exported
-    acc.wait_for_everyone()
-    model = acc.unwrap_model(train_model, keep_fp32_wrapper=False)
-    handle.remove()
-    if peft_model is not None:
-        model = peft_model.merge_and_unload()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.eval()
-    loaded.model = model
-    loaded.share = share_attention(model, share_plan, mode=config.mode)
-    run["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-
-    # 6. after: healed perplexity, report, figure, export (main process)
-    report = None
-    if main:
+        # 5. after: healed perplexity, report, figure, export
         phase("after")
         ppl["healed"] = perplexity(model, ids_eval, config.eval_batch_size)
         described = eval_batch.describe() if hasattr(eval_batch, "describe") else {"n_seqs": int(ids_eval.shape[0]), "seq_len": int(ids_eval.shape[1])}
+        losses = [float(h["loss"]) for h in run.pop("log_history") if "loss" in h]
         report = HealReport(
             model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(), eval=described,
             perplexity=ppl, recovered=recovered_fraction(ppl["baseline"], ppl["patched"], ppl["healed"]), losses=losses,
             run=run, notes=notes, meta=provenance(device))
         if out is not None:
+            out = Path(out)
             if export:
                 phase("export")
                 report.files["model"] = str(export_healed(loaded, share_plan, out / "healed-model", report, config.mode))
@@ -153,85 +162,96 @@ def heal(
             from ..plots import plot_heal
 
             plot_heal(report, out / "heal")
-    acc.wait_for_everyone()
-    return report
+        return report
 
 
-def _make_trainable(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig, device: torch.device):
+def _bf16(device: torch.device) -> bool:
+    """bf16 autocast on a GPU that has it; float32 on the CPU."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+class _StepReporter(TrainerCallback):
+    """Hands each optimizer step's logged loss to `on_step(step, loss)`, and stops on a non-finite loss."""
+
+    def __init__(self, on_step: Callable[[int, float], None] | None):
+        self.on_step = on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            raise UserError(f"The training loss became {loss} at step {state.global_step}; lower --lr (now {args.learning_rate:g}).")
+        if self.on_step is not None:
+            self.on_step(state.global_step, float(loss))
+
+
+def _resume_point(checkpoints: str, resume: bool, config: HealConfig, plan: Any, info: Any, n_trainable: int,
+                  main: bool, notes: list[str]) -> str | None:
+    """The newest checkpoint to resume from (None: start afresh), after checking it was made with these settings
+    (the Trainer restores weights, optimizer, schedule, RNG and data position; `settings.json` is ours)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    settings = {**config.structure(), "followers": list(plan.followers), "model": info.name, "n_trainable": n_trainable}
+    path = Path(checkpoints) / SETTINGS_FILE
+    last = get_last_checkpoint(checkpoints) if resume and Path(checkpoints).is_dir() else None
+    if resume and last is None:
+        notes.append("resume asked but no checkpoint was found; started from step 0")
+    if last is not None and path.is_file():
+        saved = read_json(path, "heal settings")
+        differ = [k for k in settings if saved.get(k) != settings[k]]
+        if differ:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in differ)
+            raise UserError(f"The checkpoints in {checkpoints} were made with other settings ({details}); resume with "
+                            f"the same settings, or start afresh without --resume (or in another --out).")
+    if main and config.save_every:
+        write_json(path, settings)
+    return last
+
+
+def _run_stats(trainer: Any, result: Any, device: torch.device, start: str | None) -> dict[str, Any]:
+    """What the run did: steps, time, tokens (non-padding, all processes), peak memory, its log."""
+    state = trainer.state
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    first = int(Path(start).name.split("-")[-1]) if start else 0
+    steps_run = state.global_step - first
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    return {"steps": state.global_step, "steps_run": steps_run, "resumed_from": first if start else None,
+            "seconds": round(seconds, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and steps_run else None,
+            "seconds_per_step": round(seconds / steps_run, 3) if steps_run else None,
+            "world_size": trainer.args.world_size, "device": str(device),
+            "mixed_precision": "bf16" if trainer.args.bf16 else "no",
+            "sharding": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "none",
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss(),
+            "peak_memory_kind": "cuda-allocated (this process)" if device.type == "cuda" else "process-rss (lifetime)",
+            "log_history": list(state.log_history)}
+
+
+def _load_gathered(model: torch.nn.Module, gathered: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The unsharded copy with the trained weights the sharded run gathered. The gathered names are the patched
+    model's: everything but the followers' q/k projections (and QK norms), which sharing never runs or trains."""
+    missing, unexpected = model.load_state_dict(dict(gathered), strict=False)
+    stray = [k for k in missing if not any(f".{part}." in k for part in FOLLOWER_UNUSED)]
+    if unexpected or stray:
+        raise RuntimeError(f"Gathered weights do not fit the model: missing {stray[:3]}, unexpected {unexpected[:3]}.")
+    return model
+
+
+def _make_trainable(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig, device: torch.device,
+                    world: int):
     """(peft wrapper or None, full fine-tune memory estimate or None): LoRA adapters injected, or the chosen weights
     of a full fine-tune marked trainable after checking they fit. Runs before the patch."""
     if config.method == "lora":
         with seeded(config.seed):  # adapter initialisation
             return add_lora(model, anchor_of, config), None
     chosen = full_parameters(model, anchor_of, config)
-    memory = check_full_fits([p for _, p in chosen], device)
+    memory = check_full_fits([p for _, p in chosen], device, all_params=list(model.parameters()), world=world,
+                             sharded=config.sharded)
     chosen_ids = {id(p) for _, p in chosen}
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen_ids)
     return None, memory
-
-
-def _train_loop(train_model, optimizer, named, data: HealData, config: HealConfig, acc, start: int, losses: list[float],
-                checkpoints: Path | None, fingerprint: Mapping[str, Any], on_step) -> dict[str, Any]:
-    """Optimizer steps `start`..`config.steps` (appending to `losses`), checkpointing every `save_every`; run stats."""
-    device = next(p for _, p in named).device
-    world, rank = acc.num_processes, acc.process_index
-    params = [p for _, p in named]
-    tokens = torch.zeros((), dtype=torch.long, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_model.train()
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for step in range(start, config.steps):
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout (if any) repeats on resume
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(config.grad_accum):
-            batch = data.batch(data.indices(step, micro, config.batch_size, config.grad_accum, rank, world, config.seed))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last_micro = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last_micro else acc.no_sync(train_model):  # all-reduce once per step
-                loss = train_model(**batch, use_cache=False).loss
-                acc.backward(loss / config.grad_accum)
-            step_loss += loss.detach().float() / config.grad_accum
-            tokens += batch["attention_mask"].sum()
-        if config.max_grad_norm:
-            acc.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(acc.reduce(step_loss, reduction="mean"))
-        if not math.isfinite(value):
-            raise UserError(f"The training loss became {value} at step {step + 1}; lower --lr (now {config.learning_rate:g}).")
-        losses.append(value)
-        if on_step is not None:
-            on_step(step + 1, value)
-        done = step + 1
-        if checkpoints is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-            if acc.is_main_process:
-                save_checkpoint(checkpoints, done, named, optimizer, losses, fingerprint, config.keep_checkpoints)
-            acc.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
-    tokens_all = int(acc.reduce(tokens, reduction="sum"))
-    steps_run = config.steps - start
-    return {"steps": config.steps, "steps_run": steps_run, "seconds": round(seconds, 2),
-            "cpu_seconds": round(cpu_seconds, 2),  # this process's CPU time, all threads (on a shared CPU: load-independent)
-            "tokens": tokens_all, "tokens_per_s": round(tokens_all / seconds, 1) if seconds > 0 and steps_run else None,
-            "seconds_per_step": round(seconds / steps_run, 3) if steps_run else None, "world_size": world,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss(),
-            "peak_memory_kind": "cuda-allocated" if device.type == "cuda" else "process-rss (lifetime)"}
-
-
-def _check_distributed(acc: Any) -> None:
-    """Plain DDP (and DeepSpeed ZeRO-1/2) keep whole weights on every process; ZeRO-3 and FSDP shard them, which the
-    patch (it moves modules) and the export (it saves the unwrapped model) do not support."""
-    kind = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-    if kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3):
-        raise UserError("Healing supports data parallelism (DDP, or DeepSpeed ZeRO stage 1/2), not sharded weights "
-                        "(FSDP, ZeRO-3); pick another accelerate config, or heal with LoRA on one GPU.")
 
 
 def export_healed(loaded: Any, plan: Any, folder: str | Path, report: HealReport | None, mode: str) -> Path:
