@@ -83,6 +83,7 @@ def main() -> None:
            "steps": report.run["steps"], "loss_first": report.losses[0], "loss_last": report.losses[-1],
            "tokens_per_s": report.run["tokens_per_s"], "seconds_training": report.run["seconds"],
            "peak_memory_gib_this_process": round((report.run["peak_memory_bytes"] or 0) / GIB, 2),
+           "mixed_precision": report.run["mixed_precision"], "n_trainable": report.run["n_trainable"],
            "perplexity": report.perplexity, "seconds": round(time.time() - started, 1),
            "devices": loaded.info.device, "versions": report.meta.get("versions")}
     if full:
@@ -103,8 +104,26 @@ def reload_check(loaded: LoadedModel, report, heldout) -> dict:
         healed = loaded.model(input_ids=ids, use_cache=False).logits.float()
         reloaded_model = load_shared(report.files["model"], device=str(device), dtype=dtype)
         reloaded = reloaded_model.model(input_ids=ids, use_cache=False).logits.float()
-    return {"reload_max_abs_diff": float((healed - reloaded).abs().max()), "reload_identical": bool(torch.equal(healed, reloaded)),
-            "reload_plan": reloaded_model.share.followers}
+        again = loaded.model(input_ids=ids, use_cache=False).logits.float()  # the same model twice: kernel noise
+    mine = _weights(loaded)
+    theirs = _weights(reloaded_model)
+    weights_equal = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    return {"reload_max_abs_logit_diff": float((healed - reloaded).abs().max()),
+            "same_model_twice_max_abs_logit_diff": float((healed - again).abs().max()),
+            "reload_weights_identical": weights_equal, "n_weights": len(mine),
+            "reload_logit_scale": float(healed.abs().max()), "reload_plan": reloaded_model.share.followers}
+
+
+def _weights(loaded: LoadedModel) -> dict:
+    """Every weight of the model with its sharing lifted (followers' q/k included), by name."""
+    loaded.share.remove()
+    try:
+        return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    finally:
+        from sa_analysis.patch import share_attention
+
+        loaded.share = share_attention(loaded.model, loaded.share.anchor_of, mode=loaded.share.mode,
+                                       head_map=loaded.share.head_map)
 
 
 if __name__ == "__main__":

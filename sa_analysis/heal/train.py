@@ -122,7 +122,7 @@ def heal(
         # 4. the healed weights, gathered (sharded) or unwrapped, LoRA merged; the patch in force again
         if config.sharded:
             gathered = trainer.accelerator.get_state_dict(trainer.model)  # full weights on the main process
-            model = _load_gathered(keep, gathered) if main else None
+            model = _load_gathered(keep, gathered).to(device) if main else None
         else:
             model = trainer.accelerator.unwrap_model(trainer.model)
         trainer.accelerator.wait_for_everyone()
@@ -135,7 +135,7 @@ def heal(
             return None
         if peft_model is not None:
             model = model.merge_and_unload()
-        model = model.to(device).eval()
+        model = model.eval()  # (a model spread with --device-map stays where accelerate placed it)
         for param in model.parameters():
             param.requires_grad_(False)
         loaded.model = model
