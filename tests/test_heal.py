@@ -356,3 +356,25 @@ def test_two_processes_through_torchrun(tmp_path):
 
     report = HealReport.load(tmp_path / "out" / "heal_report.json")
     assert report.run["world_size"] == 2 and report.run["tokens"] > 0 and len(report.losses) == 4
+
+
+def test_memory_check_at_llama_3_8b_shape_names_fsdp_over_two_80gb_gpus(monkeypatch):
+    """Known answer on the real shape (meta tensors, no memory): followers 23-30 of 32, float32 master weights."""
+    import sa_analysis.heal.params as heal_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sa_analysis.aliases import require_alias
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**require_alias("llama3.1-8b").config), dtype=torch.float32)
+    plan = {m: 22 for m in range(23, 31)}
+    trained = [p for _, p in full_parameters(model, plan, config(method="full"))]
+    every = list(model.parameters())
+    state = 4 * sum(p.numel() for p in every) + 3 * 4 * sum(p.numel() for p in trained)  # weights + grads + 2 Adam
+    assert 126e9 < state < 127e9  # 16 bytes a trained parameter
+    resident = 4 * sum(p.numel() for p in every)
+    monkeypatch.setattr(heal_module, "free_memory_bytes", lambda device: 80e9 - resident)  # an 80 GB GPU, weights loaded
+    with pytest.raises(UserError, match=r"FSDP over 2 GPUs"):
+        check_full_fits(trained, torch.device("cuda"), all_params=every, gpus=8)
+    fits = check_full_fits(trained, torch.device("cuda"), all_params=every, world=2, sharded=True, gpus=8)
+    assert fits["per_process"] == pytest.approx(state / 2)

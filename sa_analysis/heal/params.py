@@ -107,15 +107,16 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def full_finetune_bytes(params: Sequence[torch.nn.Parameter]) -> dict[str, int]:
-    """Bytes of a full fine-tune's state: weights, gradients, AdamW's two moments (kept in the parameter dtype)."""
-    weights = sum(p.numel() * p.element_size() for p in params)
+def full_finetune_bytes(params: Sequence[torch.nn.Parameter], fp32_states: bool = False) -> dict[str, int]:
+    """Bytes of a full fine-tune's state: weights, gradients, AdamW's two moments, in the parameter dtype, or in
+    float32 when the run keeps float32 master weights (FSDP with bf16 mixed precision upcasts them)."""
+    weights = sum(p.numel() * (4 if fp32_states else p.element_size()) for p in params)
     return {"weights": weights, "gradients": weights, "optimizer": 2 * weights, "total": 4 * weights}
 
 
 def check_full_fits(params: Sequence[torch.nn.Parameter], device: torch.device, margin: float = 0.9, *,
                     all_params: Sequence[torch.nn.Parameter] | None = None, world: int = 1, sharded: bool = False,
-                    gpus: int | None = None) -> dict[str, int]:
+                    gpus: int | None = None, fp32_states: bool = False) -> dict[str, int]:
     """Refuse, in one sentence naming an option that fits, a full fine-tune whose state exceeds free memory.
 
     Per process: the weights (`all_params`, already resident unless sharded), gradients and two AdamW states of the
@@ -123,12 +124,14 @@ def check_full_fits(params: Sequence[torch.nn.Parameter], device: torch.device, 
     only `margin` of the free memory is offered. The sentence suggests FSDP over the fewest GPUs of this host that
     would hold it (`gpus`, default: those visible), else LoRA.
     """
-    need = full_finetune_bytes(params)
-    weights = sum(p.numel() * p.element_size() for p in (all_params if all_params is not None else params))
+    need = full_finetune_bytes(params, fp32_states)
+    every = list(all_params if all_params is not None else params)
+    weights = sum(p.numel() * (4 if fp32_states else p.element_size()) for p in every)
+    resident = sum(p.numel() * p.element_size() for p in every)  # loaded on this device while this is asked
     state = weights + need["gradients"] + need["optimizer"]  # the whole run's state, unsharded
     per_process = state / world if sharded else state
     free = free_memory_bytes(device)
-    capacity = None if free is None else margin * (free + weights)  # the weights are resident while this is asked
+    capacity = None if free is None else margin * (free + resident)
     if capacity is None or per_process <= capacity:
         return {**need, "free": free, "per_process": int(per_process)}
     shards = math.ceil(state / capacity)

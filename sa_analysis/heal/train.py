@@ -109,7 +109,8 @@ def heal(
                             "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
         phase("train")
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
         try:
             with seeded(config.seed):  # the Trainer seeds itself; the caller's random state comes back after
                 result = trainer.train(resume_from_checkpoint=start)
@@ -225,6 +226,8 @@ def _run_stats(trainer: Any, result: Any, device: torch.device, start: str | Non
             "sharding": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "none",
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss(),
             "peak_memory_kind": "cuda-allocated (this process)" if device.type == "cuda" else "process-rss (lifetime)",
+            "peak_memory_bytes_per_gpu": [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
+            if device.type == "cuda" else None,  # this process's, on each visible GPU (a --device-map model uses several)
             "log_history": list(state.log_history)}
 
 
@@ -247,7 +250,7 @@ def _make_trainable(model: torch.nn.Module, anchor_of: Mapping[int, int], config
             return add_lora(model, anchor_of, config), None
     chosen = full_parameters(model, anchor_of, config)
     memory = check_full_fits([p for _, p in chosen], device, all_params=list(model.parameters()), world=world,
-                             sharded=config.sharded)
+                             sharded=config.sharded, fp32_states=config.sharded and _bf16(device))
     chosen_ids = {id(p) for _, p in chosen}
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen_ids)

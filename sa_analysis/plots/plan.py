@@ -78,9 +78,18 @@ def _draw(report, plan, metric, values, shown, below, finite, info, n) -> Figure
         ax.add_patch(Rectangle((anchor - 0.5, first - 0.5), 1, last - first + 1, fill=False, edgecolor="#ff2a6d",
                                linewidth=1.1, linestyle="--"))
 
+    aligned = [(m, plan.anchor_of[m]) for m in plan.aligned_followers]
+    for follower, anchor in aligned:  # heads reused through a map: the cell shows the index cost, the plan pays less
+        ax.plot(anchor, follower, marker="o", markersize=4, color="white", markeredgecolor="black", markeredgewidth=0.6)
+
     _axes(ax, n)
     handles = [Patch(fill=False, edgecolor="#00c8ff", linewidth=2.2, label="span block [anchor..last follower]"),
                Patch(fill=False, edgecolor="#ff2a6d", linestyle="--", linewidth=1.6, label="cells paid: followers x anchor")]
+    if aligned:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=5, color="white", markeredgecolor="black",
+                              label="head-aligned (cell: by index)"))
     if infinite.any():
         handles.append(Patch(facecolor="#9e9e9e", label="infinite (masks differ)"))
     ax.legend(handles=handles, loc="upper right", framealpha=0.9)
@@ -113,6 +122,8 @@ def _axes(ax, n: int) -> None:
 def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
     spans = ", ".join(f"{a}\u2192{f}-{l}" if l > f else f"{a}\u2192{f}" for a, f, l in plan.spans) or "nothing shared"
     cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
+    if plan.head_map:
+        cost += f" ({len(plan.head_map)} head-aligned)"
     spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=70)
     return (f"{report.model_name}: {plan.method} plan over head-mean {metric}\n"
             f"{plan.n_shared}/{plan.n_layers} layers shared{cost}\n{spans}")
