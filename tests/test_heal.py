@@ -299,6 +299,11 @@ def test_sharded_lora_and_a_missing_deepspeed_config_are_refused(tmp_path):
         HealConfig(method="full", deepspeed=str(tmp_path / "ds.json"))
     with pytest.raises(UserError, match="none, tensorboard or wandb"):
         HealConfig(report_to="mlflow")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(UserError, match="pip install wandb"):
+            HealConfig(report_to="wandb")
 
 
 # ----- the command -------------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 GIB = 1024**3
 
 
+def _check_logger_installed(report_to: str) -> None:
+    """--report-to tensorboard / wandb needs that package; say so before anything loads."""
+    import importlib.util
+
+    needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if needs and not any(importlib.util.find_spec(name) for name in needs):
+        raise UserError(f"--report-to {report_to} needs the {needs[0]} package (`pip install {needs[0]}`); or leave --report-to at none.")
+
+
 @dataclass
 class HealConfig:
     """How to heal. `lr=None` picks 1e-3 for LoRA and 5e-5 for a full fine-tune.
@@ -94,6 +103,7 @@ class HealConfig:
             raise UserError(f"Unknown sharding {self.shard!r}; use none or fsdp.")
         if self.report_to not in REPORT_TO:
             raise UserError(f"Unknown --report-to {self.report_to!r}; use none, tensorboard or wandb.")
+        _check_logger_installed(self.report_to)
         if self.sharded and self.method == "lora":
             raise UserError("Sharded training (FSDP, DeepSpeed) is for full fine-tunes; heal with LoRA on one GPU, "
                             "with --device-map auto across the GPUs of one host, or data parallel (accelerate launch).")
