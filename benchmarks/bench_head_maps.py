@@ -10,8 +10,9 @@ keys and values to one per query head). Followers 23..30 reuse layer 22 (8 of 32
   - index: no head map;
   - within groups: each follower's heads permuted inside their KV group (MHA: any permutation);
   - across groups: a random permutation of all query heads (GQA: the expanded path).
-Rows: prefill of batch 1 x 4096 tokens (forward, CUDA events, median of `--repeats` after warm-up), decode of 128
-greedy tokens after a 2048-token prompt at batch 1 (generate, median); fast-vs-exact logits with the same maps.
+Rows: prefill of batch 1 x 4096 tokens (forward) and decode of 128 greedy tokens after a 2048-token prompt at batch 1
+(generate), CUDA events, medians of `--repeats` rounds in which every variant runs once in turn (after warm-up);
+fast-vs-exact logits with the same maps.
 """
 
 from __future__ import annotations
@@ -56,51 +57,57 @@ def head_maps(n_heads: int, n_kv: int, kind: str, seed: int) -> dict[int, list[i
     return maps
 
 
-def timed(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of `fn()` (CUDA events on a GPU, perf_counter on a CPU)."""
-    for _ in range(warmup):
+def timed_once(fn) -> float:
+    """Seconds of one call of `fn()` (CUDA events on a GPU, perf_counter on a CPU)."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
 
 
 def run_shape(loaded: LoadedModel, prefill: int, prompt: int, n_new: int, warmup: int, repeats: int) -> dict:
+    """Every variant measured in the same rounds (index, maps, index, maps, ...), so drift hits all alike; medians."""
     model, info = loaded.model, loaded.info
     plan = {m: 22 for m in FOLLOWERS}
     device = model.device
     ids = torch.randint(0, info.vocab_size, (1, prefill), device=device, generator=torch.Generator(device).manual_seed(0))
-    short = ids[:, :256]
-    prompt_ids = ids[:, :prompt]
+    short, prompt_ids = ids[:, :256], ids[:, :prompt]
     variants = {"index": None}
     kinds = ["within groups", "across groups"] if info.n_kv_heads < info.n_heads else ["within groups"]
     for kind in kinds:
         variants[kind] = head_maps(info.n_heads, info.n_kv_heads, kind, seed=1)
+    forward = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
+    decode = lambda: model.generate(prompt_ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,  # noqa: E731
+                                    pad_token_id=0, attention_mask=torch.ones_like(prompt_ids))
+    times = {name: {"prefill": [], "decode": []} for name in variants}
     out = {}
-    for name, maps in variants.items():
-        with torch.inference_mode():
+    with torch.inference_mode():
+        for name, maps in variants.items():
             with share_attention(model, plan, mode="exact", head_map=maps):
                 exact = model(input_ids=short).logits.float()
             with share_attention(model, plan, mode="fast", head_map=maps):
                 fast = model(input_ids=short).logits.float()
-                forward = timed(lambda: model(input_ids=ids, use_cache=False), warmup, repeats)
-                decode = timed(lambda: model.generate(prompt_ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                                      pad_token_id=0, attention_mask=torch.ones_like(prompt_ids)), 1, max(1, repeats // 2))
-        out[name] = {"prefill_tokens_per_s": prefill / forward, "prefill_ms": 1000 * forward,
-                     "decode_tokens_per_s": n_new / decode, "fast_vs_exact_max_abs": float((fast - exact).abs().max()),
-                     "logit_scale": float(exact.abs().max())}
-        log(f"{info.name} {name}: prefill {1000 * forward:.1f} ms, decode {n_new / decode:.1f} tok/s, "
+                for _ in range(warmup):
+                    forward()
+                decode()
+            out[name] = {"fast_vs_exact_max_abs": float((fast - exact).abs().max()), "logit_scale": float(exact.abs().max())}
+        for _ in range(repeats):
+            for name, maps in variants.items():
+                with share_attention(model, plan, mode="fast", head_map=maps):
+                    times[name]["prefill"].append(timed_once(forward))
+                    times[name]["decode"].append(timed_once(decode))
+    for name in variants:
+        p, d = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
+        out[name].update(prefill_ms=1000 * p, prefill_tokens_per_s=prefill / p, decode_tokens_per_s=n_new / d,
+                         prefill_ms_all=[round(1000 * t, 2) for t in times[name]["prefill"]],
+                         decode_s_all=[round(t, 4) for t in times[name]["decode"]])
+        log(f"{info.name} {name}: prefill {out[name]['prefill_ms']:.1f} ms, decode {out[name]['decode_tokens_per_s']:.1f} tok/s, "
             f"fast-exact {out[name]['fast_vs_exact_max_abs']:.3g} of {out[name]['logit_scale']:.3g}")
     return out
 
