@@ -5,7 +5,9 @@ Everything else in the library goes through the public interfaces of transformer
 functions below. Each function says which internal it reads and why no public interface serves.
 
 Checked on transformers 5.17.0 (the lowest release in range, also the GPU device's) and 5.24.0 (the newest), with
-accelerate 1.1.0 / 1.15.0 and peft 0.18.0 / 0.21.2. Below 5.17, seen on 2026-11-30: 5.4.0 and older break the patch
+accelerate 1.3.0 / 1.15.0 and peft 0.18.0 / 0.21.2 (heal runs on transformers' Trainer, which calls
+`Accelerator.unwrap_model(keep_torch_compile=...)`: accelerate 1.3.0 and newer, although transformers itself asks
+for 1.1.0 only). Below 5.17, seen on 2026-11-30: 5.4.0 and older break the patch
 on Gemma 3 (its mask mapping has no entry for a layer type the patch gives a follower: `KeyError: 'full_attention'`),
 and 5.5.0 converts the default model's GGUF tokenizer differently (the default held-out text shrinks to 30 tokens).
 What moved in the range and is handled here:
@@ -33,7 +35,7 @@ log = logging.getLogger("sa_analysis")
 # `.ci/run` installs the lower ends for a second run of the patch, capture, metrics and heal tests.
 TESTED_RANGES: dict[str, tuple[str, str]] = {
     "transformers": ("5.17.0", "5.25"),
-    "accelerate": ("1.1.0", "1.16"),
+    "accelerate": ("1.3.0", "1.16"),
     "peft": ("0.18.0", "0.22"),
 }
 CACHE_KEYWORDS = ("cache", "past_key_values")  # newest spelling first
