@@ -59,17 +59,7 @@ def plan_head_maps(plan: Any, anchor_of: Mapping[int, int], n_heads: int, head_m
     A follower without an entry shares by index (head h reuses anchor head h). Any query head may take any anchor
     query head (a map need not be a permutation); under GQA the anchor head's key head comes with it.
     """
+    from ..planner.plan import check_head_map
+
     raw = head_map if head_map is not None else getattr(plan, "head_map", None) or {}
-    try:
-        maps = {_layer(f): tuple(_layer(g) for g in heads) for f, heads in dict(raw).items()}
-    except (TypeError, ValueError):
-        raise UserError("A head map must be {follower layer: [anchor head for each query head]} of integers.") from None
-    for follower, heads in sorted(maps.items()):
-        if follower not in anchor_of:
-            raise UserError(f"The head map names layer {follower}, which the plan does not share; map only followers.")
-        if len(heads) != n_heads:
-            raise UserError(f"Follower {follower}'s head map lists {len(heads)} heads but the model has {n_heads} query heads; give one anchor head per query head.")
-        bad = [g for g in heads if not 0 <= g < n_heads]
-        if bad:
-            raise UserError(f"Follower {follower}'s head map names anchor head {bad[0]}, outside 0..{n_heads - 1}.")
-    return maps
+    return {m: tuple(heads) for m, heads in check_head_map(raw, anchor_of, n_heads).items()}

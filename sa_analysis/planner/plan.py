@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 
 from .. import defaults
@@ -79,7 +79,7 @@ class SharePlan(JsonArtefact):
             self.follower_costs = {int(m): float(c) for m, c in self.follower_costs.items()}
             if set(self.follower_costs) != set(followers):
                 raise UserError("The plan's follower costs do not match its followers; re-create the plan with `sa-analyze recommend-spans`.")
-        self.head_map = _checked_head_map(self.head_map, followers, self.model.get("n_heads"))
+        self.head_map = check_head_map(self.head_map, followers, self.model.get("n_heads"))
         self.index_costs = {int(m): float(c) for m, c in (self.index_costs or {}).items() if int(m) in self.head_map}
         self.mask_notes = {int(m): str(n) for m, n in (self.mask_notes or {}).items() if int(m) in set(followers)}
         self.notes = [str(n) for n in self.notes or []]
@@ -131,14 +131,6 @@ class SharePlan(JsonArtefact):
     def aligned_followers(self) -> list[int]:
         """Followers that reuse their anchor's heads through a head map (the rest share by index)."""
         return sorted(self.head_map)
-
-    def with_followers(self, followers: list[int], head_map: Mapping[int, list[int]] | None = None, **changes: Any) -> "SharePlan":
-        """A copy for another follower set (model, method, cost name and constraints kept; per-follower data
-        dropped unless given in `changes`)."""
-        return SharePlan(n_layers=self.n_layers, followers=list(followers), model=dict(self.model),
-                         method=changes.pop("method", self.method), cost_name=changes.pop("cost_name", self.cost_name),
-                         constraints=changes.pop("constraints", dict(self.constraints)),
-                         context_len=changes.pop("context_len", self.context_len), head_map=dict(head_map or {}), **changes)
 
     def spans_spec(self) -> str:
         """The spans in `from_spans` syntax ("23-26,28-30"); empty string for an empty plan."""
@@ -295,19 +287,32 @@ def _read_head_map(raw: Any, source: str) -> dict[int, list[int]]:
         raise UserError(f"{source} has a malformed head_map; write it as {{\"<follower layer>\": [anchor head for head 0, 1, ...]}}.") from None
 
 
-def _checked_head_map(raw: Mapping[Any, Any] | None, followers: list[int], n_heads: Any) -> dict[int, list[int]]:
-    """{follower: [anchor head per query head]}: keys among the followers, one entry per head, heads in range."""
-    maps = {int(m): [int(g) for g in heads] for m, heads in dict(raw or {}).items()}
+def check_head_map(raw: Mapping[Any, Any] | None, followers: Iterable[int], n_heads: Any = None) -> dict[int, list[int]]:
+    """{follower: [anchor head per query head]} checked, one sentence when wrong: integers, keys among the
+    followers, one entry per query head (`n_heads`, or the maps' own length when unknown), heads in range.
+    The plan and the patch (for a plain mapping plan) both check their maps here."""
+    try:
+        maps = {_whole(m): [_whole(g) for g in heads] for m, heads in dict(raw or {}).items()}
+    except (TypeError, ValueError):
+        raise UserError("A head map must be {follower layer: [anchor head for each query head]} of integers.") from None
+    followers = set(followers)
     lengths = {len(heads) for heads in maps.values()}
     for m, heads in sorted(maps.items()):
         if m not in followers:
-            raise UserError(f"The plan's head_map names layer {m}, which the plan does not share; map only followers.")
+            raise UserError(f"The head map names layer {m}, which the plan does not share; map only followers.")
         expected = int(n_heads) if n_heads is not None else max(lengths)
         if len(heads) != expected or not heads:
             raise UserError(f"Follower {m}'s head map lists {len(heads)} heads but the model has {expected} query heads; give one anchor head per query head.")
-        if any(not 0 <= g < len(heads) for g in heads):
-            raise UserError(f"Follower {m}'s head map names an anchor head outside 0..{len(heads) - 1}.")
+        bad = [g for g in heads if not 0 <= g < expected]
+        if bad:
+            raise UserError(f"Follower {m}'s head map names anchor head {bad[0]}, outside 0..{expected - 1}.")
     return dict(sorted(maps.items()))
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(value)
+    return int(value)
 
 
 def _layers_text(layers: list[int]) -> str:
