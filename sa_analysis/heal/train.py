@@ -100,38 +100,14 @@ def heal(
 
         # 3. train on the Trainer (schedule, accumulation, clipping, mixed precision, DDP / FSDP / DeepSpeed, checkpoints)
         start = _resume_point(checkpoints, resume, config, share_plan, info, sum(p.numel() for p in trained), main, notes)
-        trainer = Trainer(model=peft_model or model, args=args, train_dataset=data, data_collator=data.collate,
-                          callbacks=[_StepReporter(on_step if main else None)])
-        trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
-        if config.shard == "fsdp" and not trainer.is_fsdp_enabled:
-            handle.remove()
-            raise UserError("FSDP shards over the GPU processes of `accelerate launch --num_processes N --multi_gpu` (or "
-                            "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
         phase("train")
-        if device.type == "cuda":
-            for index in range(torch.cuda.device_count()):
-                torch.cuda.reset_peak_memory_stats(index)
-        try:
-            with seeded(config.seed):  # the Trainer seeds itself; the caller's random state comes back after
-                result = trainer.train(resume_from_checkpoint=start)
-        except BaseException:
-            handle.remove()  # an interrupted heal leaves the model unpatched
-            raise
+        trainer, result = _train(peft_model or model, args, data, config, handle, start, on_step if main else None)
         run = _run_stats(trainer, result, device, start)
         run.update(n_trainable=sum(p.numel() for p in trained), full_finetune_bytes=memory)
 
         # 4. the healed weights, gathered (sharded) or unwrapped, LoRA merged; the patch in force again
-        if config.sharded:
-            gathered = trainer.accelerator.get_state_dict(trainer.model)  # full weights on the main process
-            model = _load_gathered(keep, gathered).to(device) if main else None
-        else:
-            model = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.accelerator.wait_for_everyone()
+        model = _healed_weights(trainer, keep, main, config.sharded, device)
         handle.remove()
-        del trainer  # the optimizer states and the sharded weights' memory
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         if not main:
             return None
         if peft_model is not None:
@@ -153,17 +129,58 @@ def heal(
             perplexity=ppl, recovered=recovered_fraction(ppl["baseline"], ppl["patched"], ppl["healed"]), losses=losses,
             run=run, notes=notes, meta=provenance(device))
         if out is not None:
-            out = Path(out)
-            if export:
-                phase("export")
-                report.files["model"] = str(export_healed(loaded, share_plan, out / "healed-model", report, config.mode))
-            report.files["report"] = str(out / "heal_report.json")
-            report.files["figure"] = str(out / "heal.png")
-            report.save(out / "heal_report.json")
-            from ..plots import plot_heal
-
-            plot_heal(report, out / "heal")
+            _write_outputs(report, loaded, share_plan, Path(out), config.mode, export, phase)
         return report
+
+
+def _train(model: torch.nn.Module, args: Any, data: HealData, config: HealConfig, handle: Any, start: str | None,
+           on_step: Callable[[int, float], None] | None) -> tuple[Any, Any]:
+    """(trainer, its train output): the Trainer on the patched model, from `start` (a checkpoint) or afresh. The patch
+    comes off if training stops with an error or an interruption."""
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate,
+                      callbacks=[_StepReporter(on_step)])
+    trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
+    try:
+        if config.shard == "fsdp" and not trainer.is_fsdp_enabled:
+            raise UserError("FSDP shards over the GPU processes of `accelerate launch --num_processes N --multi_gpu` (or "
+                            "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
+        if args.device.type == "cuda":
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
+        with seeded(config.seed):  # the Trainer seeds itself; the caller's random state comes back after
+            return trainer, trainer.train(resume_from_checkpoint=start)
+    except BaseException:
+        handle.remove()
+        raise
+
+
+def _healed_weights(trainer: Any, keep: torch.nn.Module | None, main: bool, sharded: bool, device: torch.device):
+    """The trained model on the main process (None elsewhere): sharded weights gathered into the unsharded copy
+    `keep`, else the Trainer's model unwrapped. Frees the Trainer's memory (optimizer states, shards)."""
+    if sharded:
+        gathered = trainer.accelerator.get_state_dict(trainer.model)  # full weights on the main process
+        model = _load_gathered(keep, gathered).to(device) if main else None
+    else:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.accelerator.wait_for_everyone()
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def _write_outputs(report: HealReport, loaded: Any, plan: Any, out: Path, mode: str, export: bool, phase) -> None:
+    """The export (with its plan), heal_report.json and heal.png under `out`; their paths go into `report.files`."""
+    from ..plots import plot_heal
+
+    if export:
+        phase("export")
+        report.files["model"] = str(export_healed(loaded, plan, out / "healed-model", report, mode))
+    report.files["report"] = str(out / "heal_report.json")
+    report.files["figure"] = str(out / "heal.png")
+    report.save(out / "heal_report.json")
+    plot_heal(report, out / "heal")
 
 
 def _bf16(device: torch.device) -> bool:
