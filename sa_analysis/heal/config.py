@@ -26,6 +26,10 @@ SHARDING = ("none", "fsdp")  # fsdp: torch's FSDP2 through accelerate (full fine
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+FSDP_NEEDS_PROCESSES = ("FSDP shards over the GPU processes of `accelerate launch --num_processes N --multi_gpu` (or "
+                        "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
+
+
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 
 

@@ -19,7 +19,7 @@ from ..capture import decoder_layers
 from ..errors import UserError
 from ..io import read_json, write_json
 from ..rng import seeded
-from .config import HealConfig
+from .config import FSDP_NEEDS_PROCESSES, HealConfig
 from .data import HealData
 from .evaluate import perplexity, recovered_fraction
 from .params import FOLLOWER_UNUSED, add_lora, check_full_fits, full_parameters
@@ -142,8 +142,7 @@ def _train(model: torch.nn.Module, args: Any, data: HealData, config: HealConfig
     trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
     try:
         if config.shard == "fsdp" and not trainer.is_fsdp_enabled:
-            raise UserError("FSDP shards over the GPU processes of `accelerate launch --num_processes N --multi_gpu` (or "
-                            "torchrun); this run has one process or runs on CPUs, so drop --fsdp or launch it that way.")
+            raise UserError(FSDP_NEEDS_PROCESSES)
         if args.device.type == "cuda":
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..heal import HealConfig, HealReport, heal, load_heal_data
+from ..heal.config import FSDP_NEEDS_PROCESSES
 from ..io import default_out_dir
 from ..loading import resolve_device
 from ..planner import SharePlan
@@ -55,6 +56,8 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
         raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
     device = resolve_device(source.device)
     processes = _processes(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
+    if config.shard == "fsdp" and (processes.num_processes < 2 or device.type != "cuda"):
+        raise UserError(FSDP_NEEDS_PROCESSES)
     if processes.num_processes > 1:
         if source.device_map is not None:
             raise UserError("--device-map spreads one model over the GPUs in a single process; run it without accelerate launch / torchrun.")
