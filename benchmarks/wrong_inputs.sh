@@ -4,6 +4,7 @@
 cd "$1"
 export SA_ANALYSIS_CACHE="$2"
 W=/tmp/wrong; rm -rf $W; mkdir -p $W; echo "not json" > $W/bad.json; printf '\x00\x01\x02binary' > $W/bin.txt; : > $W/empty.txt
+printf '{"format": "sa-analysis/share-plan", "version": 1, "n_layers": 30, "followers": [24], "head_map": {"24": [0, 1]}}' > $W/badmap.json
 touch $W/afile
 run() {
   local before after start end out rc
@@ -38,5 +39,14 @@ run $W heal --spans 24-26 --data $W/missing.jsonl --out $W/o20
 run $W heal --out $W/o21
 run $W compare --model smollm2-135m --out $W/o22
 run $W compare --report $W/bad.json --report $W/bad.json --out $W/o23
+run $W recommend-spans --align-heads yes --out $W/o24
+run $W validate --plan $W/badmap.json --out $W/o25
+run $W validate --spans 24-26 --tasks paskey --out $W/o26
+run $W validate --spans 24-26 --tasks passkey@big --out $W/o27
+run $W heal --spans 24-26 --full --fsdp --out $W/o28
+run $W heal --spans 24-26 --fsdp --out $W/o29
+run $W heal --spans 24-26 --full --deepspeed $W/missing.json --out $W/o30
+run $W heal --spans 24-26 --report-to mlflow --out $W/o31
+run $W heal --spans 24-26 --report-to wandb --out $W/o32
 run $W nosuchcommand
 ls $W

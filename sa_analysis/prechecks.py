@@ -1,5 +1,6 @@
 """Everything a job can check before torch is imported or a model loads, in one call: the output folder, the text,
---seq-len against the context and spans or a plan file against the layer count that the model's config states.
+--seq-len against the context and spans or a plan file (its head maps too) against the layer and head counts that
+the model's config states.
 
 Light on purpose (no torch, no transformers): the CLI calls it first, so that a mistake is answered in a second or
 two; the pipeline's jobs call it too, for library users.
@@ -13,6 +14,7 @@ from .data import load_documents
 from .errors import UserError
 from .io import ensure_writable_dir
 from .planner import SharePlan
+from .planner.plan import check_head_map
 from .shapes import peek_shape
 
 
@@ -33,4 +35,6 @@ def check_before_loading(model: str | None, *, out: str | Path | None = None, te
     if plan is not None and shape is not None and plan.n_layers != shape.n_layers:
         raise UserError(f"The plan is for a {plan.n_layers}-layer model but {model} has {shape.n_layers} layers; "
                         f"use a plan made for this model.")
+    if plan is not None and shape is not None and plan.head_map and shape.n_heads:
+        check_head_map(plan.head_map, plan.followers, shape.n_heads)  # one anchor head per query head of this model
     return plan

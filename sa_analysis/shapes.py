@@ -1,4 +1,5 @@
-"""What a model spec's configuration says, read before any model loads (no torch): its layer count and context.
+"""What a model spec's configuration says, read before any model loads (no torch): its layer count, context and
+query heads.
 
 Mistakes that only need these numbers (a span past the last layer, a --seq-len past the context) are then answered
 in a second or two instead of after loading the weights. Aliases carry their config; a folder (or an exported
@@ -21,6 +22,7 @@ class ConfigShape:
 
     n_layers: int
     max_positions: int | None
+    n_heads: int | None = None
 
     def check_seq_len(self, seq_len: int) -> None:
         check_seq_len(seq_len, self.max_positions)
@@ -53,7 +55,8 @@ def _shape(config: dict) -> ConfigShape | None:
     if not isinstance(layers, int):
         return None
     positions = text.get("max_position_embeddings") or text.get("n_positions")
-    return ConfigShape(layers, positions if isinstance(positions, int) else None)
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    return ConfigShape(layers, positions if isinstance(positions, int) else None, heads if isinstance(heads, int) else None)
 
 
 CPU_EXPOSE_LIMIT = 2048  # on a CPU, the default analysis is not lengthened past this many tokens (time)

@@ -206,8 +206,11 @@ def test_mistakes_that_need_no_model_are_answered_without_torch(tmp_path):
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "
             "r = CliRunner().invoke(app, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
+    wrong_map = tmp_path / "plan.json"  # a head map for 2 query heads; the default model has 9
+    wrong_map.write_text(json.dumps({"format": "sa-analysis/share-plan", "version": 1, "n_layers": 30, "followers": [24],
+                                     "head_map": {"24": [0, 1]}}))
     for args in (["heatmap", "--seq-len", "9000"], ["validate", "--spans", "28-31"], ["heal", "--spans", "abc"],
-                 ["heatmap", "--text", str(tmp_path / "missing.txt")]):
+                 ["heatmap", "--text", str(tmp_path / "missing.txt")], ["validate", "--plan", str(wrong_map)]):
         done = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "o")], cwd=root,
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["1", "False"], (args, done.stdout, done.stderr)

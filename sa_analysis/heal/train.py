@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..artefact import provenance
 from ..capture import decoder_layers
@@ -137,8 +136,10 @@ def _train(model: torch.nn.Module, args: Any, data: HealData, config: HealConfig
            on_step: Callable[[int, float], None] | None) -> tuple[Any, Any]:
     """(trainer, its train output): the Trainer on the patched model, from `start` (a checkpoint) or afresh. The patch
     comes off if training stops with an error or an interruption."""
+    from transformers import PrinterCallback, Trainer  # (imported here: the Trainer takes seconds to import)
+
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate,
-                      callbacks=[_StepReporter(on_step)])
+                      callbacks=[_step_reporter(on_step)])
     trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
     try:
         if config.shard == "fsdp" and not trainer.is_fsdp_enabled:
@@ -187,20 +188,22 @@ def _bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-class _StepReporter(TrainerCallback):
-    """Hands each optimizer step's logged loss to `on_step(step, loss)`, and stops on a non-finite loss."""
+def _step_reporter(on_step: Callable[[int, float], None] | None):
+    """A Trainer callback that hands each optimizer step's logged loss to `on_step(step, loss)`, and stops on a
+    non-finite loss."""
+    from transformers import TrainerCallback
 
-    def __init__(self, on_step: Callable[[int, float], None] | None):
-        self.on_step = on_step
+    class StepReporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            if not math.isfinite(loss):
+                raise UserError(f"The training loss became {loss} at step {state.global_step}; lower --lr (now {args.learning_rate:g}).")
+            if on_step is not None:
+                on_step(state.global_step, float(loss))
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        if not math.isfinite(loss):
-            raise UserError(f"The training loss became {loss} at step {state.global_step}; lower --lr (now {args.learning_rate:g}).")
-        if self.on_step is not None:
-            self.on_step(state.global_step, float(loss))
+    return StepReporter()
 
 
 def _resume_point(checkpoints: str, resume: bool, config: HealConfig, plan: Any, info: Any, n_trainable: int,
