@@ -23,6 +23,8 @@ def print_validation(report) -> None:
         _print_speed(report.speed, report.predicted)
     if report.tasks:
         _print_tasks(report.tasks)
+    for note in report.meta.get("notes", []):
+        console.print(f"[yellow]Note:[/] {note}", highlight=False)
     colour = "green" if report.passed else "red"
     console.print(f"[bold {colour}]{report.summary()}[/]", highlight=False)
 

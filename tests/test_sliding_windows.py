@@ -57,3 +57,19 @@ def test_the_planner_keeps_windowed_and_global_layers_apart_at_any_length(gemma)
         plan_spans(short, budget=1, first_shareable=5, stability_resamples=0)
     mixed = plan_spans(short, budget=1, mask_change=True, first_shareable=5, stability_resamples=0)
     assert mixed.followers == [5] and "past 40 tokens layer 5 sees only the last 40" in mixed.mask_notes[5]
+
+
+def test_validation_says_when_its_text_cannot_reach_the_window(gemma):
+    from sa_analysis.data import TokenBatch
+    from sa_analysis.validate import validate_plan
+
+    def validate(seq_len):
+        ids = torch.randint(3, 128, (2, seq_len), generator=torch.Generator().manual_seed(1))
+        return validate_plan(gemma, {5: 4}, TokenBatch(ids, "random", "heldout", 1), measure_speed=False)
+
+    short, long = validate(WINDOW), validate(2 * WINDOW)
+    assert len(short.meta["notes"]) == 1 and "past 40 tokens layer 5 sees only the last 40" in short.meta["notes"][0]
+    assert "cannot see it (validate with --seq-len 80" in short.meta["notes"][0]
+    assert "cannot see" not in long.meta["notes"][0]
+    assert "notes" not in validate_plan(gemma, {2: 1}, TokenBatch(torch.randint(3, 128, (2, 16)), "random", "heldout", 1),
+                                        measure_speed=False).meta  # both sliding: the same mask

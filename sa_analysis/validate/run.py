@@ -54,12 +54,35 @@ def validate_plan(
         prompt = ids[: speed_batch or min(ids.shape[0], 8)]
         speed = compare_speed(model, share_plan, prompt, mode, speed_new_tokens, repeats=speed_repeats)
     task_results = compare_tasks(model, loaded.tokenizer, share_plan, tasks, mode, task_limit) if tasks else None
+    meta = provenance(model_device(model))
+    notes = mask_notes(share_plan, info, ids.shape[1])
+    if notes:
+        meta["notes"] = notes
     return ValidationReport(
         model=info.to_dict(), plan=share_plan.to_dict(), mode=mode, tolerance=float(tolerance),
         data=batch.describe() if hasattr(batch, "describe") else {"n_seqs": ids.shape[0], "seq_len": ids.shape[1]},
         quality=quality, passed=bool(quality["ppl_change"] <= tolerance), speed=speed,
-        predicted=predicted_savings(share_plan, info, ids.shape[1]), tasks=task_results, meta=provenance(model_device(model)),
+        predicted=predicted_savings(share_plan, info, ids.shape[1]), tasks=task_results, meta=meta,
     )
+
+
+def mask_notes(plan: Any, info: Any, seq_len: int) -> list[str]:
+    """What sharing does to followers whose anchor's mask differs from their own, and, when the held-out sequences
+    are no longer than the window involved, that this validation cannot see it."""
+    from ..planner import layer_windows, mask_note
+
+    windows = layer_windows(info.shape(), info.n_layers)
+    notes = []
+    for follower, anchor in plan.anchor_of.items():
+        note = mask_note(follower, anchor, windows)
+        if note is None:
+            continue
+        window = max(w for w in (windows[follower], windows[anchor]) if w is not None)
+        if seq_len <= window:
+            note += (f"; {seq_len}-token sequences never reach that window, so this validation cannot see it "
+                     f"(validate with --seq-len {2 * window}, or --tasks passkey)")
+        notes.append(note)
+    return notes
 
 
 def check_options(mode: str, tolerance: float) -> None:
