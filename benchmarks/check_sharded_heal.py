@@ -77,7 +77,10 @@ def main() -> None:
                         lr=2e-4, shard="fsdp" if full else "none", eval_batch_size=1)
     out = args.out / args.part
     report = heal(loaded, plan, data, heldout, config, out=out, export=full)
-    if report is None:  # not the main process
+    if report is None:  # not the main process: its own peak, for the per-GPU row
+        if cuda:
+            print(json.dumps({"part": args.part, "rank": local, "peak_memory_gib_this_process":
+                              round(torch.cuda.max_memory_allocated(device) / GIB, 2)}), flush=True)
         return
     row = {"part": args.part, "processes": report.run["world_size"], "sharding": report.run["sharding"],
            "steps": report.run["steps"], "loss_first": report.losses[0], "loss_last": report.losses[-1],
