@@ -140,6 +140,7 @@ def test_lora_heal_lowers_the_loss_and_exports_a_model_that_reloads_identically(
     assert p["patched"] != p["baseline"] and p["healed"] < p["patched"]
     for name in ("report", "figure", "model"):
         assert Path(report.files[name]).exists()
+    assert not (tmp_path / "checkpoints").exists()  # no --save-every: the Trainer's scratch space is not left behind
     # after heal: LoRA merged (plain Linear layers), patch in force, followers' q/k untouched
     assert loaded.share is not None and loaded.share.active
     assert not any(hasattr(m, "lora_A") for m in loaded.model.modules())

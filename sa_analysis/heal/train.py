@@ -72,7 +72,8 @@ def heal(
     spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
     if spread and config.sharded:
         raise UserError("A model spread over GPUs with --device-map cannot also be sharded; use one or the other.")
-    scratch = tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(str(Path(out) / "checkpoints"))
+    keeps_checkpoints = out is not None and (config.save_every or resume)
+    scratch = contextlib.nullcontext(str(Path(out) / "checkpoints")) if keeps_checkpoints else tempfile.TemporaryDirectory()
     with scratch as checkpoints:
         args = config.training_arguments(checkpoints, cpu=device.type == "cpu", bf16=_bf16(device),
                                          layer_class=type(decoder_layers(model)[0]).__name__)
