@@ -36,6 +36,12 @@ DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 GIB = 1024**3
 
 
+def _one_of(value: str, choices: tuple[str, ...], name: str) -> None:
+    """A user error naming the choices when `value` is not one of them."""
+    if value not in choices:
+        raise UserError(f"Unknown {name} {value!r}; use {', '.join(choices[:-1])} or {choices[-1]}.")
+
+
 def _check_logger_installed(report_to: str) -> None:
     """--report-to tensorboard / wandb needs that package; say so before anything loads."""
     import importlib.util
@@ -85,12 +91,9 @@ class HealConfig:
     def __post_init__(self) -> None:
         from ..patch import check_mode
 
-        if self.method not in METHODS:
-            raise UserError(f"Unknown heal method {self.method!r}; use lora or full.")
-        if self.train_layers not in TRAIN_LAYERS:
-            raise UserError(f"Unknown train_layers {self.train_layers!r}; use all or from-anchor.")
-        if self.full_scope not in FULL_SCOPES:
-            raise UserError(f"Unknown full_scope {self.full_scope!r}; use all or attention.")
+        _one_of(self.method, METHODS, "heal method")
+        _one_of(self.train_layers, TRAIN_LAYERS, "train_layers")
+        _one_of(self.full_scope, FULL_SCOPES, "full_scope")
         check_mode(self.mode)
         for name in ("lora_rank", "steps", "batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
@@ -103,10 +106,8 @@ class HealConfig:
             raise UserError(f"The learning rate must be a positive number; got {self.lr}.")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"LoRA dropout must lie in [0, 1); got {self.lora_dropout}.")
-        if self.shard not in SHARDING:
-            raise UserError(f"Unknown sharding {self.shard!r}; use none or fsdp.")
-        if self.report_to not in REPORT_TO:
-            raise UserError(f"Unknown --report-to {self.report_to!r}; use none, tensorboard or wandb.")
+        _one_of(self.shard, SHARDING, "sharding")
+        _one_of(self.report_to, REPORT_TO, "--report-to")
         _check_logger_installed(self.report_to)
         if self.sharded and self.method == "lora":
             raise UserError("Sharded training (FSDP, DeepSpeed) is for full fine-tunes; heal with LoRA on one GPU, "
