@@ -84,7 +84,7 @@ def test_alpaca_rows_learn_the_response_only(tokenizer):
         assert labels[n_prompt:].tolist() == [t % VOCAB for t in response][: 128 - n_prompt]
     lengths = [len(ids) for ids, _ in data.examples]
     short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
-    batch = data.batch([short, long])  # padded on the right: no loss and no attention there
+    batch = data.collate([data[short], data[long]])  # padded on the right: no loss and no attention there
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"][0].sum() == min(lengths) and (batch["labels"][0, min(lengths):] == IGNORE_INDEX).all()
     # a prompt longer than --seq-len leaves no response: skipped, counted
@@ -99,7 +99,7 @@ def test_text_windows_and_the_trainers_rows(text_data):
     batch = text_data.collate(rows)
     assert torch.equal(batch["input_ids"], torch.stack([r["input_ids"] for r in rows]))
     assert batch["attention_mask"].all()
-    assert torch.equal(batch["labels"], text_data.batch([0, 3])["labels"])
+    assert torch.equal(batch["labels"], torch.stack([r["labels"] for r in rows]))
 
 
 def test_alpaca_json_list_and_text_jsonl(tmp_path, tokenizer):

@@ -53,15 +53,10 @@ class HealData:
         return {"input_ids": ids, "labels": labels}
 
     def collate(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The Trainer's data collator: rows padded on the right with the data's pad id (its vocabulary's, which a
-        tokenizer's pad token may not be for a folded test vocabulary), no loss and no attention on padding."""
-        return self._pad([(row["input_ids"], row["labels"]) for row in rows])
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Right-padded `input_ids`, `attention_mask`, `labels` [b, longest] for the given examples."""
-        return self._pad([self.examples[i] for i in indices])
-
-    def _pad(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The Trainer's data collator: right-padded `input_ids`, `attention_mask`, `labels` [b, longest], padded with
+        the data's pad id (its vocabulary's, which a tokenizer's pad token may not be for a folded test vocabulary),
+        no loss and no attention on padding."""
+        rows = [(row["input_ids"], row["labels"]) for row in rows]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -67,16 +67,13 @@ def _match_heads(report: AttentionReport, cost: str) -> HeadAlignment:
 
     if not can_align(report, cost):
         raise UserError(f"The {cost} cost is measured between heads of the same index only, so heads cannot be aligned with it; use --cost kl or cosine, or --align-heads off.")
-    name, similarity = _CROSS_HEAD[cost]
-    cross = np.asarray(report.array(f"{name}_mean"), dtype=float)  # [L, H, L, H]
-    cross = 1.0 - cross if similarity else cross
-    n_layers, n_heads = cross.shape[0], cross.shape[1]
+    n_layers, n_heads = report.array(f"{_CROSS_HEAD[cost][0]}_mean").shape[:2]
     by_index = np.full((n_layers, n_layers), np.inf)
     aligned = np.full((n_layers, n_layers), np.inf)
     maps = np.tile(np.arange(n_heads), (n_layers, n_layers, 1))
     for m in range(1, n_layers):
         for a in range(m):
-            pair = np.where(np.isnan(cross[m, :, a, :]), np.inf, cross[m, :, a, :])  # [H follower, H anchor]
+            pair = _pair_costs(report, cost, m, a)  # [H follower, H anchor]
             by_index[m, a] = np.diagonal(pair).mean()
             finite = np.isfinite(pair)
             if not finite.any():
@@ -92,7 +89,14 @@ def mapped_cost(report: AttentionReport, cost: str, follower: int, anchor: int, 
     """Mean over the follower's heads h of cost[follower, h, anchor, heads[h]]: the price of a given head map."""
     if not can_align(report, cost):
         raise UserError(f"The plan maps heads, but the {cost} cost is measured between heads of the same index only; use --cost kl or cosine.")
-    name, similarity = _CROSS_HEAD[cost]
-    pair = np.asarray(report.array(f"{name}_mean")[follower, :, anchor, :], dtype=float)  # [H, H]
-    pair = 1.0 - pair if similarity else pair
+    pair = _pair_costs(report, cost, follower, anchor)  # [H, H]
     return float(pair[np.arange(len(heads)), heads].mean())
+
+
+def _pair_costs(report: AttentionReport, cost: str, follower: int, anchor: int) -> np.ndarray:
+    """[H, H] cost of the follower's head h reusing the anchor's head g (1 - cosine, or the divergence); NaN (not
+    measured) becomes inf, forbidden, as in `cost_matrix`."""
+    name, similarity = _CROSS_HEAD[cost]
+    pair = np.asarray(report.array(f"{name}_mean")[follower, :, anchor, :], dtype=float)
+    pair = 1.0 - pair if similarity else pair
+    return np.where(np.isnan(pair), np.inf, pair)
