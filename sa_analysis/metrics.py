@@ -39,6 +39,10 @@ class SequenceStats:
     entropy: torch.Tensor  # [L, H]
     js_adjacent: torch.Tensor  # [L-1, H]
     n_rows: int
+    # a sampled run (streaming.sampling): standard error of each field above, and of the head-mean layer matrices
+    # `{name}_layers` [L, L]; `sampling` says which rows (RowSample.describe()). None when every row was used.
+    se: dict[str, torch.Tensor] | None = None
+    sampling: dict | None = None
 
 
 class PairStatistics:

@@ -18,6 +18,7 @@ from sa_analysis.metrics import PairStatistics, drop_first_keys, sequence_stats_
 from sa_analysis.streaming import (
     LayerGroup,
     QKStore,
+    RowSample,
     StreamingStatistics,
     check_fits,
     plan_segments,
@@ -298,7 +299,7 @@ def test_layer_groups_on_two_devices_give_the_same_matrices():
     assert torch.equal(store.q[1][0], store.q[0][1]) and torch.equal(store.k[1][0], store.k[0][1])
     engine = StreamingStatistics(store, exclude_first=1, block_rows=16, key_chunk=16)
     assert engine.gram == "full" and len(engine.states) == 2
-    assert engine.states[0].acc_xy.shape[0] == 2 * 4 and engine.states[1].acc_xy.shape[0] == 3 * 4
+    assert engine.states[0].acc_xy.shape[1] == 2 * 4 and engine.states[1].acc_xy.shape[1] == 3 * 4  # [parts, rows, 2N]
     got = engine.run()
     assert_stats_close(got, single, atol=5e-6, rtol=1e-5)
 
@@ -358,6 +359,145 @@ def test_check_fits_plans_and_refuses_with_the_longest_length():
 def test_check_fits_on_cpu_does_not_refuse():
     plan = check_fits(_Info(), 1 << 20, "cpu")
     assert plan.bytes_free is None and "cpu" in plan.describe()
+
+
+# ----- sampled rows -------------------------------------------------------------------------------------------------
+def sampled_store(model, ids, sample: RowSample) -> QKStore:
+    store = QKStore.for_model(model, rows=sample.flat(ids.device))
+    with torch.no_grad(), capture_attention(model, store):
+        model(ids, use_cache=False)
+    store.finish()
+    return store
+
+
+def every_row_as_two_replicates(n: int, exclude_first: int, fixed: int) -> RowSample:
+    """A 'sample' that holds every row once: `fixed` first rows, then the even and the odd rest as two replicates
+    (delta = 2, so each replicate's sums count once: delta / R = 1)."""
+    rest = np.arange(exclude_first + fixed, n)
+    assert len(rest) % 2 == 0
+    return RowSample(n=n, exclude_first=exclude_first, fixed=fixed, positions=np.stack([rest[0::2], rest[1::2]]),
+                     seed=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("exclude_first,fixed", [(0, 0), (3, 5)])
+def test_a_sample_of_every_row_equals_the_run_over_all_rows(name, exclude_first, fixed):
+    model = tiny_model(name)
+    n = 96 + exclude_first + fixed  # an even number of rows after the fixed ones
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(21))
+    exact = StreamingStatistics(filled_store(model, ids), exclude_first=exclude_first).run()
+    sample = every_row_as_two_replicates(n, exclude_first, fixed)
+    store = sampled_store(model, ids, sample)
+    assert store.q[0].shape[2] == sample.rows and store.k[0].shape[2] == n  # only the sampled queries are kept
+    got = StreamingStatistics(store, exclude_first=exclude_first, sample=sample, block_rows=16, key_chunk=32).run()
+    assert_stats_close(got, exact, atol=2e-6, rtol=1e-5)
+    assert got.sampling["rows"] == n - exclude_first and set(got.se) >= set(FIELDS)
+
+
+def test_a_sampled_run_matches_float64_definitions_on_its_rows():
+    """Independent of the engine: float64 maps, PairStatistics over each part's rows, combined by hand as
+    fixed + delta / R * sum of the replicates."""
+    model = tiny_model("mistral", dtype=torch.float64)
+    n, exclude_first = 160, 2
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(22))
+    sample = RowSample.draw(n, 48, exclude_first=exclude_first, replicates=4, seed=3)
+    assert sample.fixed > 0 and abs(sample.delta / sample.replicates - 1) > 0.5  # weights that matter
+    got = StreamingStatistics(sampled_store(model, ids, sample), exclude_first=exclude_first, sample=sample).run()
+    maps = AttentionMaps(dtype=torch.float64)
+    with torch.no_grad(), capture_attention(model, maps):
+        model(ids, use_cache=False)
+    lp = drop_first_keys(torch.stack([maps.log_probs[i][0] for i in range(3)]), exclude_first)  # [L, H, n, n-k]
+    parts = [np.arange(exclude_first, exclude_first + sample.fixed)] + list(sample.positions)
+    sums = []
+    for rows in parts:
+        part = PairStatistics(3, lp.shape[1], dtype=torch.float64, track_support=True)
+        part.add(lp[:, :, torch.as_tensor(rows)])
+        sums.append(part)
+    w = sample.delta / sample.replicates
+
+    def combined(field):
+        return getattr(sums[0], field) + w * sum(getattr(p, field) for p in sums[1:])
+
+    rows = sums[0].n_rows + w * sum(p.n_rows for p in sums[1:])
+    gram = combined("gram_flat")
+    diag = gram.diagonal()
+    neg_entropy = combined("neg_entropy")
+    kl = (neg_entropy[:, None] - combined("cross_log")) / rows
+    kl = torch.where(combined("support_miss") > 0, torch.full_like(kl, math.inf), kl).clamp_min(0)
+    L, H = 3, lp.shape[1]
+    expected = dict(cosine_flat=gram / torch.sqrt(diag[:, None] * diag[None, :]), cosine_row=combined("gram_row") / rows,
+                    kl=kl, entropy=-neg_entropy / rows, js_adjacent=combined("js_sum") / rows)
+    for field, ref in expected.items():
+        a, b = getattr(got, field).reshape(-1), ref.reshape(-1)
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), field
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], atol=1e-10, rtol=1e-9, msg=lambda m: f"{field}: {m}")
+    assert got.se["kl"].shape == (L, H, L, H) and got.se["kl_layers"].shape == (L, L)
+    assert (got.se["kl"][torch.isinf(got.kl)] == 0).all()  # infinite KL is decided exactly from the windows
+
+
+def test_row_samples_weigh_every_position_equally_and_keep_the_first_stretch():
+    n, k = 1000, 7
+    sample = RowSample.draw(n, 64, exclude_first=k, replicates=16, seed=0)
+    assert sample.strata == 4 and sample.rows == sample.fixed + 64
+    assert torch.equal(sample.flat()[: sample.fixed], torch.arange(k, k + sample.fixed))
+    start = k + sample.fixed
+    for s in range(sample.strata):  # one row per stretch of delta rows
+        lo, hi = start + math.floor(s * sample.delta), start + math.ceil((s + 1) * sample.delta)
+        assert ((sample.positions[:, s] >= lo) & (sample.positions[:, s] < hi)).all()
+    counts = np.zeros(n)
+    draws = 3000
+    for seed in range(draws):
+        np.add.at(counts, RowSample.draw(n, 32, exclude_first=k, replicates=2, seed=seed).positions.reshape(-1), 1)
+    rest = counts[k + RowSample.draw(n, 32, exclude_first=k, replicates=2).fixed:]
+    expected = draws * 32 / len(rest)  # every sampled position equally often
+    assert abs(rest.mean() - expected) < 1e-9
+    assert np.abs(rest - expected).max() < 5 * math.sqrt(expected)  # binomial spread, no position favoured
+    with pytest.raises(ValueError, match="at least 2 replicates"):
+        RowSample.draw(n, 64, replicates=1)
+
+
+def test_sampled_estimates_are_unbiased_and_their_standard_errors_match_their_spread():
+    model = tiny_model("llama")
+    n = 384
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(1))
+    exact = StreamingStatistics(filled_store(model, ids)).run()
+    draws = {f: [] for f in ("cosine_flat", "cosine_row", "kl", "entropy")}
+    errors = {f: [] for f in draws}
+    for seed in range(40):
+        sample = RowSample.draw(n, 64, replicates=8, seed=seed)
+        got = StreamingStatistics(sampled_store(model, ids, sample), sample=sample).run()
+        for f in draws:
+            draws[f].append(getattr(got, f).double())
+            errors[f].append(got.se[f])
+    for f in draws:
+        values, se = torch.stack(draws[f]), torch.stack(errors[f]).mean(0)
+        spread = values.std(0)
+        varies = spread > 1e-6  # the diagonals are exact (cosine 1, KL 0)
+        ratio = (se[varies] / spread[varies]).median()
+        assert 0.75 < ratio < 1.25, (f, float(ratio))  # the jackknife error is the spread one draw has
+        bias = (values.mean(0) - getattr(exact, f).double())[varies] / (spread[varies] / math.sqrt(40))
+        assert bias.abs().median() < 1.5 and (bias.abs() > 4.5).float().mean() < 0.01, f  # unbiased
+
+
+def test_a_sampled_run_refuses_a_store_that_kept_other_rows():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    sample = RowSample.draw(200, 64, replicates=4, seed=0)
+    with pytest.raises(ValueError, match="exactly the sampled rows"):
+        StreamingStatistics(filled_store(model, ids), sample=sample)
+    with pytest.raises(ValueError, match="pass the RowSample"):
+        StreamingStatistics(sampled_store(model, ids, sample))
+
+
+def test_check_fits_counts_only_the_sampled_query_rows():
+    n = 131072
+    sample = RowSample.draw(n, 16384, replicates=16)
+    exact = check_fits(_Info(), n, "cpu")
+    sampled = check_fits(_Info(), n, "cpu", sample=sample)
+    info = _Info()
+    saved = info.n_layers * info.n_heads * (n - sample.rows) * info.head_dim * 2  # bf16 queries not kept
+    assert exact.bytes_qk - sampled.bytes_qk == saved
 
 
 # ----- CUDA: the Triton kernels -------------------------------------------------------------------------------------
@@ -428,3 +568,65 @@ def test_cuda_model_spread_over_gpu_and_cpu_by_accelerate_gives_the_same_matrice
     assert [(g.start, g.stop, g.device.type) for g in store.groups] == [(0, 2, "cuda"), (2, 4, "cpu")]
     got, _ = stream_sequence_stats(spread, ids, exclude_first=2, operand_dtype=torch.float32)
     assert_stats_close(got, single, atol=2e-5, rtol=1e-4)  # layers 0-1 computed on the GPU, 2-3 on the CPU
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("name, overrides, exclude_first", [("llama", {}, 0), ("mistral", dict(sliding_window=100), 5),
+                                                             ("gemma2", {}, 3), ("qwen3", dict(head_dim=24), 0)])
+def test_cuda_sampled_rows_equal_the_torch_backend_and_float64(name, overrides, exclude_first):
+    """The Triton kernels at sampled positions (ROWPOS) against the torch backend on the same rows, and a sample of
+    every row against the float64 maps."""
+    model = tiny_model(name, device="cuda", **overrides)
+    n = 600
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(16)).cuda()
+    sample = RowSample.draw(n, 128, exclude_first=exclude_first, replicates=4, seed=5)
+    store = sampled_store(model, ids, sample)
+    kwargs = dict(exclude_first=exclude_first, sample=sample, operand_dtype=torch.float32, unit_elements=64 * 256)
+    triton = StreamingStatistics(store, backend="triton", **kwargs)
+    assert triton.backend == "triton"
+    torch_ref = StreamingStatistics(store, backend="torch", **kwargs).run()
+    got = triton.run()
+    assert_stats_close(got, torch_ref, atol=2e-5, rtol=1e-4)
+    for key in torch_ref.se:
+        torch.testing.assert_close(got.se[key].cpu(), torch_ref.se[key].cpu(), atol=2e-5, rtol=1e-3)
+    full = every_row_as_two_replicates(n, exclude_first, (n - exclude_first) % 2)
+    ref = maps_stats(model, ids, exclude_first, dtype=torch.float64)
+    every = StreamingStatistics(sampled_store(model, ids, full), exclude_first=exclude_first, sample=full).run()
+    assert_stats_close(every, ref, atol=1e-3)
+
+
+# ----- sampled rows through the heatmap job ----------------------------------------------------------------------------
+def test_the_heatmap_job_samples_rows_says_why_and_keeps_standard_errors(tmp_path, monkeypatch):
+    from sa_analysis import defaults
+    from sa_analysis.data import TokenBatch
+    from sa_analysis.loading import LoadedModel, describe
+    from sa_analysis.pipeline import analyse
+    from sa_analysis.planner import plan_spans
+    from sa_analysis.report import AttentionReport
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    loaded = LoadedModel(model, None, describe(model, "tiny-llama", "tiny-llama", "random-init"))
+    batch = TokenBatch(torch.randint(3, 128, (2, 320), generator=torch.Generator().manual_seed(4)), "random",
+                       "calibration", 1)
+    heard = []
+    report = analyse(loaded, batch, rows=96, notice=heard.append)
+    assert heard == []  # asked for: nothing to explain
+    assert report.meta["settings"]["path"] == "stream" and report.sampling["replicates"] == defaults.REPLICATES
+    assert report.arrays["kl_mean_se"].shape == report.arrays["kl_mean"].shape
+    assert report.arrays["cosine_flat_layers_se"].shape == report.arrays["cosine_flat_layers"].shape
+    se = report.layer_matrix_se("kl")
+    off = ~np.eye(4, dtype=bool)
+    assert (se[off] > 0).all() and (np.diag(se) == 0).all()  # KL(a || a) = 0 exactly in every replicate
+    report.save(tmp_path / "report")
+    again = AttentionReport.load(tmp_path / "report.json")
+    assert np.array_equal(again.layer_matrix_se("kl"), se) and again.sampling == report.sampling
+    assert plan_spans(again, budget=1, stability_resamples=0).n_shared == 1
+    assert AttentionReport.load(tmp_path / "report.json").layer_matrix_se("cosine_row") is not None
+    every = analyse(loaded, batch, rows="all", path="stream")
+    assert every.layer_matrix_se("kl") is None and every.sampling is None
+    monkeypatch.setattr(defaults, "SAMPLE_ABOVE_SECONDS", 0.0)  # "all rows would take too long" here
+    monkeypatch.setattr(defaults, "SAMPLE_TARGET_SECONDS", 0.0)  # the fewest rows a sampled run takes
+    auto = analyse(loaded, batch, path="stream", notice=heard.append)
+    assert auto.sampling is not None and len(heard) == 1
+    assert "all 320 query rows would take about" in heard[0] and "--rows all" in heard[0]
+    assert auto.meta["settings"]["rows_note"] == heard[0] and auto.sampling["rows"] > 8 * defaults.REPLICATES

@@ -32,18 +32,24 @@ Several devices (`--device-map auto`): layers are grouped by the device they liv
 queries/keys, row statistics and the rows of the accumulators that belong to its layers; operands are copied to
 the other devices for the products, and the rows are gathered at the end on the first layer's device.
 
-Modules, in the order the data flows: `store` (the recorder keeping queries and keys), `memory` (what a run needs,
-how it is cut into segments and units), `engine` (row statistics, operands, Gram products), `torch_backend` (the
-operands in plain torch: CPU, padding masks), `kernels` (the Triton kernels), `sequence` (one sequence end to end).
+Sampled rows (`sampling`): beyond exact reach, a `RowSample` keeps only some query rows (the first stretch whole,
+the rest in independent stratified replicates); every sum runs over those rows only, one set of sums per replicate,
+and the delete-one-replicate jackknife gives a standard error for every entry (`SequenceStats.se`).
+
+Modules, in the order the data flows: `store` (the recorder keeping queries and keys), `sampling` (which rows, and
+the estimates and errors from them), `memory` (what a run needs, how it is cut into segments and units), `cost`
+(how long it takes), `engine` (row statistics, operands, Gram products), `torch_backend` (the operands in plain
+torch: CPU, padding masks), `kernels` (the Triton kernels), `sequence` (one sequence end to end).
 """
 
 from .engine import StreamingStatistics
 from .memory import (OPERAND_BYTES, Segment, StreamPlan, check_fits, default_operand_dtype, free_bytes, operand_bytes,
                      plan_segments)
+from .sampling import RowSample
 from .sequence import stream_sequence_stats
 from .store import LayerGroup, LayerSpec, QKStore
 
 __all__ = [
-    "OPERAND_BYTES", "LayerGroup", "LayerSpec", "QKStore", "Segment", "StreamPlan", "StreamingStatistics",
+    "OPERAND_BYTES", "LayerGroup", "LayerSpec", "QKStore", "RowSample", "Segment", "StreamPlan", "StreamingStatistics",
     "check_fits", "default_operand_dtype", "free_bytes", "operand_bytes", "plan_segments", "stream_sequence_stats",
 ]

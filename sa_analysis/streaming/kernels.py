@@ -6,6 +6,11 @@ strides), per stored layer WIN (int32 window, 0 = none), SCALE and CAP (fp32 sof
 Both kernels work in base 2 (logits times log2(e)), so that every exponential and logarithm is one hardware
 instruction (ex2, lg2) without a multiply: LSE, Y, NEGENT and JS below are in bits; the engine multiplies by ln 2.
 
+Rows: a run over all rows indexes queries, LSE, NEGENT and JS by the row's position (`nr` = n); a SAMPLED run
+keeps only the sampled rows, indexes those arrays by the compact row index (`nr` = rows kept) and reads each row's
+position from ROWPOS `[nr]` int32 for the masks (a tile's earliest and latest row bound its keys and decide whether
+it may take the mask-free path).
+
 `row_stats`: for every stored (layer, head) and query row, lse = log2 sum_j 2^(s_ij) and
 lse2 = log2 sqrt(sum_j 2^(2 s_ij)), so that P = 2^(s - lse) and P / |P_row| = 2^(s - lse2). Online over key
 tiles, like a flash-attention forward without V.
@@ -84,23 +89,31 @@ def _stats_step(q, k_base, start, rows, m_i, l_i, l2_i, n, excl, win, scale, cap
 
 
 @triton.jit
-def row_stats(Q, K, WIN, SCALE, CAP, LSE, LSE2,
+def row_stats(Q, K, WIN, SCALE, CAP, LSE, LSE2, ROWPOS,
               sq0, sq1, sq2, sk0, sk1, sk2,
-              n, row0, excl,
+              n, row0, excl, nr,
               HQ: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+              SAMPLED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_lh = tl.program_id(1)
     layer = pid_lh // HQ
     h = pid_lh % HQ
     kh = h // REP
-    first = row0 + pid_m * BM
-    last = first + BM - 1
-    rows = first + tl.arange(0, BM)
-    row_ok = rows < n
+    first_ci = row0 + pid_m * BM  # compact row index: the position itself unless SAMPLED
+    ci = first_ci + tl.arange(0, BM)
+    row_ok = ci < nr
+    if SAMPLED:  # positions of the sampled rows (a tile may straddle two replicates: not sorted across it)
+        rows = tl.load(ROWPOS + ci, mask=row_ok, other=0)
+        first = tl.min(tl.where(row_ok, rows, n), 0)
+        last = tl.max(tl.where(row_ok, rows, 0), 0)
+    else:
+        rows = ci
+        first = first_ci
+        last = first + BM - 1
     dd = tl.arange(0, DP)
     q_base = Q + layer.to(tl.int64) * sq0 + h.to(tl.int64) * sq1
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * sq2 + dd[None, :],
+    q = tl.load(q_base + ci[:, None].to(tl.int64) * sq2 + dd[None, :],
                 mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
     k_base = K + layer.to(tl.int64) * sk0 + kh.to(tl.int64) * sk1
     win = tl.load(WIN + layer)
@@ -108,7 +121,7 @@ def row_stats(Q, K, WIN, SCALE, CAP, LSE, LSE2,
     cap = tl.load(CAP + layer)
     lo = tl.where(win > 0, tl.maximum(first - win + 1, excl), excl)
     lo = (lo // BN) * BN
-    hi = tl.minimum(first + BM, n)
+    hi = tl.minimum(last + 1, n)
     # key tiles [lo, b) and [c, hi) need masks (window edge, excluded keys, diagonal); [b, c) are wholly valid
     full_lo = tl.maximum(excl, tl.where(win > 0, last - win + 1, 0))
     full_lo = (full_lo + BN - 1) // BN * BN
@@ -129,35 +142,43 @@ def row_stats(Q, K, WIN, SCALE, CAP, LSE, LSE2,
                                      DP, D, BN, True, SOFTCAP, IEEE)
     lse = m_i + tl.math.log2(l_i)
     lse2 = m_i + 0.5 * tl.math.log2(l2_i)
-    out = pid_lh.to(tl.int64) * n + rows
+    out = pid_lh.to(tl.int64) * nr + ci
     tl.store(LSE + out, lse, mask=row_ok)
     tl.store(LSE2 + out, lse2, mask=row_ok)
 
 
 @triton.jit
-def emit(Q, K, WIN, SCALE, CAP, LSE, LSE2, U, NEGENT, JS,
+def emit(Q, K, WIN, SCALE, CAP, LSE, LSE2, U, NEGENT, JS, ROWPOS,
          sq0, sq1, sq2, sk0, sk1, sk2,
-         n, r0, nrows, k0, nkeys, m_off, excl,
+         n, r0, nrows, k0, nkeys, m_off, excl, nr,
          su0, su1, layer0, slots, halo, out_scale,
          HQ: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-         BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+         BM: tl.constexpr, BN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, SAMPLED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     h = tl.program_id(2)
     kh = h // REP
     rl = pid_m * BM + tl.arange(0, BM)
     kl = pid_n * BN + tl.arange(0, BN)
-    rows = r0 + rl
+    ci = r0 + rl  # compact row index (the position itself unless SAMPLED): rows of Q, LSE, NEGENT, JS
     keys = k0 + kl
     row_ok = rl < nrows
     key_ok = kl < nkeys
-    first_row = r0 + pid_m * BM
+    first_ci = r0 + pid_m * BM
+    if SAMPLED:  # positions of the sampled rows: the tile's earliest and latest decide its mask-free path
+        rows = tl.load(ROWPOS + ci, mask=row_ok, other=0)
+        first_row = tl.min(tl.where(row_ok, rows, n), 0)
+        last_row = tl.max(tl.where(row_ok, rows, 0), 0)
+    else:
+        rows = ci
+        first_row = first_ci
+        last_row = first_row + BM - 1
     first_key = k0 + pid_n * BN
     # the tile lies inside the segment (unmasked loads/stores) and, for a causal mask, wholly at or below it
     in_segment = (pid_m * BM + BM <= nrows) & (pid_n * BN + BN <= nkeys)
     below = in_segment & (first_key + BN - 1 <= first_row) & (first_key >= excl)
     dd = tl.arange(0, DP)
-    q_head = Q + h.to(tl.int64) * sq1 + first_row.to(tl.int64) * sq2  # scalar pointers: the tile's corner
+    q_head = Q + h.to(tl.int64) * sq1 + first_ci.to(tl.int64) * sq2  # scalar pointers: the tile's corner
     k_head = K + kh.to(tl.int64) * sk1 + first_key.to(tl.int64) * sk2
     q_offs = tl.arange(0, BM)[:, None] * sq2 + dd[None, :]  # int32 within the tile
     k_offs = tl.arange(0, BN)[None, :] * sk2 + dd[:, None]
@@ -178,10 +199,10 @@ def emit(Q, K, WIN, SCALE, CAP, LSE, LSE2, U, NEGENT, JS,
         kt = tl.load(k_head + s64 * sk0 + k_offs, mask=k_mask, other=0.0)
         s = _logits(q, kt, tl.load(SCALE + si), tl.load(CAP + si), SOFTCAP, IEEE)
         win = tl.load(WIN + si)
-        lrow = (s64 * HQ + h) * n + rows
+        lrow = (s64 * HQ + h) * nr + ci
         lse = tl.load(LSE + lrow, mask=row_ok, other=0.0)
         lse2 = tl.load(LSE2 + lrow, mask=row_ok, other=0.0)
-        if below & ((win <= 0) | (first_key > first_row + BM - 1 - win)):
+        if below & ((win <= 0) | (first_key > last_row - win)):
             y = s - lse[:, None]
             x = tl.math.exp2(y)
         else:
@@ -204,11 +225,11 @@ def emit(Q, K, WIN, SCALE, CAP, LSE, LSE2, U, NEGENT, JS,
                 tl.store(ptr, xr.to(U.dtype.element_ty), mask=inside)
                 tl.store(ptr + su0, (x * out_scale).to(U.dtype.element_ty), mask=inside)
                 tl.store(ptr + 2 * su0, y.to(U.dtype.element_ty), mask=inside)
-            tl.atomic_add(NEGENT + row * n + rows, xy, mask=row_ok, sem="relaxed")
+            tl.atomic_add(NEGENT + row * nr + ci, xy, mask=row_ok, sem="relaxed")
         if si > 0:
             mix = prev_x + x
             mixed = tl.sum(mix * tl.math.log2(tl.maximum(0.5 * mix, 1e-30)), 1)
             pair = (layer0 + s64 - 1) * HQ + h
-            tl.atomic_add(JS + pair * n + rows, 0.5 * (prev_xy + xy - mixed), mask=row_ok, sem="relaxed")
+            tl.atomic_add(JS + pair * nr + ci, 0.5 * (prev_xy + xy - mixed), mask=row_ok, sem="relaxed")
         prev_x = x
         prev_xy = xy

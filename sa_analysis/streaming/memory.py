@@ -61,14 +61,16 @@ def _itemsize(dtype: str | torch.dtype) -> int:
 
 
 def _bytes(shape: dict[str, int], n: int, model_item: int, op_item: int, unit_elements: int,
-           eager_maps: bool, windowed: bool) -> tuple[int, int, int]:
-    """(q/k store, streaming working set, forward activations) in bytes for length n."""
+           eager_maps: bool, windowed: bool, rows: int | None = None, parts: int = 1) -> tuple[int, int, int]:
+    """(q/k store, streaming working set, forward activations) in bytes for length n (`rows` query rows kept, in
+    `parts` sets of sums)."""
     L, H, Hkv, D = shape["L"], shape["H"], shape["Hkv"], shape["D"]
     N = L * H
-    qk = L * (H + Hkv) * n * D * model_item
-    stats = 2 * N * n * 4
+    kept = n if rows is None else rows
+    qk = L * (H * kept + Hkv * n) * D * model_item
+    stats = 4 * N * kept * 4  # row statistics (lse, lse2) and the per-row entropy and JS sums
     operands = 3 * N * unit_elements * op_item
-    accum = (2 * N * N + N * N) * 4 * 2  # accumulators and one product in flight
+    accum = (2 * N * N + N * N) * 4 * (parts + 1)  # accumulators and one product in flight
     stream = stats + operands + accum
     fwd = n * (6 * shape["hidden"] + 3 * shape["inter"] + 2 * (H + 2 * Hkv) * D) * model_item
     if windowed:
@@ -90,12 +92,15 @@ def free_bytes(device: torch.device | str) -> int | None:
 
 def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_dtype: torch.dtype | None = None,
                block_rows: int | None = None, memory_fraction: float = 0.8,
-               free: int | None = None, max_operand_bytes: int | None = None) -> StreamPlan:
+               free: int | None = None, max_operand_bytes: int | None = None, sample: Any = None) -> StreamPlan:
     """Plan a streaming run of `seq_len` tokens on `device`, or raise a UserError that says the longest length that fits.
 
     `info` is a `ModelInfo` (for a model split over several devices, pass the share of the layers on this device).
-    `free` overrides the measured free bytes (tests). Nothing is allocated.
+    `free` overrides the measured free bytes (tests); `sample` (a RowSample) counts only its query rows. Nothing is
+    allocated.
     """
+    sampled_rows = None if sample is None else sample.rows
+    parts = 1 if sample is None else len(sample.parts)
     device = torch.device(device)
     shape = _shape(info)
     N = shape["L"] * shape["H"]
@@ -114,15 +119,16 @@ def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_d
     def plan_for(n: int) -> StreamPlan:
         rows = block_rows or (128 if device.type == "cuda" else 64)
         rows = max(16, min(rows, round_up(n, 16)))
-        qk, _, fwd = _bytes(shape, n, model_item, op_item, 0, eager, windowed)
-        fixed = qk + max(fwd, 2 * N * n * 4 + 3 * N * N * 4 * 2)
+        kept = n if sampled_rows is None else min(sampled_rows, n)
+        qk, _, fwd = _bytes(shape, n, model_item, op_item, 0, eager, windowed, kept, parts)
+        fixed = qk + max(fwd, 4 * N * kept * 4 + 3 * N * N * 4 * (parts + 1))
         target = max_operand_bytes or operand_bytes(device)
         if budget is not None:
             target = min(target, max(budget - fixed, 0))
         elements = max(target // (3 * N * op_item), rows * TRITON_BN)
         chunk = max(TRITON_BN, min(round_up(n, TRITON_BN), (elements // rows) // TRITON_BN * TRITON_BN))
         elements = max(elements, rows * chunk)
-        qk, stream, fwd = _bytes(shape, n, model_item, op_item, elements, eager, windowed)
+        qk, stream, fwd = _bytes(shape, n, model_item, op_item, elements, eager, windowed, kept, parts)
         needed = qk + max(stream, fwd)
         return StreamPlan(seq_len=n, device=str(device), block_rows=rows, key_chunk=chunk, unit_elements=elements,
                           operand_dtype=str(operand_dtype).removeprefix("torch."), bytes_qk=qk, bytes_stream=stream,
@@ -162,13 +168,17 @@ def round_up(x: int, m: int) -> int:
 
 @dataclass(frozen=True)
 class Segment:
-    """Query rows [r0, r0 + rows) x keys [k0, k0 + keys), at element offset `offset` of its unit."""
+    """Query rows [r0, r0 + rows) x keys [k0, k0 + keys), at element offset `offset` of its unit.
+
+    Rows are compact indices: positions in the sequence for a run over all rows, indices into the sampled positions
+    for a sampled run (`part` says whose sums the segment feeds: the fixed rows or one replicate)."""
 
     r0: int
     rows: int
     k0: int
     keys: int
     offset: int = 0
+    part: int = 0
 
     @property
     def elements(self) -> int:
@@ -176,30 +186,48 @@ class Segment:
 
 
 def plan_segments(n: int, exclude_first: int, windows: Sequence[int | None], block_rows: int, key_chunk: int,
-                  unit_elements: int, key_align: int = 1) -> list[list[Segment]]:
+                  unit_elements: int, key_align: int = 1, positions: Sequence[int] | None = None,
+                  parts: Sequence[int] | None = None) -> list[list[Segment]]:
     """Cut the causal region of rows [exclude_first, n) into segments and pack consecutive ones into units.
 
     Keys of a row block run from `exclude_first` (or the earliest key any layer's window reaches, when every layer
     slides) to the block's last row. Segments of a unit are laid out one after the other along the elements axis.
+    With `positions` (a sampled run: consecutive `parts` of the given sizes, each sorted) the blocks are cut from one
+    part's rows at a time, keys run to the block's last position, and a unit holds segments of one part only.
     """
     all_slide = bool(windows) and all(w for w in windows)
     widest = max(windows) if all_slide else None
     units: list[list[Segment]] = []
     unit: list[Segment] = []
     used = 0
-    for r0 in range(exclude_first, n, block_rows):
-        rows = min(block_rows, n - r0)
-        k_lo = exclude_first if widest is None else max(exclude_first, r0 - widest + 1)
+    for part, r0, rows, first, last in _row_blocks(n, exclude_first, block_rows, positions, parts):
+        k_lo = exclude_first if widest is None else max(exclude_first, first - widest + 1)
         k_lo = k_lo // key_align * key_align
-        k_hi = r0 + rows
+        k_hi = last + 1
         for k0 in range(k_lo, k_hi, key_chunk):
             keys = min(key_chunk, k_hi - k0)
             seg_elems = rows * keys
-            if unit and used + seg_elems > unit_elements:
+            if unit and (used + seg_elems > unit_elements or unit[0].part != part):
                 units.append(unit)
                 unit, used = [], 0
-            unit.append(Segment(r0, rows, k0, keys, used))
+            unit.append(Segment(r0, rows, k0, keys, used, part))
             used += seg_elems
     if unit:
         units.append(unit)
     return units
+
+
+def _row_blocks(n: int, exclude_first: int, block_rows: int, positions: Sequence[int] | None,
+                parts: Sequence[int] | None):
+    """(part, first compact row, rows, first position, last position) of each block of query rows."""
+    if positions is None:
+        for r0 in range(exclude_first, n, block_rows):
+            rows = min(block_rows, n - r0)
+            yield 0, r0, rows, r0, r0 + rows - 1
+        return
+    start = 0
+    for part, size in enumerate(parts if parts is not None else [len(positions)]):
+        for r0 in range(start, start + size, block_rows):
+            rows = min(block_rows, start + size - r0)
+            yield part, r0, rows, int(positions[r0]), int(positions[r0 + rows - 1])
+        start += size

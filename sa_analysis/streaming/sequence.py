@@ -10,10 +10,11 @@ from ..capture import capture_attention
 from ..metrics import SequenceStats
 from .engine import StreamingStatistics
 from .memory import check_fits
+from .sampling import RowSample
 from .store import QKStore
 
 # ----- the entry point ------------------------------------------------------------------------------------------------
-def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0,
+def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, sample: RowSample | None = None,
                           operand_dtype: torch.dtype | None = None, block_rows: int | None = None,
                           memory_fraction: float = 0.8, return_logits: bool = False,
                           backend: str = "auto", check_memory: bool = True, timings: dict | None = None,
@@ -23,12 +24,14 @@ def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int 
     Returns the same `SequenceStats` as `metrics.sequence_stats_from_maps` on the model's attention maps, and the
     logits when `return_logits` (else None; the forward then computes only the last position's logits).
     Raises `UserError` before any work when the run cannot fit in GPU memory. `engine_options` are passed to
-    `StreamingStatistics` (tuning knobs: tile, stats_tile, gram, tri_chunks, unit_elements).
+    `StreamingStatistics` (tuning knobs: tile, stats_tile, gram, tri_chunks, unit_elements). With `sample` (a
+    `RowSample` drawn for this length) only its query rows are kept and analysed: the statistics are estimates with a
+    standard error per entry (`SequenceStats.se`).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, n], got {tuple(input_ids.shape)}")
     n = input_ids.shape[1]
-    store = QKStore.for_model(model)
+    store = QKStore.for_model(model, rows=None if sample is None else sample.flat())
     plans = []
     if check_memory:
         from ..loading import describe
@@ -38,7 +41,7 @@ def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int 
             if g.device.type == "cuda":
                 share = _share(info, g.n_layers + g.halo)
                 plans.append(check_fits(share, n, g.device, operand_dtype=operand_dtype, block_rows=block_rows,
-                                        memory_fraction=memory_fraction))
+                                        memory_fraction=memory_fraction, sample=sample))
     embed_device = model.get_input_embeddings().weight.device
     ev = _Events(timings, store.groups[0].device)
     ev.mark("start")
@@ -60,7 +63,7 @@ def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int 
     with torch.no_grad():
         options = dict(block_rows=block_rows, key_chunk=key_chunk, unit_elements=unit_elements)
         options.update(engine_options or {})
-        engine = StreamingStatistics(store, exclude_first=exclude_first, operand_dtype=operand_dtype,
+        engine = StreamingStatistics(store, exclude_first=exclude_first, sample=sample, operand_dtype=operand_dtype,
                                      backend=backend, **options)
         stats = engine.run()
     ev.mark("metrics")

@@ -43,13 +43,15 @@ class QKStore:
     """Recorder that copies every layer's post-RoPE query `[Hq, n, D]` and key `[Hkv, n, D]` into per-device buffers.
 
     `groups` are consecutive layer ranges on one device (by default read off the attention modules' parameters);
-    buffers are allocated on the first record of each group, in the dtype of the recorded tensors.
+    buffers are allocated on the first record of each group, in the dtype of the recorded tensors. With `rows` (the
+    positions of a sampled run, `[m]` int64) only those query rows are kept: queries `[Hq, m, D]`, keys all `n`.
     """
 
     layers = None  # every layer
 
-    def __init__(self, n_layers: int, groups: Sequence[LayerGroup] | None = None):
+    def __init__(self, n_layers: int, groups: Sequence[LayerGroup] | None = None, rows: torch.Tensor | None = None):
         self.n_layers = n_layers
+        self.rows = rows
         self.groups: list[LayerGroup] = list(groups) if groups else [LayerGroup(0, n_layers, torch.device("cpu"))]
         self._group_of = {}
         for gi, g in enumerate(self.groups):
@@ -66,7 +68,7 @@ class QKStore:
         self._mask_cache: dict[tuple, int | None | str] = {}
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> "QKStore":
+    def for_model(cls, model: torch.nn.Module, rows: torch.Tensor | None = None) -> "QKStore":
         """A store whose groups follow the devices of the model's attention modules (one group per device run)."""
         modules = attention_modules(model)
         by_name = dict(model.named_modules())
@@ -78,7 +80,7 @@ class QKStore:
                 groups[-1].stop = layer + 1
             else:
                 groups.append(LayerGroup(layer, layer + 1, dev))
-        return cls(len(modules), groups)
+        return cls(len(modules), groups, rows)
 
     # -- recording
     def record(self, inputs: AttentionInputs) -> None:
@@ -95,14 +97,21 @@ class QKStore:
         layer = inputs.layer_idx
         gi = self._group_of[layer]
         g = self.groups[gi]
+        kept = q[0] if self.rows is None else q[0].index_select(1, self.rows_on(q.device))  # [Hq, m, D]
         if self.q[gi] is None:
             slots = g.n_layers + g.halo
-            self.q[gi] = _stacked_like(q[0], slots)
+            self.q[gi] = _stacked_like(kept, slots)
             self.k[gi] = _stacked_like(k[0], slots)
             g.device = q.device
-        self.q[gi][layer - g.first_stored].copy_(q[0])
+        self.q[gi][layer - g.first_stored].copy_(kept)
         self.k[gi][layer - g.first_stored].copy_(k[0])
         self.specs[layer] = self._spec(inputs)
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        """The sampled positions on `device` (copied once per device)."""
+        if self.rows.device != device:
+            self.rows = self.rows.to(device)
+        return self.rows
 
     def _spec(self, inputs: AttentionInputs) -> LayerSpec:
         window = inputs.sliding_window if inputs.sliding_window else None
@@ -136,13 +145,15 @@ class QKStore:
     # -- building a store without a model (tests, notebooks)
     @classmethod
     def from_inputs(cls, inputs: Iterable[AttentionInputs], groups: Sequence[tuple[int, int]] | None = None,
-                    devices: Sequence[torch.device | str] | None = None) -> "QKStore":
-        """A filled store from recorded `AttentionInputs` (one per layer, in order); `groups` splits the layers."""
+                    devices: Sequence[torch.device | str] | None = None, rows: torch.Tensor | None = None
+                    ) -> "QKStore":
+        """A filled store from recorded `AttentionInputs` (one per layer, in order); `groups` splits the layers and
+        `rows` keeps only those query rows (a sampled run)."""
         inputs = list(inputs)
         n_layers = len(inputs)
         splits = list(groups) if groups else [(0, n_layers)]
         devs = [torch.device(d) for d in devices] if devices else [inputs[0].query.device] * len(splits)
-        store = cls(n_layers, [LayerGroup(a, b, d) for (a, b), d in zip(splits, devs)])
+        store = cls(n_layers, [LayerGroup(a, b, d) for (a, b), d in zip(splits, devs)], rows)
         for inp in inputs:
             gi = store._group_of[inp.layer_idx]
             moved = AttentionInputs(inp.layer_idx, inp.query.to(devs[gi]), inp.key.to(devs[gi]),

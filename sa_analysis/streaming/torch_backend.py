@@ -22,25 +22,28 @@ class TorchEmitter:
         self.e = engine
         self._cache: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self._rows_counted: set[int] = set()
-        self._new_rows = 0
+        self.positions = engine.sample.flat() if engine.sample is not None else None
 
-    def take_rows(self) -> int:
-        rows, self._new_rows = self._new_rows, 0
-        return rows
+    def _position_range(self, r0: int, rows: int) -> tuple[torch.Tensor | None, int]:
+        """(positions [b] of a sampled block or None, the block's last key + 1)."""
+        if self.positions is None:
+            return None, r0 + rows
+        pos = self.positions[r0: r0 + rows]
+        return pos, int(pos[-1]) + 1
 
     def _row_block(self, gi: int, st: GroupState, r0: int, rows: int, k_lo: int):
-        """(log-probs [S, H, b, K] over keys [k_lo, r0+rows), valid rows [b]) for the group's stored layers."""
+        """(log-probs [S, H, b, K] over keys [k_lo, last row + 1), valid rows [b]) for the group's stored layers."""
         cached = self._cache.get(gi)
         if cached is not None and cached[0] == r0 and cached[1] == k_lo:
             return cached[2], cached[3]
         e = self.e
         q, k = e.store.q[gi], e.store.k[gi]
         g = st.group
-        k_hi = r0 + rows
+        pos, k_hi = self._position_range(r0, rows)
         work = e.acc_dtype
         slots, H, _, D = q.shape
         rep = H // e.n_kv
-        qb = q[:, :, r0:k_hi].to(work).reshape(slots * e.n_kv, rep * rows, D)
+        qb = q[:, :, r0:r0 + rows].to(work).reshape(slots * e.n_kv, rep * rows, D)
         kb = k[:, :, k_lo:k_hi].to(work).reshape(slots * e.n_kv, k_hi - k_lo, D)
         logits = torch.bmm(qb, kb.transpose(1, 2)).view(slots, H, rows, k_hi - k_lo)
         out = []
@@ -49,17 +52,25 @@ class TorchEmitter:
             x = logits[s] * spec.scaling
             if spec.softcap:
                 x = torch.tanh(x / spec.softcap) * spec.softcap
-            allowed = self._allowed(spec, r0, rows, k_lo, k_hi, x.device)
+            allowed = self._allowed(spec, r0, rows, k_lo, k_hi, x.device, pos)
             out.append(x.masked_fill(~allowed, float("-inf")))
         logp = masked_log_softmax(torch.stack(out))
         valid = torch.isfinite(logp).any(dim=-1).all(dim=(0, 1))
         self._cache[gi] = (r0, k_lo, logp, valid)
         return logp, valid
 
-    def _allowed(self, spec: LayerSpec, r0: int, rows: int, k_lo: int, k_hi: int, device) -> torch.Tensor:
+    def _allowed(self, spec: LayerSpec, r0: int, rows: int, k_lo: int, k_hi: int, device,
+                 pos: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, K] bool: which keys [k_lo, k_hi) each row of the block may see (rows at `pos` for a sampled block)."""
         n, excl = self.e.n, self.e.exclude_first
         sl = slice(r0, r0 + rows)
-        if spec.generic_mask is None:
+        if pos is not None:
+            keys = torch.arange(k_lo, k_hi, device=device)
+            at = pos.to(device)[:, None]
+            allowed = keys[None, :] <= at
+            if spec.window is not None:
+                allowed = allowed & (keys[None, :] > at - spec.window)
+        elif spec.generic_mask is None:
             allowed = causal_allowed(sl, n, n, k_hi, spec.window, device)[0, 0, :, k_lo:]
         else:
             allowed = spec.inputs.allowed(sl, k_hi)[0, 0, :, k_lo:]
@@ -96,14 +107,15 @@ class TorchEmitter:
         U[2, lo:hi, sl] = y[out].reshape(n_out, -1).to(U.dtype)
         if U.shape[0] > 3:
             U[3, lo:hi, sl] = (~visible[out]).reshape(n_out, -1).to(U.dtype)
-        st.neg_entropy[lo:hi] += (probs[out] * y[out]).sum(dim=(-1, -2)).reshape(-1).to(e.acc_dtype)
+        rep = seg.part
+        st.neg_entropy[rep, lo:hi] += (probs[out] * y[out]).sum(dim=(-1, -2)).reshape(-1).to(e.acc_dtype)
         if logp.shape[0] > 1:
             js = js_divergence(logp[:-1], logp[1:]).sum(dim=-1)  # [S-1, H] summed over rows and keys
             a = g.first_stored * e.n_heads
-            st.js[a: a + js.numel()] += js.reshape(-1).to(e.acc_dtype)
+            st.js[rep, a: a + js.numel()] += js.reshape(-1).to(e.acc_dtype)
         if gi == 0 and (seg.r0 not in self._rows_counted):
             self._rows_counted.add(seg.r0)
-            self._new_rows += int(valid.sum())
+            e.rows_per_part[rep] += int(valid.sum())
 
     def _k_lo(self, r0: int) -> int:
         e = self.e
