@@ -49,6 +49,10 @@ AnalysisSeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", min=2, sh
     f"Tokens per sequence. Default: {defaults.SEQ_LEN}, or twice the sliding window for a model that mixes windowed and "
     "global layers (so the analysis tells them apart)."))]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: sa-output/<model>/.")]
+RowsOpt = Annotated[str, typer.Option("--rows", help=(
+    "Query rows the streaming statistics use: all, a number to sample per sequence (estimates with a standard error "
+    f"per entry), or auto: all unless that is predicted to take over {defaults.SAMPLE_ABOVE_SECONDS:.0f} s per "
+    "sequence on this device."))]
 
 DEFAULT_MODEL = defaults.MODEL  # every default the CLI shows comes from the library (sa_analysis/defaults.py)
 DEFAULT_N_SEQS = defaults.N_SEQS

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.app import (
     AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
-    RandomInitOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
+    RandomInitOpt, RowsOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
     user_errors, wrote,
 )
 from sa_analysis import defaults
@@ -40,13 +40,15 @@ def recommend_spans(
     random_init: RandomInitOpt = False,
     device_map: DeviceMapOpt = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
+    rows: RowsOpt = "auto",
     validate: Annotated[bool, typer.Option("--validate", help="Measure candidate plans on the model (sensitivity fed back to the planner) and keep the best within --tolerance, checked on held-out text.")] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = defaults.TOLERANCE,
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
-    from sa_analysis.prechecks import check_before_loading
+    from sa_analysis.prechecks import check_before_loading, parse_rows
 
     if report is None:  # mistakes that need no model are answered before torch is imported
+        rows = parse_rows(rows, seq_len)
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
 
@@ -54,7 +56,9 @@ def recommend_spans(
     capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
                    device_map=device_map, exclude_first=exclude_first)
     if report is None:
-        capture.update(progress=sequence_progress, status=loading_status)
+        from cli.heatmap import print_note
+
+        capture.update(rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
     result = run_plan(report, model or (None if report is not None else DEFAULT_MODEL), budget=budget,
                       max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len, out=out, **capture)
     plan = result.plan

@@ -12,3 +12,7 @@ CONTEXT_LEN = 4096  # the context length the predicted savings are given for
 BUDGET_FRACTION = 0.25  # layers shared when no budget is given
 DECODE_TOKENS = 32  # tokens decoded per sequence when measuring decode speed
 COMPARE_OUT = "sa-output/compare"  # where `compare` writes when no --out is given
+ROWS = "auto"  # query rows the streaming statistics use: all of them, unless that would take too long (then sampled)
+SAMPLE_ABOVE_SECONDS = 60.0  # auto rows: sample when all rows would take longer than this per sequence
+SAMPLE_TARGET_SECONDS = 15.0  # auto rows: how long the sampled statistics of one sequence may take
+REPLICATES = 16  # independent stratified samples of a sampled run (their spread gives the standard errors)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import defaults
 from .data import load_documents
 from .errors import UserError
 from .io import ensure_writable_dir
@@ -38,3 +39,28 @@ def check_before_loading(model: str | None, *, out: str | Path | None = None, te
     if plan is not None and shape is not None and plan.head_map and shape.n_heads:
         check_head_map(plan.head_map, plan.followers, shape.n_heads)  # one anchor head per query head of this model
     return plan
+
+
+def parse_rows(rows: str | int | None, seq_len: int | None = None, path: str = "auto") -> str | int:
+    """`--rows`: "auto" (all query rows unless that would take too long), "all", or how many rows to sample per
+    sequence (at least 4 per replicate, so that the standard errors mean something; fewer than half of `seq_len`
+    when it is known; only the streaming path samples)."""
+    if rows is None:
+        return defaults.ROWS
+    text = str(rows).strip().lower()
+    if text in ("auto", "all"):
+        return text
+    least = 4 * defaults.REPLICATES
+    try:
+        count = int(text)
+    except ValueError:
+        raise UserError(f"--rows {rows!r} is not auto, all or a number of rows; e.g. --rows 8192.") from None
+    if count < least:
+        raise UserError(f"--rows {count} is too few to sample: use at least {least} rows ({defaults.REPLICATES} "
+                        f"replicates of 4), or --rows all.")
+    if seq_len is not None and 2 * count > seq_len:
+        raise UserError(f"--rows {count} is half or more of the {seq_len} query rows of a sequence, where sampling "
+                        f"saves little; use --rows all, or fewer rows.")
+    if path == "maps":
+        raise UserError("--rows N samples query rows, which only the streaming path does; drop --path maps.")
+    return count

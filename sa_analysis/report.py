@@ -13,6 +13,13 @@ Array names and shapes (S sequences, L layers, H query heads):
     js_adjacent                   [S, L-1, H]    Jensen-Shannon divergence between layer l and l+1, same head.
     block_influence               [S, L]         1 - cos(hidden state in, hidden state out) of each layer.
 
+Sampled query rows (long contexts; `meta["settings"]["rows"]` says how) add standard errors of the estimates:
+
+    {metric}_mean_se              [L, H, L, H]   of {metric}_mean (sampling error only; the spread over sequences is
+                                                 {metric}_std).
+    {metric}_layers_se            [S, L, L]      of {metric}_layers, per sequence.
+    entropy_se, js_adjacent_se    like entropy and js_adjacent.
+
 KL is infinite where the follower attends to keys the other layer masks (sliding window vs global): the arrays
 keep `inf` there rather than hiding it.
 """
@@ -139,6 +146,20 @@ class AttentionReport:
     def layer_matrix_std(self, name: str) -> np.ndarray:
         """[L, L] spread over sequences (standard deviation) of the head-mean layer matrix."""
         return self.array(f"{name}_layers").std(axis=0)
+
+    def layer_matrix_se(self, name: str) -> np.ndarray | None:
+        """[L, L] standard error of `layer_matrix(name)` from sampled query rows (None when every row was used): the
+        sequences' errors are independent, so sqrt(sum of squares) / S."""
+        if not self.has(f"{name}_layers_se"):
+            return None
+        per_sequence = self.arrays[f"{name}_layers_se"].astype(np.float64)  # [S, L, L]
+        return np.sqrt((per_sequence**2).sum(axis=0)) / per_sequence.shape[0]
+
+    @property
+    def sampling(self) -> dict | None:
+        """How query rows were sampled (rows, of, fixed, replicates, strata), or None when every row was used."""
+        rows = (self.meta.get("settings") or {}).get("rows")
+        return rows if isinstance(rows, dict) and rows.get("mode") == "sampled" else None
 
     def head_matrix(self, name: str, layer_a: int, layer_b: int) -> np.ndarray:
         """[H, H] cross-head values between two layers: [h, g] compares head h of `layer_a` with head g of `layer_b`."""

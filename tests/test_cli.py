@@ -210,7 +210,8 @@ def test_mistakes_that_need_no_model_are_answered_without_torch(tmp_path):
     wrong_map.write_text(json.dumps({"format": "sa-analysis/share-plan", "version": 1, "n_layers": 30, "followers": [24],
                                      "head_map": {"24": [0, 1]}}))
     for args in (["heatmap", "--seq-len", "9000"], ["validate", "--spans", "28-31"], ["heal", "--spans", "abc"],
-                 ["heatmap", "--text", str(tmp_path / "missing.txt")], ["validate", "--plan", str(wrong_map)]):
+                 ["heatmap", "--text", str(tmp_path / "missing.txt")], ["validate", "--plan", str(wrong_map)],
+                 ["heatmap", "--rows", "lots"], ["recommend-spans", "--rows", "200", "--seq-len", "256"]):
         done = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "o")], cwd=root,
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["1", "False"], (args, done.stdout, done.stderr)
@@ -227,3 +228,15 @@ def test_a_report_redrawn_for_another_model_is_refused(tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     assert_user_error(run("heatmap", "--report", report, "--model", "llama2-7b"), "does not match the report's model")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rows", "lots"], "is not auto, all or a number of rows"),
+    (["--rows", "10"], "too few to sample: use at least 64 rows"),
+    (["--rows", "200", "--seq-len", "256"], "half or more of the 256 query rows"),
+    (["--rows", "96", "--path", "maps"], "only the streaming path does; drop --path maps"),
+])
+def test_wrong_rows_are_one_sentence_before_any_model_loads(tmp_path, args, fragment):
+    out = tmp_path / "o"
+    assert_user_error(run("heatmap", *args, "--out", out), fragment, out)
+    assert not out.exists()

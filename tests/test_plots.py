@@ -215,3 +215,19 @@ def test_tick_labels_do_not_overlap_for_32_layers():
     heatmap.canvas.draw()
     ticks = heatmap.axes[0].get_xticks()
     assert ticks[0] == 0 and len(ticks) < 32 and np.all(np.diff(ticks) == ticks[1] - ticks[0])  # every k-th layer
+
+
+def test_sampled_reports_draw_their_standard_errors(report):
+    """A report from sampled rows shows each matrix's standard error as a matrix of its own."""
+    sampled = AttentionReport(meta={**report.meta, "settings": {"rows": {"mode": "sampled", "rows": 96, "of": 320}}},
+                              arrays=dict(report.arrays))
+    rng = np.random.default_rng(1)
+    for name in ("cosine_flat", "cosine_row", "kl"):
+        sampled.arrays[f"{name}_layers_se"] = 0.01 * rng.random(report.arrays[f"{name}_layers"].shape)
+    one = plots.plot_layer_heatmap(sampled, "kl")
+    assert n_panels(one) == 2 and n_colorbars(one) == 2
+    assert "96 of 320 query rows" in one._suptitle.get_text()
+    assert "standard error" in one.axes[1].get_title()
+    row = plots.plot_heatmaps(sampled)
+    assert n_panels(row) == 6 and n_colorbars(row) == 6
+    assert n_panels(plots.plot_layer_heatmap(report, "kl")) == 1  # every row used: one panel, as before

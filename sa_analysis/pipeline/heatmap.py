@@ -18,7 +18,7 @@ from ..data import TokenBatch, token_batch
 from ..errors import UserError
 from ..io import ensure_writable_dir
 from ..loading import LoadedModel
-from ..prechecks import check_before_loading
+from ..prechecks import check_before_loading, parse_rows
 from ..shapes import analysis_length
 from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
@@ -28,10 +28,15 @@ MAPS_LIMIT_BYTES = 2 * 1024**3  # beyond this the maps of one sequence would be 
 PATHS = ("auto", "maps", "stream")
 
 
-def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto") -> str:
-    """'maps' for short contexts (materialised maps), 'stream' when the maps of one sequence would be large."""
+def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto", rows: str | int = "auto") -> str:
+    """'maps' for short contexts (materialised maps), 'stream' when the maps of one sequence would be large or when
+    a number of sampled rows is asked for (only the streaming engine samples)."""
     if path not in PATHS:
         raise UserError(f"Unknown capture path {path!r}; use one of {', '.join(PATHS)}.")
+    if isinstance(rows, int):
+        if path == "maps":
+            raise UserError("--rows N samples query rows, which only the streaming path does; drop --path maps.")
+        return "stream"
     if path != "auto":
         return path
     info = loaded.info
@@ -39,23 +44,65 @@ def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto") -> str:
     return "maps" if maps_bytes <= MAPS_LIMIT_BYTES else "stream"
 
 
-def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto") -> str:
-    """The capture path for this run; a streaming run that cannot fit in memory says so before any work."""
-    path = choose_path(loaded, batch.seq_len, path)
+def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto", rows: str | int = "auto",
+              exclude_first: int = 0) -> tuple[str, int | None, str | None]:
+    """(capture path, sampled rows per sequence or None for all rows, a note saying why it samples) for this run;
+    a streaming run that cannot fit in memory says so before any work."""
+    path = choose_path(loaded, batch.seq_len, path, rows)
+    sample_rows, note = None, None
     if path == "stream":
-        from ..streaming import check_fits
+        from ..streaming import RowSample, check_fits
 
-        check_fits(loaded.info, batch.seq_len, next(loaded.model.parameters()).device)
-    return path
+        sample_rows, note = choose_rows(loaded, batch.seq_len, rows, exclude_first)
+        sample = None if sample_rows is None else RowSample.draw(batch.seq_len, sample_rows, exclude_first=exclude_first,
+                                                                replicates=defaults.REPLICATES)
+        check_fits(loaded.info, batch.seq_len, next(loaded.model.parameters()).device, sample=sample)
+    return path, sample_rows, note
 
 
-def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, path: str = "maps") -> tuple[SequenceStats, np.ndarray]:
-    """Statistics and Block Influence [L] of one sequence `input_ids` [1, n]."""
+def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_first: int) -> tuple[int | None, str | None]:
+    """(sampled rows per sequence or None for all, the note the user sees): `rows` "all", a count, or "auto" (all rows
+    unless they are predicted to take over `defaults.SAMPLE_ABOVE_SECONDS` per sequence on this device)."""
+    from ..streaming.cost import matmul_rate, predicted_seconds
+
+    span = seq_len - exclude_first
+    if rows == "all":
+        return None, None
+    if isinstance(rows, int):
+        if 2 * rows > span:
+            raise UserError(f"--rows {rows} is half or more of the {span} query rows of a sequence, where sampling saves "
+                            f"little; use --rows all, or fewer rows.")
+        return rows, None
+    info, device = loaded.info, str(next(loaded.model.parameters()).device)
+    exact = predicted_seconds(info.n_layers, info.n_heads, seq_len, exclude_first, device)
+    if exact <= defaults.SAMPLE_ABOVE_SECONDS:
+        return None, None
+    from ..streaming.sampling import rows_for_seconds
+
+    count = rows_for_seconds(exact, defaults.SAMPLE_TARGET_SECONDS, seq_len, exclude_first, defaults.REPLICATES)
+    if 2 * count > span:
+        return None, None
+    rate = matmul_rate(device) / 1e12
+    note = (f"all {span} query rows would take about {_duration(exact)} per sequence on {device} (matrix products "
+            f"measured at {rate:.0f} TFLOP/s), so every statistic is estimated from {count} sampled rows "
+            f"({defaults.REPLICATES} stratified replicates) with a standard error per entry; --rows all insists on "
+            f"every row.")
+    return count, note
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, path: str = "maps",
+                   sample=None) -> tuple[SequenceStats, np.ndarray]:
+    """Statistics and Block Influence [L] of one sequence `input_ids` [1, n]; a `RowSample` (streaming path only)
+    estimates them from its rows."""
     with torch.no_grad(), measure_block_influence(model) as influence:
         if path == "stream":
             from ..streaming import stream_sequence_stats
 
-            stats, _ = stream_sequence_stats(model, input_ids, exclude_first=exclude_first)
+            stats, _ = stream_sequence_stats(model, input_ids, exclude_first=exclude_first, sample=sample)
         else:
             maps = AttentionMaps()
             with capture_attention(model, maps):
@@ -72,29 +119,61 @@ def analyse(
     *,
     exclude_first: int = 0,
     path: str = "auto",
+    rows: str | int = "auto",
     on_sequence: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> AttentionReport:
-    """Measure every sequence of `batch` and gather the statistics into an AttentionReport."""
+    """Measure every sequence of `batch` and gather the statistics into an AttentionReport.
+
+    `rows`: "all" query rows, a number of sampled rows per sequence (streaming path; each sequence draws its own,
+    seeded by its index), or "auto" (sampled only when all rows would take too long; `notice(message)` hears why
+    before the work starts, and the report's settings keep it).
+    """
     if exclude_first < 0 or exclude_first >= batch.seq_len - 1:
         raise UserError(f"--exclude-first must be between 0 and {batch.seq_len - 2} for sequences of {batch.seq_len} tokens.")
-    path = preflight(loaded, batch, path)
+    path, sample_rows, note = preflight(loaded, batch, path, parse_rows(rows), exclude_first)
+    if note and notice is not None:
+        notice(note)
     device = next(loaded.model.parameters()).device
     started = time.perf_counter()
     per_sequence, influence = [], []
+    sampling = None
     for i in range(batch.n_seqs):
-        stats, bi = sequence_stats(loaded.model, batch.input_ids[i : i + 1].to(device), exclude_first=exclude_first, path=path)
+        sample = _draw(batch.seq_len, sample_rows, exclude_first, seed=i)
+        stats, bi = sequence_stats(loaded.model, batch.input_ids[i : i + 1].to(device), exclude_first=exclude_first,
+                                   path=path, sample=sample)
         per_sequence.append(_to_numpy(stats))
         influence.append(bi)
+        sampling = stats.sampling
         if on_sequence is not None:
             on_sequence(i)
     elapsed = time.perf_counter() - started
     settings = {"exclude_first_keys": exclude_first, "path": path, "seconds": round(elapsed, 3)}
+    if sampling is not None:
+        settings["rows"] = {**sampling, "seed": "the sequence's index"}
+        if note:
+            settings["rows_note"] = note
     return build_report(loaded, batch, per_sequence, np.stack(influence), settings)
 
 
+def _draw(seq_len: int, rows: int | None, exclude_first: int, seed: int):
+    if rows is None:
+        return None
+    from ..streaming import RowSample
+
+    return RowSample.draw(seq_len, rows, exclude_first=exclude_first, replicates=defaults.REPLICATES, seed=seed)
+
+
+STATS_FIELDS = ("cosine_flat", "cosine_row", "kl", "entropy", "js_adjacent")
+
+
 def _to_numpy(stats: SequenceStats) -> dict[str, np.ndarray]:
-    return {name: getattr(stats, name).detach().to("cpu", torch.float64).numpy()
-            for name in ("cosine_flat", "cosine_row", "kl", "entropy", "js_adjacent")}
+    """The statistics of one sequence as float64 arrays; a sampled run adds `se/<name>` for each (and for the head-mean
+    layer matrices `se/<metric>_layers`)."""
+    out = {name: getattr(stats, name).detach().to("cpu", torch.float64).numpy() for name in STATS_FIELDS}
+    for name, se in (stats.se or {}).items():
+        out[f"se/{name}"] = se.detach().to("cpu", torch.float64).numpy()
+    return out
 
 
 def build_report(loaded: LoadedModel, batch: TokenBatch, per_sequence: list[dict[str, np.ndarray]],
@@ -110,6 +189,7 @@ def build_report(loaded: LoadedModel, batch: TokenBatch, per_sequence: list[dict
         arrays[f"{name}_layers"] = matched.mean(axis=-1).astype(np.float32)
     arrays["entropy"] = np.stack([s["entropy"] for s in per_sequence]).astype(np.float32)
     arrays["js_adjacent"] = np.stack([s["js_adjacent"] for s in per_sequence]).astype(np.float32)
+    arrays.update(_standard_errors(per_sequence))
     arrays["block_influence"] = block_influence.astype(np.float32)
     meta = {
         "model": loaded.info.to_dict(),
@@ -119,6 +199,23 @@ def build_report(loaded: LoadedModel, batch: TokenBatch, per_sequence: list[dict
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return AttentionReport(meta=meta, arrays=arrays)
+
+
+def _standard_errors(per_sequence: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The report's standard-error arrays of a sampled run (none otherwise): of each mean over sequences
+    (`{metric}_mean_se`, the sequences' sampling errors being independent: sqrt(sum se^2) / S), and per sequence of
+    the head-mean layer matrices, entropies and JS (`{metric}_layers_se`, `entropy_se`, `js_adjacent_se`)."""
+    if "se/kl" not in per_sequence[0]:
+        return {}
+    count = len(per_sequence)
+    out = {}
+    for name in ("cosine_flat", "cosine_row", "kl"):
+        squares = np.stack([s[f"se/{name}"] ** 2 for s in per_sequence]).sum(axis=0)
+        out[f"{name}_mean_se"] = (np.sqrt(squares) / count).astype(np.float32)
+        out[f"{name}_layers_se"] = np.stack([s[f"se/{name}_layers"] for s in per_sequence]).astype(np.float32)
+    for name in ("entropy", "js_adjacent"):
+        out[f"{name}_se"] = np.stack([s[f"se/{name}"] for s in per_sequence]).astype(np.float32)
+    return out
 
 
 def run_heatmap(
@@ -134,18 +231,22 @@ def run_heatmap(
     device_map: str | None = None,
     exclude_first: int = 0,
     path: str = "auto",
+    rows: str | int = defaults.ROWS,
     formats: Iterable[str] = ("png",),
     progress: Callable | None = None,
     status: Callable | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[AttentionReport, list[Path]]:
     """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `out`.
 
     `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
-    `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner).
+    `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner);
+    `notice(message)` hears a choice the user should know of before the work (sampled rows, see `analyse`).
     `seq_len` None: `defaults.SEQ_LEN`, or twice the sliding window of a model that mixes windowed and global layers
     (`shapes.analysis_length`; the report's settings say why, under "length_note").
     """
     check_before_loading(model, out=out, text=text, seq_len=seq_len)
+    rows = parse_rows(rows, seq_len, path)
     with status(f"loading {model}") if status else nullcontext():
         loaded = load_with_plan(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
@@ -154,10 +255,10 @@ def run_heatmap(
                                            "cuda" in info.device, defaults.SEQ_LEN)
     batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
                         max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
-    path = preflight(loaded, batch, path)
     bar = progress(batch.n_seqs) if progress else nullcontext(None)
     with bar as advance:
-        report = analyse(loaded, batch, exclude_first=exclude_first, path=path, on_sequence=advance)
+        report = analyse(loaded, batch, exclude_first=exclude_first, path=path, rows=rows, on_sequence=advance,
+                         notice=notice)
     if length_note:
         report.meta["settings"]["length_note"] = length_note
     return report, write_outputs(report, out, formats)

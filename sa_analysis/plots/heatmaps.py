@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from ..errors import UserError
 from ..report import AttentionReport, metric as lookup_metric
 from .isotropy import most_misaligned_pair, plot_head_alignment, plot_isotropy_curve
-from .style import PAPER_RC, available_metrics, axis_names, colorbar, colour_range, compare_note, draw_matrix, label_layer_axes, metric_title, new_figure, panel_axes, reports_and_labels, root_figure, run_note, save_figure, set_layer_ticks, paper_style
+from .style import PAPER_RC, available_metrics, axis_names, colorbar, colour_range, compare_note, draw_matrix, draw_standard_error, label_layer_axes, metric_title, new_figure, panel_axes, reports_and_labels, root_figure, run_note, save_figure, set_layer_ticks, paper_style
 
 
 
@@ -58,18 +58,27 @@ def plot_layer_heatmap(report: AttentionReport, metric: str = "cosine_flat", ax=
         raise UserError(f"Head {head} does not exist; this model has heads 0-{report.n_heads - 1}.")
     values = np.asarray(report.layer_matrix(metric, head), dtype=float)
     n = values.shape[0]
+    se = report.layer_matrix_se(metric) if head is None else None  # sampled rows: draw the errors beside
     with paper_style():
+        se_ax = None
         if ax is None:
             side = float(np.clip(2.0 + 0.03 * n, 2.3, 3.6))
-            fig = new_figure(side + 1.25, side + 0.55)
-            ax = fig.add_subplot()
+            fig = new_figure((side + 1.25) * (2 if se is not None else 1), side + 0.55)
+            ax, se_ax = fig.subplots(1, 2) if se is not None else (fig.add_subplot(), None)
         fig = root_figure(ax)
         vmin, vmax = colour_range([values], info.similarity)
         image, has_inf = draw_matrix(ax, values, metric, vmin, vmax, annotate)
         label_layer_axes(ax, n, metric)
         colorbar(fig, image, ax, metric, [values], vmin, vmax, has_inf)
         scope = "head mean" if head is None else f"head {head}"
-        ax.set_title(f"{run_note(report)}\n{metric_title(metric)}, {scope}")
+        if se_ax is None:
+            ax.set_title(f"{run_note(report)}\n{metric_title(metric)}, {scope}")
+        else:
+            ax.set_title(f"{metric_title(metric)}, {scope}")
+            draw_standard_error(fig, se_ax, se, metric)
+            label_layer_axes(se_ax, n, metric)
+            se_ax.set_title("its standard error (sampled rows)")
+            fig.suptitle(run_note(report))
     return fig
 
 
@@ -83,16 +92,23 @@ def plot_heatmaps(report: AttentionReport, metrics: Sequence[str] = ("cosine_fla
     n = report.n_layers
     with paper_style():
         panel = float(np.clip(1.5 + 0.01 * n, 1.6, 2.2))
-        fig = new_figure(len(present) * (panel + 1.05), panel + 0.75)
-        axes = fig.subplots(1, len(present), squeeze=False)[0]
-        for ax, name in zip(axes, present):
+        errors = [report.layer_matrix_se(name) for name in present]
+        sampled = all(e is not None for e in errors)  # a second row: the standard error of each panel
+        fig = new_figure(len(present) * (panel + 1.05), (panel + 0.75) * (2 if sampled else 1) - (0.3 if sampled else 0))
+        grid = fig.subplots(2 if sampled else 1, len(present), squeeze=False)
+        for col, name in enumerate(present):
+            ax = grid[0][col]
             info = lookup_metric(name)
             values = np.asarray(report.layer_matrix(name), dtype=float)
             vmin, vmax = colour_range([values], info.similarity)
             image, has_inf = draw_matrix(ax, values, name, vmin, vmax, None)
-            label_layer_axes(ax, n, name)
+            label_layer_axes(ax, n, name, xlabel=not sampled)
             colorbar(fig, image, ax, name, [values], vmin, vmax, has_inf)
             ax.set_title("KL(m ‖ a), m reuses a" if name == "kl" else metric_title(name))
+            if sampled:
+                draw_standard_error(fig, grid[1][col], errors[col], name)
+                label_layer_axes(grid[1][col], n, name)
+                grid[1][col].set_title("± standard error")
         fig.suptitle(f"{run_note(report)}, head mean")
     return fig
 

@@ -159,12 +159,33 @@ def available_metrics(report: AttentionReport) -> list[str]:
 
 
 def run_note(report: AttentionReport) -> str:
-    """'model, 8 × 256 tokens' (what the statistics were measured on)."""
+    """'model, 8 × 256 tokens' (what the statistics were measured on), and how many rows when they were sampled."""
     data = report.meta.get("data") or {}
     n_seqs, seq_len = data.get("n_seqs"), data.get("seq_len")
-    if n_seqs and seq_len:
-        return f"{report.model_name}, {n_seqs} × {seq_len} tokens"
-    return report.model_name
+    note = f"{report.model_name}, {n_seqs} × {seq_len} tokens" if n_seqs and seq_len else report.model_name
+    sampling = report.sampling
+    if sampling:
+        note += f" ({sampling['rows']} of {sampling['of']} query rows each)"
+    return note
+
+
+def draw_standard_error(fig: Figure, ax, se: np.ndarray, metric: str, vmax: float | None = None):
+    """The standard errors of a layer x layer estimate as their own matrix (0 = exact, darker = less certain), with
+    a colour bar in the metric's units. Returns the image."""
+    se = np.asarray(se, dtype=float)
+    if vmax is None:
+        finite = se[np.isfinite(se)]
+        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    image = ax.imshow(se, cmap="Greys", vmin=0.0, vmax=vmax, interpolation="nearest", origin="upper", aspect="equal")
+    for spine in ax.spines.values():
+        spine.set_linewidth(0.5)
+    bar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.03, aspect=25)
+    unit = " [nats]" if metric == "kl" else ""
+    bar.set_label(f"standard error{unit}")
+    bar.ax.tick_params(labelsize=TICK_FONTSIZE, width=0.5, length=2)
+    bar.outline.set_linewidth(0.5)
+    bar.ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=4))
+    return image
 
 
 def compare_note(reports: Sequence[AttentionReport]) -> str:
