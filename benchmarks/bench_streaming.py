@@ -7,7 +7,9 @@
 Sections: (1) correctness on small bf16 models against float64 maps, (2) the Gram products alone at the engine's
 unit size, (3) a Llama-2-7B-shaped model with random weights (`--random-init`, no download): bare SDPA forward,
 naive eager forward with `output_attentions=True`, the streaming engine (forward + all metrics) with a breakdown,
-an optional sweep of engine settings, then longer contexts with the streaming engine only.
+the sampled mode (one row in `--sample-every`) and the arithmetic floor, an optional sweep of engine settings, then
+longer contexts; (4) with `--long-model llama3.1-8b`: `--long-n` tokens from sampled rows end to end, and at
+`--plan-n` tokens the plans from all rows and from sampled rows side by side.
 Times are medians of CUDA-event timings after a warm-up; memory is the peak allocated above what was allocated
 before the call (model weights excluded).
 """
@@ -132,12 +134,12 @@ def gemm_bench(results: dict, N=1024, M=131072) -> None:
     for gram, chunks in [("full", 1), ("tri", 2), ("tri", 4), ("tri", 8), ("splitk", 2), ("splitk", 4)]:
         st = type("St", (), {})()
         st.rows = slice(0, N)
-        st.acc_xy = torch.zeros(N, 2 * N, device="cuda")
-        st.acc_r = torch.zeros(N, N, device="cuda")
+        st.acc_xy = torch.zeros(1, N, 2 * N, device="cuda")  # [parts, rows, 2N]
+        st.acc_r = torch.zeros(1, N, N, device="cuda")
         st.acc_s = None
         eng = type("E", (), {})()
         eng.N, eng.gram, eng.tri_chunks, eng.acc_dtype = N, gram, chunks, torch.float32
-        ms, _ = timed(lambda: S.StreamingStatistics._accumulate(eng, st, U), warmup=2, reps=10)
+        ms, _ = timed(lambda: S.StreamingStatistics._accumulate(eng, st, U, 0), warmup=2, reps=10)
         rows.append(dict(gram=f"{gram}{chunks}", ms=round(ms, 3), tflops_equiv=round(flops / ms / 1e9, 1)))
         log("gemm", rows[-1])
     mm_ok = S._MM_DTYPE_OK
@@ -254,6 +256,8 @@ def big_model(results: dict, args) -> None:
             traceback.print_exc()
             row["breakdown"] = f"error: {type(exc).__name__}: {exc}"[:300]
         torch.cuda.empty_cache()
+        sampled_mode(row, model, ids, n, args, opts)
+        floor(row, info, n)
         if isinstance(row.get("stream_ms"), float) and isinstance(row.get("sdpa_ms"), float):
             row["stream_over_sdpa"] = row["stream_ms"] / row["sdpa_ms"]
         if isinstance(row.get("naive_ms"), float) and isinstance(row.get("stream_ms"), float):
@@ -261,6 +265,59 @@ def big_model(results: dict, args) -> None:
         table.append(row)
         log(row)
     results["lengths"] = table
+
+
+def sampled_mode(row: dict, model, ids, n: int, args, opts: dict) -> None:
+    """Forward + every metric estimated from `n / args.sample_every` stratified rows (16 replicates)."""
+    from sa_analysis.streaming import RowSample, stream_sequence_stats
+
+    sample = RowSample.draw(n, n // args.sample_every, replicates=16, seed=0)
+    row["sampled_rows"] = sample.rows
+    run = lambda: stream_sequence_stats(model, ids, sample=sample, engine_options=opts)[0]  # noqa: E731
+    try:
+        run()  # warm-up: the SAMPLED kernels compile on first use
+        mem, stats = peak_extra(run)
+        row["sampled_gib"] = mem / GIB
+        row["sampled_ms"], _ = timed(lambda: run().kl.shape, 0, 1 if n > 8192 else 3)
+        finite = torch.isfinite(stats.kl)
+        row["sampled_kl_se_median"] = float(stats.se["kl"][finite].median())
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row["sampled_ms"] = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
+    torch.cuda.empty_cache()
+
+
+_PEAK: list[float] = []
+
+
+def peak_rate() -> float:
+    """The best fp16 matrix-product rate (fp32 result, as the engine's) this GPU reaches: 8192^3 products, median of
+    10 after a warm-up."""
+    if not _PEAK:
+        from sa_analysis.streaming.engine import _mm32
+
+        a = torch.rand(8192, 8192, device="cuda").half()
+        b = torch.rand(8192, 8192, device="cuda").half()
+        ms, _ = timed(lambda: _mm32(a, b, torch.float32).shape, warmup=3, reps=10)
+        _PEAK.append(2 * 8192**3 / (ms / 1e3))
+        del a, b
+        torch.cuda.empty_cache()
+    return _PEAK[0]
+
+
+def floor(row: dict, info, n: int) -> None:
+    """The arithmetic floor: the bare forward plus the Gram products' minimum work (flat and row cosine on their exact
+    upper triangle, the KL cross term in full: 4 N^2 M flops for M causal (row, key) pairs) at the best fp16
+    matrix-product rate this GPU reaches (`peak_rate`)."""
+    from sa_analysis.streaming.cost import causal_elements
+
+    N = info.n_layers * info.n_heads
+    rate = peak_rate()
+    row["matmul_tflops"] = rate / 1e12
+    row["gram_floor_tflop"] = 4 * N**2 * causal_elements(n) / 1e12
+    row["gram_floor_ms"] = row["gram_floor_tflop"] * 1e12 / rate * 1e3
+    if isinstance(row.get("sdpa_ms"), float):
+        row["floor_ms"] = row["sdpa_ms"] + row["gram_floor_ms"]
 
 
 def run_variant(store, kw: dict) -> dict:
@@ -343,16 +400,148 @@ def print_table(results: dict) -> None:
     print("targets: 4096 tokens stream/sdpa <= 2.0x and stream mem <= 4 GiB; 32768 tokens completes; errors <= 1e-3")
 
 
+def long_context(results: dict, args) -> None:
+    """(4) A Llama-3.1-8B shape: `--long-n` tokens from sampled rows, timed end to end; then at `--plan-n` tokens the
+    report from all rows against the report from sampled rows (whole heatmap job: `analyse`), the planner run on both,
+    and how far each sampled estimate lies from the exact value in units of its standard error."""
+    import gc
+
+    import numpy as np
+
+    from sa_analysis.data import TokenBatch
+    from sa_analysis.loading import load_model
+    from sa_analysis.pipeline import analyse
+    from sa_analysis.planner import plan_spans
+    from sa_analysis.streaming import RowSample, stream_sequence_stats
+    from sa_analysis.streaming.cost import predicted_seconds
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    log("loading", args.long_model, "random-init bf16")
+    loaded = load_model(args.long_model, random_init=True, dtype="bfloat16", device="cuda")
+    model, info = loaded.model, loaded.info
+    out: dict = dict(model=info.name, layers=info.n_layers, heads=info.n_heads, kv_heads=info.n_kv_heads,
+                     n=args.long_n, rows=args.long_rows, runs=[])
+    results["long"] = out
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, info.vocab_size, (1, args.long_n), device="cuda", generator=gen)
+    sample = RowSample.draw(args.long_n, args.long_rows, replicates=16, seed=0)
+    out["sampled_rows"] = sample.rows
+    out["predicted_all_rows_s"] = predicted_seconds(info.n_layers, info.n_heads, args.long_n, 0, "cuda")
+    for attempt in ("first run (kernels compile)", "second run"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t: dict = {}
+        start = time.perf_counter()
+        stats, _ = stream_sequence_stats(model, ids, sample=sample, timings=t)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        kl_se = stats.se["kl_layers"].double().cpu().numpy()  # [L, L]
+        kl_layers = stats.kl.double().cpu().diagonal(dim1=1, dim2=3).mean(-1).numpy()  # [L, L] head mean
+        off = ~np.eye(info.n_layers, dtype=bool)
+        run = dict(attempt=attempt, total_s=total, forward_s=t["forward_s"], metrics_s=t["metrics_s"],
+                   extra_gib=(torch.cuda.max_memory_allocated() - base) / GIB,
+                   kl_layers_se_median=float(np.median(kl_se[off])), kl_layers_se_max=float(kl_se[off].max()),
+                   kl_layers_median=float(np.median(kl_layers[off])))
+        out["runs"].append(run)
+        log("long", run)
+        del stats
+    del ids
+    torch.cuda.empty_cache()
+    # the planner on all rows vs sampled rows, at a length where all rows are still in reach
+    ids = torch.randint(0, info.vocab_size, (1, args.plan_n), device="cuda", generator=gen)
+    batch = TokenBatch(ids.cpu(), "random", "calibration", 1)
+    start = time.perf_counter()
+    exact = analyse(loaded, batch, path="stream", rows="all")
+    exact_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sampled = analyse(loaded, batch, path="stream", rows=args.plan_rows)
+    sampled_s = time.perf_counter() - start
+    check = dict(n=args.plan_n, rows=sampled.sampling["rows"], exact_s=exact_s, sampled_s=sampled_s, budgets=[])
+    for name in ("kl", "cosine_flat"):
+        a, b = exact.layer_matrix(name), sampled.layer_matrix(name)
+        se = sampled.layer_matrix_se(name)
+        off = ~np.eye(a.shape[0], dtype=bool) & np.isfinite(a) & (se > 0)
+        z = (b[off] - a[off]) / se[off]
+        check[f"{name}_within_2se"] = float((np.abs(z) < 2).mean())
+        check[f"{name}_abs_z_median"] = float(np.median(np.abs(z)))
+        check[f"{name}_se_median"] = float(np.median(se[off]))
+    for budget in (4, 8, 12):
+        pe = plan_spans(exact, budget=budget, stability_resamples=0)
+        ps = plan_spans(sampled, budget=budget, stability_resamples=0)
+        same = (pe.followers == ps.followers and pe.anchor_of == ps.anchor_of and pe.head_map == ps.head_map)
+        entry = dict(budget=budget, same=bool(same), exact_followers=pe.followers, sampled_followers=ps.followers,
+                     exact_cost=sum(pe.follower_costs.values()), sampled_cost=sum(ps.follower_costs.values()),
+                     aligned_exact=sorted(pe.head_map), aligned_sampled=sorted(ps.head_map))
+        check["budgets"].append(entry)
+        log("plan", entry)
+    out["plan_check"] = check
+
+
+def print_long(results: dict) -> None:
+    if "long" not in results:
+        return
+    r = results["long"]
+    print(f"\nlong context: {r['model']} (L={r['layers']}, H={r['heads']}, Hkv={r['kv_heads']}), {r['n']} tokens, "
+          f"{r.get('sampled_rows')} sampled rows (16 replicates); all rows predicted {r['predicted_all_rows_s']:.0f} s")
+    for run in r["runs"]:
+        print(f"  {run['attempt']:<28} total {run['total_s']:.1f} s = forward {run['forward_s']:.1f} + metrics "
+              f"{run['metrics_s']:.1f}; extra memory {run['extra_gib']:.1f} GiB; KL (head mean) median "
+              f"{run['kl_layers_median']:.4f}, its standard error median {run['kl_layers_se_median']:.2e}, "
+              f"max {run['kl_layers_se_max']:.2e}")
+    c = r.get("plan_check")
+    if c:
+        print(f"  planner at {c['n']} tokens: all rows {c['exact_s']:.1f} s vs {c['rows']} sampled rows "
+              f"{c['sampled_s']:.1f} s (whole heatmap job); sampled estimates within 2 SE of the exact value: KL "
+              f"{100 * c['kl_within_2se']:.0f} %, cosine {100 * c['cosine_flat_within_2se']:.0f} %")
+        for b in c["budgets"]:
+            print(f"    budget {b['budget']:>2}: {'same plan' if b['same'] else 'DIFFERENT plan'}; all rows "
+                  f"{b['exact_followers']} (cost {b['exact_cost']:.4f}), sampled {b['sampled_followers']} "
+                  f"(cost {b['sampled_cost']:.4f})")
+
+
+def print_methods(results: dict) -> None:
+    """One table per length: every method with its time, extra memory and ratio to the bare forward."""
+    for r in results.get("lengths", []):
+        fwd = r.get("sdpa_ms")
+        print(f"\n{r['n']} tokens ({results['model']['name']}, batch 1, bf16)")
+        print(f"  {'method':<44} | {'time':>10} | {'extra memory':>12} | {'/ forward':>9}")
+        methods = [
+            ("bare SDPA forward", r.get("sdpa_ms"), r.get("sdpa_gib")),
+            ("naive eager forward, output_attentions", r.get("naive_ms"), r.get("naive_gib")),
+            ("streaming engine, all rows (forward + metrics)", r.get("stream_ms"), r.get("stream_gib")),
+            ("fused engine", "not built (see BENCHMARKS.md)", None),
+            (f"sampled, {r.get('sampled_rows', '?')} rows (forward + metrics)", r.get("sampled_ms"), r.get("sampled_gib")),
+            (f"arithmetic floor (forward + {r.get('gram_floor_tflop', 0):.0f} TFLOP at "
+             f"{r.get('matmul_tflops', 0):.0f} TFLOP/s)", r.get("floor_ms"), None),
+        ]
+        for name, ms, gib in methods:
+            t = f"{ms:.1f} ms" if isinstance(ms, float) and ms < 10000 else (f"{ms / 1e3:.2f} s" if isinstance(ms, float) else str(ms))
+            g = f"{gib:.2f} GiB" if isinstance(gib, float) else ("" if gib is None else str(gib))
+            ratio = f"{ms / fwd:.2f}x" if isinstance(ms, float) and isinstance(fwd, float) else ""
+            print(f"  {name:<44} | {t[:30]:>10} | {g:>12} | {ratio:>9}")
+        if "sampled_kl_se_median" in r:
+            print(f"  sampled: median standard error of KL entries {r['sampled_kl_se_median']:.2e} nats")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama2-7b")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 32768], help="none: skip section (3)")
     parser.add_argument("--naive-max", type=int, default=4096, help="longest length for the naive eager forward")
     parser.add_argument("--sweep", action="store_true", help="greedy sweep of engine settings at the first length")
     parser.add_argument("--no-correctness", dest="correctness", action="store_false")
     parser.add_argument("--quick-correctness", action="store_true", help="one small model, exclude_first=4")
     parser.add_argument("--no-gemm", dest="gemm", action="store_false")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip later lengths after this many seconds")
+    parser.add_argument("--sample-every", type=int, default=8, help="the sampled mode keeps one row in this many")
+    parser.add_argument("--long-model", default=None, help="a model for the long-context section (llama3.1-8b)")
+    parser.add_argument("--long-n", type=int, default=131072, help="tokens of the sampled long-context run")
+    parser.add_argument("--long-rows", type=int, default=16384, help="sampled rows of the long-context run")
+    parser.add_argument("--plan-n", type=int, default=32768, help="length of the exact-vs-sampled planner check")
+    parser.add_argument("--plan-rows", type=int, default=4096, help="sampled rows of the planner check")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -375,12 +564,17 @@ def main() -> None:
             correctness(results, quick=args.quick_correctness)
         if args.gemm:
             gemm_bench(results)
-        big_model(results, args)
+        if args.lengths:
+            big_model(results, args)
+        if args.long_model:
+            long_context(results, args)
     finally:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_streaming.json"), "w") as fh:
             json.dump(results, fh, indent=1, default=str)
         print_table(results)
+        print_methods(results)
+        print_long(results)
 
 
 if __name__ == "__main__":
