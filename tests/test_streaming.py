@@ -629,4 +629,5 @@ def test_the_heatmap_job_samples_rows_says_why_and_keeps_standard_errors(tmp_pat
     auto = analyse(loaded, batch, path="stream", notice=heard.append)
     assert auto.sampling is not None and len(heard) == 1
     assert "all 320 query rows would take about" in heard[0] and "--rows all" in heard[0]
+    assert f"estimated from {auto.sampling['rows']} of them" in heard[0]
     assert auto.meta["settings"]["rows_note"] == heard[0] and auto.sampling["rows"] > 8 * defaults.REPLICATES

@@ -82,11 +82,14 @@ def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_firs
     count = rows_for_seconds(exact, defaults.SAMPLE_TARGET_SECONDS, seq_len, exclude_first, defaults.REPLICATES)
     if 2 * count > span:
         return None, None
+    from ..streaming import RowSample
+
+    kept = RowSample.draw(seq_len, count, exclude_first=exclude_first, replicates=defaults.REPLICATES).rows
     rate = matmul_rate(device) / 1e12
     note = (f"all {span} query rows would take about {_duration(exact)} per sequence on {device} (matrix products "
-            f"measured at {rate:.0f} TFLOP/s), so every statistic is estimated from {count} sampled rows "
-            f"({defaults.REPLICATES} stratified replicates) with a standard error per entry; --rows all insists on "
-            f"every row.")
+            f"measured at {rate:.0f} TFLOP/s), so every statistic is estimated from {kept} of them (the first "
+            f"stretch whole, {defaults.REPLICATES} stratified replicates of the rest) with a standard error per "
+            f"entry; --rows all insists on every row.")
     return count, note
 
 

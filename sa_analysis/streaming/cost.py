@@ -14,9 +14,9 @@ from .memory import default_operand_dtype
 # (forward-free) metrics time over Gram-product time: an H200 at Llama-2-7B shape, 4096 tokens, measured 111 ms of
 # metrics of which 61 ms Gram products (row statistics 7, operand emission 41; BENCHMARKS.md, "Streaming")
 METRICS_OVER_GRAM = 1.8
-# per (row, key) element, in units of N^2: X [X; Y]^T and Xr Xr^T on the upper block-triangle of 4 row chunks
-# (1.625 + 0.625; the exact triangle would be 1.5 + 0.5)
-GRAM_MACS_PER_ELEMENT = 2.25
+# per (row, key) element, in units of N^2: X [X; Y]^T and Xr Xr^T on the upper block-triangle of 2 row chunks
+# (1.75 + 0.75; the exact triangle would be 1.5 + 0.5)
+GRAM_MACS_PER_ELEMENT = 2.5
 
 
 def gram_flops(n_pairs_side: int, elements: float) -> float:

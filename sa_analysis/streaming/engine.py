@@ -48,8 +48,8 @@ class GroupState:
 class StreamingStatistics:
     """Computes `SequenceStats` from a filled `QKStore` (see the module docstring for the method).
 
-    Tuning knobs (defaults measured best on an H100 at Llama-2-7B shape, see benchmarks/README.md; `tri_chunks` 4 on
-    an H200, where one unit's products take 0.944 ms against 0.991 with 2 and 1.397 with 8):
+    Tuning knobs (defaults measured best on an H100 at Llama-2-7B shape, see benchmarks/README.md; on an H200 one
+    unit's products took 0.94-0.99 ms with `tri_chunks` 2 or 4 in two runs, either one ahead, and 1.40 ms with 8):
     `block_rows`/`key_chunk`/`unit_elements` cut the causal plane into segments and units; `gram` is "tri"
     (upper block-triangle of the symmetric products, `tri_chunks` row chunks), "full" or "splitk"; `tile` is the
     emit kernel's (rows, keys, warps[, pipeline stages[, register cap]]) and `stats_tile` the row-statistics
@@ -62,7 +62,7 @@ class StreamingStatistics:
     def __init__(self, store: QKStore, *, exclude_first: int = 0, sample: RowSample | None = None,
                  operand_dtype: torch.dtype | None = None,
                  block_rows: int | None = None, key_chunk: int | None = None, unit_elements: int | None = None,
-                 backend: str = "auto", gram: str = "auto", tri_chunks: int = 4,
+                 backend: str = "auto", gram: str = "auto", tri_chunks: int = 2,
                  tile: tuple[int, ...] = (TRITON_BM, TRITON_BN, 4, 2), stats_tile: tuple[int, ...] = (128, 64, 4),
                  profile: bool = False):
         if store.seq_len is None or store.q[0] is None:
