@@ -21,6 +21,10 @@ run $W heatmap --text $W/bin.txt --out $W/o4
 run $W heatmap --text $W/empty.txt --out $W/o5
 run $W heatmap --seq-len 100000 --out $W/o6
 run $W heatmap --seq-len 1
+run $W heatmap --rows lots --out $W/o6b
+run $W heatmap --rows 10 --out $W/o6c
+run $W heatmap --rows 200 --seq-len 256 --out $W/o6d
+run $W recommend-spans --rows 20 --out $W/o6e
 run $W heatmap --out $W/afile
 run $W heatmap --report $W/bad.json --out $W/o7
 run $W heatmap --device cuda:3 --out $W/o8

@@ -394,6 +394,21 @@ def test_a_sample_of_every_row_equals_the_run_over_all_rows(name, exclude_first,
     assert got.sampling["rows"] == n - exclude_first and set(got.se) >= set(FIELDS)
 
 
+def test_a_sampled_run_on_two_device_groups_equals_one_group():
+    model = tiny_model("gemma2", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(23))
+    sample = RowSample.draw(300, 96, exclude_first=2, replicates=4, seed=1)
+    single = StreamingStatistics(sampled_store(model, ids, sample), exclude_first=2, sample=sample).run()
+    split = QKStore(4, [LayerGroup(0, 1, torch.device("cpu")), LayerGroup(1, 4, torch.device("cpu"))], sample.flat())
+    with torch.no_grad(), capture_attention(model, split):
+        model(ids, use_cache=False)
+    split.finish()
+    got = StreamingStatistics(split, exclude_first=2, sample=sample, block_rows=16).run()
+    assert_stats_close(got, single, atol=2e-6, rtol=1e-5)
+    for key, se in single.se.items():
+        torch.testing.assert_close(got.se[key], se, atol=2e-6, rtol=1e-4)
+
+
 def test_a_sampled_run_matches_float64_definitions_on_its_rows():
     """Independent of the engine: float64 maps, PairStatistics over each part's rows, combined by hand as
     fixed + delta / R * sum of the replicates."""
@@ -620,10 +635,12 @@ def test_the_heatmap_job_samples_rows_says_why_and_keeps_standard_errors(tmp_pat
     report.save(tmp_path / "report")
     again = AttentionReport.load(tmp_path / "report.json")
     assert np.array_equal(again.layer_matrix_se("kl"), se) and again.sampling == report.sampling
-    assert plan_spans(again, budget=1, stability_resamples=0).n_shared == 1
+    plan = plan_spans(again, budget=1, stability_resamples=0)
+    assert plan.n_shared == 1 and any("estimates from" in note and "standard errors up to" in note for note in plan.notes)
     assert AttentionReport.load(tmp_path / "report.json").layer_matrix_se("cosine_row") is not None
     every = analyse(loaded, batch, rows="all", path="stream")
     assert every.layer_matrix_se("kl") is None and every.sampling is None
+    assert not any("estimates from" in note for note in plan_spans(every, budget=1, stability_resamples=0).notes)
     monkeypatch.setattr(defaults, "SAMPLE_ABOVE_SECONDS", 0.0)  # "all rows would take too long" here
     monkeypatch.setattr(defaults, "SAMPLE_TARGET_SECONDS", 0.0)  # the fewest rows a sampled run takes
     auto = analyse(loaded, batch, path="stream", notice=heard.append)

@@ -98,10 +98,29 @@ def plan_spans(
     if aligned_layers is not None:
         constraints["aligned_layers"] = as_layers(aligned_layers)
     plan = make_plan(report, followers, "optimal", cost, costs, constraints, prices)
+    note = sampling_note(report, cost, plan)
+    if note:
+        plan.notes.append(note)
     stability = plan_stability(report, cost, prices.costs, _quietly(solve), followers, stability_resamples)
     if stability is not None:
         plan.stability = {"resamples": stability_resamples, "same_plan": stability[1], "followers": stability[0]}
     return plan
+
+
+SAMPLED_METRIC = {"kl": "kl", "cosine": "cosine_flat", "cosine_row": "cosine_row"}  # cost -> the report's metric
+
+
+def sampling_note(report: AttentionReport, cost: str, plan: SharePlan) -> str | None:
+    """When the report's rows were sampled: what the plan's costs rest on, and the largest standard error among the
+    chosen followers' head-mean costs (None for a report over all rows)."""
+    sampling = report.sampling
+    se = report.layer_matrix_se(SAMPLED_METRIC[cost]) if sampling and cost in SAMPLED_METRIC else None
+    if se is None or not plan.followers:
+        return None
+    worst = max(float(se[m, a]) for m, a in plan.anchor_of.items())
+    return (f"The report's statistics are estimates from {sampling['rows']} of {sampling['of']} query rows per "
+            f"sequence: the chosen followers' head-mean costs have standard errors up to {worst:.2g}; where two plans "
+            f"cost about as much, measure with --rows all.")
 
 
 def _quietly(solve):
