@@ -155,6 +155,19 @@ class AttentionReport:
         per_sequence = self.arrays[f"{name}_layers_se"].astype(np.float64)  # [S, L, L]
         return np.sqrt((per_sequence**2).sum(axis=0)) / per_sequence.shape[0]
 
+    def head_matrix_se(self, name: str, layer_a: int, layer_b: int) -> np.ndarray | None:
+        """[H, H] standard errors of `head_matrix` (None when every row was used)."""
+        if not self.has(f"{name}_mean_se"):
+            return None
+        return self.arrays[f"{name}_mean_se"][layer_a, :, layer_b, :]
+
+    def per_head_layer_matrices_se(self, name: str) -> np.ndarray | None:
+        """[H, L, L] standard errors of `per_head_layer_matrices` (None when every row was used)."""
+        if not self.has(f"{name}_mean_se"):
+            return None
+        full = self.arrays[f"{name}_mean_se"]
+        return np.stack([full[:, h, :, h] for h in range(full.shape[1])])
+
     @property
     def sampling(self) -> dict | None:
         """How query rows were sampled (rows, of, fixed, replicates, strata), or None when every row was used."""

@@ -224,6 +224,7 @@ def test_sampled_reports_draw_their_standard_errors(report):
     rng = np.random.default_rng(1)
     for name in ("cosine_flat", "cosine_row", "kl"):
         sampled.arrays[f"{name}_layers_se"] = 0.01 * rng.random(report.arrays[f"{name}_layers"].shape)
+        sampled.arrays[f"{name}_mean_se"] = 0.01 * rng.random(report.arrays[f"{name}_mean"].shape)
     one = plots.plot_layer_heatmap(sampled, "kl")
     assert n_panels(one) == 2 and n_colorbars(one) == 2
     assert "96 of 320 query rows" in one._suptitle.get_text()
@@ -231,3 +232,14 @@ def test_sampled_reports_draw_their_standard_errors(report):
     row = plots.plot_heatmaps(sampled)
     assert n_panels(row) == 6 and n_colorbars(row) == 6
     assert n_panels(plots.plot_layer_heatmap(report, "kl")) == 1  # every row used: one panel, as before
+    grid = plots.plot_head_grid(sampled, "kl")  # one more panel: the largest error of any head
+    assert n_panels(grid) == report.n_heads + 1 and grid.axes[report.n_heads].get_title() == "largest standard error"
+    assert n_panels(plots.plot_head_grid(report, "kl")) == report.n_heads
+    assert n_panels(plots.plot_head_alignment(sampled, 3, 4)) == 2
+    from sa_analysis.planner import plan_spans
+
+    plan = plan_spans(sampled, budget=2, stability_resamples=0)
+    figure = plots.plot_plan_over_heatmap(sampled, plan, "kl")
+    assert n_panels(figure) == 2 and "96 of 320 query rows" in figure.axes[1].get_title()
+    both = plots.plot_compare_heatmaps([report, sampled], ["all rows", "sampled"], "kl")
+    assert both.axes[0].get_title() == "all rows" and "sampled rows: SE ≤" in both.axes[1].get_title()

@@ -130,11 +130,12 @@ def plot_compare_heatmaps(reports: Sequence[AttentionReport], labels: Sequence[s
         axes = panel_axes(fig, k, nrows, ncols)
         has_inf = False
         image = None
-        for i, (ax, values, label) in enumerate(zip(axes, matrices, labels)):
+        for i, (ax, values, label, report) in enumerate(zip(axes, matrices, labels, reports)):
             image, inf_here = draw_matrix(ax, values, metric, vmin, vmax, False)
             has_inf |= inf_here
             label_layer_axes(ax, values.shape[0], metric, xlabel=i >= k - ncols, ylabel=i % ncols == 0)
-            ax.set_title(label)
+            errors = report.layer_matrix_se(metric)  # sampled rows: the largest standard error under the label
+            ax.set_title(label if errors is None else f"{label}\n(sampled rows: SE ≤ {np.nanmax(errors):.2g})")
         colorbar(fig, image, axes, metric, matrices, vmin, vmax, has_inf, aspect=20 * nrows)
         models = {r.model_name for r in reports}
         model = f"{models.pop()}: " if len(models) == 1 and labels != [r.model_name for r in reports] else ""
@@ -146,24 +147,34 @@ def plot_head_grid(report: AttentionReport, metric: str = "cosine_flat") -> Figu
     """One small layer x layer heatmap per head (index-matched across layers), one shared colour scale and bar."""
     info = lookup_metric(metric)
     per_head = np.asarray(report.per_head_layer_matrices(metric), dtype=float)  # [H, L, L]
+    errors = report.per_head_layer_matrices_se(metric)  # sampled rows: one more panel, the largest error of any head
     n_heads, n, _ = per_head.shape
-    ncols = math.ceil(math.sqrt(n_heads))
-    nrows = math.ceil(n_heads / ncols)
+    n_panels = n_heads + (errors is not None)
+    ncols = math.ceil(math.sqrt(n_panels))
+    if errors is not None and n_panels % ncols == 0:
+        ncols += 1  # the error panel's colour bar goes in the free place to its right
+    nrows = math.ceil(n_panels / ncols)
     vmin, vmax = colour_range(list(per_head), info.similarity)
     with paper_style():
         panel = float(np.clip(6.0 / ncols, 0.9, 1.6))
         fig = new_figure(ncols * panel + 1.1, nrows * (panel + 0.12) + 0.7, layout="compressed")
         fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.03, hspace=0.03)
-        axes = panel_axes(fig, n_heads, nrows, ncols, sharex=True, sharey=True)
+        axes = panel_axes(fig, n_panels, nrows, ncols, sharex=True, sharey=True)
         has_inf = False
         image = None
+        if errors is not None:
+            se_ax, axes = axes[-1], axes[:-1]
+            draw_standard_error(fig, se_ax, np.asarray(errors, dtype=float).max(axis=0), metric, inset=True)
+            set_layer_ticks(se_ax, n, max_labels=3)
+            se_ax.set_title("largest standard error", pad=2)
+            se_ax.tick_params(labelleft=n_heads % ncols == 0, labelbottom=True)
         for h, ax in enumerate(axes):
             image, inf_here = draw_matrix(ax, per_head[h], metric, vmin, vmax, False)
             has_inf |= inf_here
             set_layer_ticks(ax, n, max_labels=3)
             ax.set_title(f"head {h}", pad=2)
             # tick labels on the outer panels only: left column, and the lowest panel of each column
-            ax.tick_params(labelleft=h % ncols == 0, labelbottom=h >= n_heads - ncols)
+            ax.tick_params(labelleft=h % ncols == 0, labelbottom=h >= n_panels - ncols)
         rows_label, cols_label = axis_names(metric)
         fig.supxlabel(cols_label, fontsize=PAPER_RC["axes.labelsize"])
         fig.supylabel(rows_label, fontsize=PAPER_RC["axes.labelsize"])

@@ -12,7 +12,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..errors import UserError
 from ..report import AttentionReport, metric as lookup_metric
-from .style import PALETTE, SHORT, colorbar, compare_note, draw_matrix, finish_line_panel, limits, mark_infinite, new_figure, reports_and_labels, run_note, set_layer_ticks, paper_style
+from .style import PALETTE, SHORT, colorbar, compare_note, draw_matrix, draw_standard_error, finish_line_panel, limits, mark_infinite, new_figure, reports_and_labels, run_note, set_layer_ticks, paper_style
 
 
 
@@ -33,10 +33,11 @@ def plot_head_alignment(report: AttentionReport, layer_a: int, layer_b: int, met
     # colour limits from all cells: this matrix has no trivial diagonal
     finite = cross[np.isfinite(cross)]
     vmin, vmax = limits(finite, info.similarity)
+    errors = report.head_matrix_se(metric, layer_a, layer_b)  # sampled rows: drawn beside
     with paper_style():
         side = float(np.clip(1.6 + 0.12 * n_heads, 2.2, 3.6))
-        fig = new_figure(side + 1.3, side + 1.0)
-        ax = fig.add_subplot()
+        fig = new_figure((side + 1.3) * (2 if errors is not None else 1), side + 1.0)
+        ax, se_ax = fig.subplots(1, 2) if errors is not None else (fig.add_subplot(), None)
         image, has_inf = draw_matrix(ax, cross, metric, vmin, vmax, annotate if annotate is not None else n_heads <= 12)
         for h, g in enumerate(result["assignment"]):
             ax.add_patch(Rectangle((g - 0.5, h - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=2.4))
@@ -48,6 +49,12 @@ def plot_head_alignment(report: AttentionReport, layer_a: int, layer_b: int, met
         ax.set_xlabel(f"head of layer {layer_b}")
         ax.set_ylabel(f"head of layer {layer_a}")
         colorbar(fig, image, ax, metric, [cross], vmin, vmax, has_inf, skip_diagonal=False)
+        if se_ax is not None:
+            draw_standard_error(fig, se_ax, errors, metric)
+            set_layer_ticks(se_ax, n_heads)
+            se_ax.set_xlabel(f"head of layer {layer_b}")
+            se_ax.set_ylabel(f"head of layer {layer_a}")
+            se_ax.set_title("standard error (sampled rows)")
         handles = [Patch(facecolor="none", edgecolor="#d55e00", linewidth=1.3, label="best matching (Hungarian)"),
                    matplotlib.lines.Line2D([], [], linestyle="none", marker="o", markersize=3, markerfacecolor="white",
                                            markeredgecolor="black", markeredgewidth=0.5, label="same index")]

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..io import atomic_write
 from ..report import AttentionReport, metric as lookup_metric
-from .style import PALETTE, new_figure, paper_style, save_figure
+from .style import PALETTE, draw_standard_error, new_figure, paper_style, save_figure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..planner import SharePlan
@@ -60,8 +60,10 @@ def _draw(report, plan, metric, values, shown, below, finite, info, n) -> Figure
     """The heatmap, its colour bar, the span outlines and the legend (inside the paper style)."""
     vmin, vmax = _colour_range(finite, info.similarity)
     size = min(7.0, max(4.5, 0.12 * n + 2.5))
-    fig = Figure(figsize=(size + 1.0, size))  # no pyplot: no global state, works under any backend
-    ax = fig.add_subplot()
+    errors = report.layer_matrix_se(metric)  # sampled rows: the cells' standard errors beside
+    width = (size + 1.0) * (1.85 if errors is not None else 1)
+    fig = Figure(figsize=(width, size))  # no pyplot: no global state, works under any backend
+    ax, se_ax = fig.subplots(1, 2, width_ratios=[1.0, 0.85]) if errors is not None else (fig.add_subplot(), None)
     cmap = matplotlib.colormaps[info.cmap].copy()
     cmap = cmap.with_extremes(bad="white")
     image = ax.imshow(np.where(np.isfinite(shown), shown, np.nan), cmap=cmap, vmin=vmin, vmax=vmax,
@@ -94,6 +96,11 @@ def _draw(report, plan, metric, values, shown, below, finite, info, n) -> Figure
         handles.append(Patch(facecolor="#9e9e9e", label="infinite (masks differ)"))
     ax.legend(handles=handles, loc="upper right", framealpha=0.9)
     ax.set_title(_title(report, plan, metric))
+    if se_ax is not None:
+        draw_standard_error(fig, se_ax, np.where(below, errors, np.nan), metric)
+        _axes(se_ax, n)
+        se_ax.set_title(f"standard errors of the cells\n({report.sampling['rows']} of {report.sampling['of']} "
+                        f"query rows sampled per sequence)")
     fig.tight_layout()
     return fig
 

@@ -169,9 +169,10 @@ def run_note(report: AttentionReport) -> str:
     return note
 
 
-def draw_standard_error(fig: Figure, ax, se: np.ndarray, metric: str, vmax: float | None = None):
+def draw_standard_error(fig: Figure, ax, se: np.ndarray, metric: str, vmax: float | None = None, inset: bool = False):
     """The standard errors of a layer x layer estimate as their own matrix (0 = exact, darker = less certain), with
-    a colour bar in the metric's units. Returns the image."""
+    a colour bar in the metric's units (`inset`: inside the panel's right margin, so that a grid keeps its layout).
+    Returns the image."""
     se = np.asarray(se, dtype=float)
     if vmax is None:
         finite = se[np.isfinite(se)]
@@ -179,9 +180,15 @@ def draw_standard_error(fig: Figure, ax, se: np.ndarray, metric: str, vmax: floa
     image = ax.imshow(se, cmap="Greys", vmin=0.0, vmax=vmax, interpolation="nearest", origin="upper", aspect="equal")
     for spine in ax.spines.values():
         spine.set_linewidth(0.5)
-    bar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.03, aspect=25)
     unit = " [nats]" if metric == "kl" else ""
-    bar.set_label(f"standard error{unit}")
+    if inset:
+        cax = ax.inset_axes([1.04, 0.0, 0.06, 1.0])
+        cax.set_in_layout(False)  # drawn in the space right of the panel, which the caller keeps free
+        bar = fig.colorbar(image, cax=cax)
+        bar.set_label(f"SE{unit}")
+    else:
+        bar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.03, aspect=25)
+        bar.set_label(f"standard error{unit}")
     bar.ax.tick_params(labelsize=TICK_FONTSIZE, width=0.5, length=2)
     bar.outline.set_linewidth(0.5)
     bar.ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=4))
