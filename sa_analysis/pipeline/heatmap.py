@@ -85,9 +85,10 @@ def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_firs
     from ..streaming import RowSample
 
     kept = RowSample.draw(seq_len, count, exclude_first=exclude_first, replicates=defaults.REPLICATES).rows
-    rate = matmul_rate(device) / 1e12
+    rate = matmul_rate(device)
+    speed = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
     note = (f"all {span} query rows would take about {_duration(exact)} per sequence on {device} (matrix products "
-            f"measured at {rate:.0f} TFLOP/s), so every statistic is estimated from {kept} of them (the first "
+            f"measured at {speed}), so every statistic is estimated from {kept} of them (the first "
             f"stretch whole, {defaults.REPLICATES} stratified replicates of the rest) with a standard error per "
             f"entry; --rows all insists on every row.")
     return count, note

@@ -11,9 +11,11 @@ import torch
 from .engine import _mm32
 from .memory import default_operand_dtype
 
-# (forward-free) metrics time over Gram-product time: an H200 at Llama-2-7B shape, 4096 tokens, measured 111 ms of
-# metrics of which 61 ms Gram products (row statistics 7, operand emission 41; BENCHMARKS.md, "Streaming")
-METRICS_OVER_GRAM = 1.8
+# metrics time (after the forward) over the Gram products' flops at the measured product rate, per device type:
+# CUDA, an H200 at Llama-2-7B shape and 4096 tokens: 114 ms of metrics, 64 ms of them products (row statistics 7,
+# Triton operand emission 43; BENCHMARKS.md); CPU, the default model at 1024 and 2048 tokens on 2 cores: 4.2 and
+# 16.5 s against 0.66 and 2.6 s of products (the plain-torch operands, elementwise, dominate there)
+METRICS_OVER_GRAM = {"cuda": 1.8, "cpu": 6.3}
 # per (row, key) element, in units of N^2: X [X; Y]^T and Xr Xr^T on the upper block-triangle of 2 row chunks
 # (1.75 + 0.75; the exact triangle would be 1.5 + 0.5)
 GRAM_MACS_PER_ELEMENT = 2.5
@@ -59,4 +61,5 @@ def predicted_seconds(n_layers: int, n_heads: int, n: int, exclude_first: int, d
     stratified rows (which see half the keys on average)."""
     N = n_layers * n_heads
     elements = causal_elements(n, exclude_first) if rows is None else rows * (n - exclude_first) / 2
-    return METRICS_OVER_GRAM * gram_flops(N, elements) / matmul_rate(str(device))
+    overhead = METRICS_OVER_GRAM.get(torch.device(device).type, METRICS_OVER_GRAM["cpu"])
+    return overhead * gram_flops(N, elements) / matmul_rate(str(device))

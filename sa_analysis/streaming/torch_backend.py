@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..capture import causal_allowed, masked_log_softmax
-from ..metrics import js_divergence
 from .memory import Segment
 from .store import LayerSpec
 
@@ -22,6 +21,7 @@ class TorchEmitter:
         self.e = engine
         self._cache: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self._rows_counted: set[int] = set()
+        self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.positions = engine.sample.flat() if engine.sample is not None else None
 
     def _position_range(self, r0: int, rows: int) -> tuple[torch.Tensor | None, int]:
@@ -55,7 +55,10 @@ class TorchEmitter:
             allowed = self._allowed(spec, r0, rows, k_lo, k_hi, x.device, pos)
             out.append(x.masked_fill(~allowed, float("-inf")))
         logp = masked_log_softmax(torch.stack(out))
-        valid = torch.isfinite(logp).any(dim=-1).all(dim=(0, 1))
+        if e.generic:  # rows where some layer sees no key are dropped everywhere (as PairStatistics does)
+            valid = torch.isfinite(logp).any(dim=-1).all(dim=(0, 1))
+        else:  # causal/sliding: every row from exclude_first on sees at least itself
+            valid = torch.ones(rows, dtype=torch.bool, device=logp.device)
         self._cache[gi] = (r0, k_lo, logp, valid)
         return logp, valid
 
@@ -88,34 +91,46 @@ class TorchEmitter:
         # sees no key); for iota masks that is every row >= exclude_first, for generic masks we need all groups.
         valid = self._valid_rows(seg.r0, seg.rows, k_lo, valid_all)
         logp = logp_all[:, :, :, seg.k0 - k_lo: seg.k0 - k_lo + seg.keys]
-        logp = torch.where(valid[None, None, :, None], logp, torch.full_like(logp, float("-inf")))
-        visible = torch.isfinite(logp)
-        probs = torch.exp(logp)
-        y = torch.where(visible, logp, torch.zeros_like(logp))
-        full_logp = logp_all[:, :, valid]
-        norm = torch.exp(full_logp).norm(dim=-1).clamp_min(torch.finfo(e.acc_dtype).tiny)  # [S, H, b_valid]
-        row_norm = torch.ones(logp.shape[:3], dtype=logp.dtype, device=logp.device)
-        row_norm[:, :, valid] = norm
-        xr = probs / row_norm[..., None]
+        if not bool(valid.all()):
+            logp = torch.where(valid[None, None, :, None], logp, torch.full_like(logp, float("-inf")))
+        probs = torch.exp(logp)  # [S, H, b, keys], 0 where masked
+        y = torch.nan_to_num(logp, neginf=0.0)  # log P, 0 where masked
+        xr = probs / self._row_norms(gi, logp_all, valid)[..., None]
         out = slice(g.halo, None)  # the halo layer is only there for JS
         lo, hi = g.start * e.n_heads, g.stop * e.n_heads
         n_out = (g.stop - g.start) * e.n_heads
         sl = slice(seg.offset, seg.offset + seg.elements)
         scale = e.out_scale
-        U[0, lo:hi, sl] = (xr[out] * scale).reshape(n_out, -1).to(U.dtype)
-        U[1, lo:hi, sl] = (probs[out] * scale).reshape(n_out, -1).to(U.dtype)
+        scaled = (lambda t: t) if scale == 1.0 else (lambda t: t * scale)  # noqa: E731
+        U[0, lo:hi, sl] = scaled(xr[out]).reshape(n_out, -1).to(U.dtype)
+        U[1, lo:hi, sl] = scaled(probs[out]).reshape(n_out, -1).to(U.dtype)
         U[2, lo:hi, sl] = y[out].reshape(n_out, -1).to(U.dtype)
-        if U.shape[0] > 3:
-            U[3, lo:hi, sl] = (~visible[out]).reshape(n_out, -1).to(U.dtype)
+        if U.shape[0] > 3:  # generic masks: the support plane, 1 where masked
+            U[3, lo:hi, sl] = torch.isinf(logp[out]).reshape(n_out, -1).to(U.dtype)
         rep = seg.part
-        st.neg_entropy[rep, lo:hi] += (probs[out] * y[out]).sum(dim=(-1, -2)).reshape(-1).to(e.acc_dtype)
+        p_log_p = (probs * y).sum(dim=-1)  # [S, H, b]: sum over the segment's keys of P log P
+        st.neg_entropy[rep, lo:hi] += p_log_p[out].sum(dim=-1).reshape(-1).to(e.acc_dtype)
         if logp.shape[0] > 1:
-            js = js_divergence(logp[:-1], logp[1:]).sum(dim=-1)  # [S-1, H] summed over rows and keys
+            # JS of adjacent layers a, b = (sum a log a + sum b log b - sum (a + b) log((a + b) / 2)) / 2: the first two
+            # are the P log P sums above, so one xlogy per element (as the Triton kernel does)
+            mix = probs[:-1] + probs[1:]
+            js = 0.5 * (p_log_p[:-1] + p_log_p[1:] - torch.special.xlogy(mix, 0.5 * mix).sum(dim=-1))
             a = g.first_stored * e.n_heads
-            st.js[rep, a: a + js.numel()] += js.reshape(-1).to(e.acc_dtype)
+            st.js[rep, a: a + js[..., 0].numel()] += js.sum(dim=-1).reshape(-1).to(e.acc_dtype)
         if gi == 0 and (seg.r0 not in self._rows_counted):
             self._rows_counted.add(seg.r0)
             e.rows_per_part[rep] += int(valid.sum())
+
+    def _row_norms(self, gi: int, logp_all: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[S, H, b] the norm of each row's probabilities over all its keys (1 for invalid rows), once per row block."""
+        cached = self._norms.get(gi)
+        if cached is not None and cached[0] is logp_all:
+            return cached[1]
+        e = self.e
+        norm = torch.ones(logp_all.shape[:3], dtype=logp_all.dtype, device=logp_all.device)
+        norm[:, :, valid] = torch.exp(logp_all[:, :, valid]).norm(dim=-1).clamp_min(torch.finfo(e.acc_dtype).tiny)
+        self._norms[gi] = (logp_all, norm)
+        return norm
 
     def _k_lo(self, r0: int) -> int:
         e = self.e
