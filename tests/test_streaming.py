@@ -648,3 +648,17 @@ def test_the_heatmap_job_samples_rows_says_why_and_keeps_standard_errors(tmp_pat
     assert "all 320 query rows would take about" in heard[0] and "--rows all" in heard[0]
     assert f"estimated from {auto.sampling['rows']} of them" in heard[0]
     assert auto.meta["settings"]["rows_note"] == heard[0] and auto.sampling["rows"] > 8 * defaults.REPLICATES
+
+
+def test_predicted_seconds_count_the_gram_work(monkeypatch):
+    from sa_analysis.streaming import cost
+
+    monkeypatch.setattr(cost, "matmul_rate", lambda device: 1e12)  # 1 TFLOP/s, whatever the device
+    n, N = 4096, 32 * 32
+    assert cost.causal_elements(n) == n * (n + 1) / 2
+    assert cost.gram_flops(N, cost.causal_elements(n)) == pytest.approx(5 * N**2 * n * (n + 1) / 2)
+    cuda = cost.predicted_seconds(32, 32, n, 0, "cuda:0")
+    assert cuda == pytest.approx(1.8 * 5 * N**2 * n * (n + 1) / 2 / 1e12)
+    assert cost.predicted_seconds(32, 32, n, 0, "cpu") == pytest.approx(cuda * 6.3 / 1.8)
+    sampled = cost.predicted_seconds(32, 32, n, 0, "cuda:0", rows=512)  # stratified rows see n / 2 keys on average
+    assert sampled / cuda == pytest.approx(512 * n / 2 / cost.causal_elements(n))
