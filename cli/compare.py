@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, RandomInitOpt, SeqLenOpt,
-                     TextOpt, app, console, loading_status, sequence_progress, user_errors, wrote)
+from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, RandomInitOpt, RowsOpt,
+                     SeqLenOpt, TextOpt, app, console, loading_status, sequence_progress, user_errors, wrote)
 from sa_analysis import defaults
 
 DEFAULT_OUT = Path(defaults.COMPARE_OUT)
@@ -45,6 +45,7 @@ def compare(
     seq_len: SeqLenOpt = DEFAULT_SEQ_LEN,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Output folder. Default: {DEFAULT_OUT}/.")] = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="Leave the first k key positions (attention sinks) out of every metric.")] = 0,
+    rows: RowsOpt = "auto",
     pdf: Annotated[bool, typer.Option("--pdf", help="Also write the figures as PDF.")] = False,
 ) -> None:
     """Compare the layer x layer attention similarity of several checkpoints of one model (before/after a fine-tune,
@@ -54,7 +55,11 @@ def compare(
     With --model, each checkpoint is measured on the same text and its report saved under --out/<label>/; with
     --report, saved reports are compared without any model.
     """
+    from sa_analysis.prechecks import parse_rows
+
+    rows = parse_rows(rows, seq_len)
     from sa_analysis.pipeline import run_compare
+    from cli.heatmap import print_note
 
     def measuring(name: str, spec: str) -> None:
         console.print(f"[bold]{escape(name)}[/]: {escape(spec)}", highlight=False)
@@ -62,7 +67,7 @@ def compare(
     result = run_compare(model or (), report or (), label, metric=metric, span_len=span_len, out=out,
                          formats=("png", "pdf") if pdf else ("png",), on_model=measuring, device=device, dtype=dtype,
                          device_map=device_map, random_init=random_init, text=text, n_seqs=n_seqs, seq_len=seq_len, exclude_first=exclude_first,
-                         progress=sequence_progress, status=loading_status)
+                         rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
     rows, out_dir, written = result.rows, result.out, result.files
     _print_table(rows, metric, span_len)
     if len({r["token_sha1"] for r in rows}) > 1:
