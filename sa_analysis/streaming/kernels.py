@@ -61,6 +61,21 @@ def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _positions(ROWPOS, ci, first_ci, row_ok, n, BM: tl.constexpr, SAMPLED: tl.constexpr):
+    """(positions [BM], earliest, latest) of a tile's rows from their compact indices `ci`: the indices themselves,
+    or, SAMPLED, the positions in ROWPOS (a tile may straddle two replicates, so they are not sorted: min and max)."""
+    if SAMPLED:
+        rows = tl.load(ROWPOS + ci, mask=row_ok, other=0)
+        first = tl.min(tl.where(row_ok, rows, n), 0)
+        last = tl.max(tl.where(row_ok, rows, 0), 0)
+    else:
+        rows = ci
+        first = first_ci
+        last = first_ci + BM - 1
+    return rows, first, last
+
+
+@triton.jit
 def _stats_step(q, k_base, start, rows, m_i, l_i, l2_i, n, excl, win, scale, cap, sk2,
                 DP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
@@ -103,14 +118,7 @@ def row_stats(Q, K, WIN, SCALE, CAP, LSE, LSE2, ROWPOS,
     first_ci = row0 + pid_m * BM  # compact row index: the position itself unless SAMPLED
     ci = first_ci + tl.arange(0, BM)
     row_ok = ci < nr
-    if SAMPLED:  # positions of the sampled rows (a tile may straddle two replicates: not sorted across it)
-        rows = tl.load(ROWPOS + ci, mask=row_ok, other=0)
-        first = tl.min(tl.where(row_ok, rows, n), 0)
-        last = tl.max(tl.where(row_ok, rows, 0), 0)
-    else:
-        rows = ci
-        first = first_ci
-        last = first + BM - 1
+    rows, first, last = _positions(ROWPOS, ci, first_ci, row_ok, n, BM, SAMPLED)
     dd = tl.arange(0, DP)
     q_base = Q + layer.to(tl.int64) * sq0 + h.to(tl.int64) * sq1
     q = tl.load(q_base + ci[:, None].to(tl.int64) * sq2 + dd[None, :],
@@ -165,14 +173,7 @@ def emit(Q, K, WIN, SCALE, CAP, LSE, LSE2, U, NEGENT, JS, ROWPOS,
     row_ok = rl < nrows
     key_ok = kl < nkeys
     first_ci = r0 + pid_m * BM
-    if SAMPLED:  # positions of the sampled rows: the tile's earliest and latest decide its mask-free path
-        rows = tl.load(ROWPOS + ci, mask=row_ok, other=0)
-        first_row = tl.min(tl.where(row_ok, rows, n), 0)
-        last_row = tl.max(tl.where(row_ok, rows, 0), 0)
-    else:
-        rows = ci
-        first_row = first_ci
-        last_row = first_row + BM - 1
+    rows, first_row, last_row = _positions(ROWPOS, ci, first_ci, row_ok, n, BM, SAMPLED)
     first_key = k0 + pid_n * BN
     # the tile lies inside the segment (unmasked loads/stores) and, for a causal mask, wholly at or below it
     in_segment = (pid_m * BM + BM <= nrows) & (pid_n * BN + BN <= nkeys)
