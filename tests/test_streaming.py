@@ -638,6 +638,10 @@ def test_the_heatmap_job_samples_rows_says_why_and_keeps_standard_errors(tmp_pat
     plan = plan_spans(again, budget=1, stability_resamples=0)
     assert plan.n_shared == 1 and any("estimates from" in note and "standard errors up to" in note for note in plan.notes)
     assert AttentionReport.load(tmp_path / "report.json").layer_matrix_se("cosine_row") is not None
+    with pytest.raises(UserError, match="half or more of the 320 query rows"):
+        analyse(loaded, batch, rows=200)
+    with pytest.raises(UserError, match="drop --path maps"):
+        analyse(loaded, batch, rows=96, path="maps")
     every = analyse(loaded, batch, rows="all", path="stream")
     assert every.layer_matrix_se("kl") is None and every.sampling is None
     assert not any("estimates from" in note for note in plan_spans(every, budget=1, stability_resamples=0).notes)

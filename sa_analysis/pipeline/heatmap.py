@@ -33,9 +33,7 @@ def choose_path(loaded: LoadedModel, seq_len: int, path: str = "auto", rows: str
     a number of sampled rows is asked for (only the streaming engine samples)."""
     if path not in PATHS:
         raise UserError(f"Unknown capture path {path!r}; use one of {', '.join(PATHS)}.")
-    if isinstance(rows, int):
-        if path == "maps":
-            raise UserError("--rows N samples query rows, which only the streaming path does; drop --path maps.")
+    if isinstance(rows, int):  # only the streaming engine samples (`prechecks.parse_rows` refuses --path maps)
         return "stream"
     if path != "auto":
         return path
@@ -48,6 +46,7 @@ def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto", rows: 
               exclude_first: int = 0) -> tuple[str, int | None, str | None]:
     """(capture path, sampled rows per sequence or None for all rows, a note saying why it samples) for this run;
     a streaming run that cannot fit in memory says so before any work."""
+    rows = parse_rows(rows, batch.seq_len - exclude_first, path)
     path = choose_path(loaded, batch.seq_len, path, rows)
     sample_rows, note = None, None
     if path == "stream":
@@ -66,13 +65,8 @@ def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_firs
     from ..streaming.cost import matmul_rate, predicted_seconds
 
     span = seq_len - exclude_first
-    if rows == "all":
-        return None, None
-    if isinstance(rows, int):
-        if 2 * rows > span:
-            raise UserError(f"--rows {rows} is half or more of the {span} query rows of a sequence, where sampling saves "
-                            f"little; use --rows all, or fewer rows.")
-        return rows, None
+    if rows == "all" or isinstance(rows, int):  # a count was checked by `prechecks.parse_rows`
+        return (None if rows == "all" else rows), None
     info, device = loaded.info, str(next(loaded.model.parameters()).device)
     exact = predicted_seconds(info.n_layers, info.n_heads, seq_len, exclude_first, device)
     if exact <= defaults.SAMPLE_ABOVE_SECONDS:
@@ -135,7 +129,7 @@ def analyse(
     """
     if exclude_first < 0 or exclude_first >= batch.seq_len - 1:
         raise UserError(f"--exclude-first must be between 0 and {batch.seq_len - 2} for sequences of {batch.seq_len} tokens.")
-    path, sample_rows, note = preflight(loaded, batch, path, parse_rows(rows), exclude_first)
+    path, sample_rows, note = preflight(loaded, batch, path, rows, exclude_first)
     if note and notice is not None:
         notice(note)
     device = next(loaded.model.parameters()).device
