@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-DEFAULT_REPLICATES = 16
+from .. import defaults
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class RowSample:
         return [self.fixed] + [self.strata] * self.replicates
 
     @classmethod
-    def draw(cls, n: int, rows: int, *, exclude_first: int = 0, replicates: int = DEFAULT_REPLICATES,
+    def draw(cls, n: int, rows: int, *, exclude_first: int = 0, replicates: int = defaults.REPLICATES,
              seed: int = 0) -> "RowSample":
         """About `rows` rows of a sequence of `n` tokens: the first stretch whole, then `replicates` stratified
         samples of `rows // replicates` rows each of the rest."""
@@ -135,7 +135,7 @@ def jackknife(sample: RowSample, sums: dict[str, torch.Tensor],
 
 
 def rows_for_seconds(exact_seconds: float, target_seconds: float, n: int, exclude_first: int = 0,
-                     replicates: int = DEFAULT_REPLICATES) -> int:
+                     replicates: int = defaults.REPLICATES) -> int:
     """How many rows a sampled run may take to last about `target_seconds` when all rows would take `exact_seconds`
     (the cost of a row grows with its keys, and stratified rows have the average number of keys)."""
     span = n - exclude_first
