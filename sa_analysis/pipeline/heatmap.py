@@ -50,42 +50,47 @@ def preflight(loaded: LoadedModel, batch: TokenBatch, path: str = "auto", rows: 
     path = choose_path(loaded, batch.seq_len, path, rows)
     sample_rows, note = None, None
     if path == "stream":
-        from ..streaming import RowSample, check_fits
+        from ..streaming import check_fits
 
-        sample_rows, note = choose_rows(loaded, batch.seq_len, rows, exclude_first)
-        sample = None if sample_rows is None else RowSample.draw(batch.seq_len, sample_rows, exclude_first=exclude_first,
-                                                                replicates=defaults.REPLICATES)
-        check_fits(loaded.info, batch.seq_len, next(loaded.model.parameters()).device, sample=sample)
+        device = str(next(loaded.model.parameters()).device)
+        sample_rows, all_rows_seconds = choose_rows(loaded, batch.seq_len, rows, exclude_first)
+        sample = _draw(batch.seq_len, sample_rows, exclude_first, seed=0)  # the first sequence's rows
+        if all_rows_seconds is not None:
+            note = _sampling_note(batch.seq_len - exclude_first, all_rows_seconds, device, sample.rows)
+        check_fits(loaded.info, batch.seq_len, device, sample=sample)
     return path, sample_rows, note
 
 
-def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_first: int) -> tuple[int | None, str | None]:
-    """(sampled rows per sequence or None for all, the note the user sees): `rows` "all", a count, or "auto" (all rows
-    unless they are predicted to take over `defaults.SAMPLE_ABOVE_SECONDS` per sequence on this device)."""
-    from ..streaming.cost import matmul_rate, predicted_seconds
-
-    span = seq_len - exclude_first
+def choose_rows(loaded: LoadedModel, seq_len: int, rows: str | int, exclude_first: int
+                ) -> tuple[int | None, float | None]:
+    """(sampled rows per sequence or None for all, the predicted seconds of all rows when that made `auto` sample):
+    `rows` "all", a count, or "auto" (all rows unless they are predicted to take over
+    `defaults.SAMPLE_ABOVE_SECONDS` per sequence on this device)."""
     if rows == "all" or isinstance(rows, int):  # a count was checked by `prechecks.parse_rows`
         return (None if rows == "all" else rows), None
+    from ..streaming.cost import predicted_seconds
+    from ..streaming.sampling import rows_for_seconds
+
     info, device = loaded.info, str(next(loaded.model.parameters()).device)
     exact = predicted_seconds(info.n_layers, info.n_heads, seq_len, exclude_first, device)
     if exact <= defaults.SAMPLE_ABOVE_SECONDS:
         return None, None
-    from ..streaming.sampling import rows_for_seconds
-
     count = rows_for_seconds(exact, defaults.SAMPLE_TARGET_SECONDS, seq_len, exclude_first, defaults.REPLICATES)
-    if 2 * count > span:
+    if 2 * count > seq_len - exclude_first:
         return None, None
-    from ..streaming import RowSample
+    return count, exact
 
-    kept = RowSample.draw(seq_len, count, exclude_first=exclude_first, replicates=defaults.REPLICATES).rows
+
+def _sampling_note(span: int, all_rows_seconds: float, device: str, kept: int) -> str:
+    """What the user reads when `--rows auto` samples: why, how many rows, and how to insist on all of them."""
+    from ..streaming.cost import matmul_rate
+
     rate = matmul_rate(device)
     speed = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
-    note = (f"all {span} query rows would take about {_duration(exact)} per sequence on {device} (matrix products "
-            f"measured at {speed}), so every statistic is estimated from {kept} of them (the first "
-            f"stretch whole, {defaults.REPLICATES} stratified replicates of the rest) with a standard error per "
-            f"entry; --rows all insists on every row.")
-    return count, note
+    return (f"all {span} query rows would take about {_duration(all_rows_seconds)} per sequence on {device} (matrix "
+            f"products measured at {speed}), so every statistic is estimated from {kept} of them (the first stretch "
+            f"whole, {defaults.REPLICATES} stratified replicates of the rest) with a standard error per entry; "
+            f"--rows all insists on every row.")
 
 
 def _duration(seconds: float) -> str:
@@ -155,6 +160,7 @@ def analyse(
 
 
 def _draw(seq_len: int, rows: int | None, exclude_first: int, seed: int):
+    """The RowSample of one sequence (seeded by its index), or None for all rows."""
     if rows is None:
         return None
     from ..streaming import RowSample
