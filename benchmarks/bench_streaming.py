@@ -294,11 +294,11 @@ def peak_rate() -> float:
     """The best fp16 matrix-product rate (fp32 result, as the engine's) this GPU reaches: 8192^3 products, median of
     10 after a warm-up."""
     if not _PEAK:
-        from sa_analysis.streaming.engine import _mm32
+        from sa_analysis.streaming.products import mm32
 
         a = torch.rand(8192, 8192, device="cuda").half()
         b = torch.rand(8192, 8192, device="cuda").half()
-        ms, _ = timed(lambda: _mm32(a, b, torch.float32).shape, warmup=3, reps=10)
+        ms, _ = timed(lambda: mm32(a, b, torch.float32).shape, warmup=3, reps=10)
         _PEAK.append(2 * 8192**3 / (ms / 1e3))
         del a, b
         torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import (DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, RandomInitOpt, RowsOpt,
+from cli.app import (print_note, DEFAULT_N_SEQS, DEFAULT_SEQ_LEN, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, RandomInitOpt, RowsOpt,
                      SeqLenOpt, TextOpt, app, console, loading_status, sequence_progress, user_errors, wrote)
 from sa_analysis import defaults
 
@@ -59,7 +59,6 @@ def compare(
 
     rows = parse_rows(rows, seq_len)
     from sa_analysis.pipeline import run_compare
-    from cli.heatmap import print_note
 
     def measuring(name: str, spec: str) -> None:
         console.print(f"[bold]{escape(name)}[/]: {escape(spec)}", highlight=False)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli.app import (AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, OptionalModelOpt,
                      NSeqsOpt, OutOpt, RandomInitOpt, RowsOpt, TextOpt, app, console, default_out, loading_status,
-                     sequence_progress, user_errors, wrote)
+                     print_note, sequence_progress, user_errors, wrote)
 
 
 @app.command("heatmap")
@@ -63,10 +63,6 @@ def heatmap(
             print_note(settings[key])
     console.print(f"[bold]Report and figures[/] for {result.model_name} in [cyan]{out_dir}[/]:")
     wrote(written)
-
-
-def print_note(message: str) -> None:
-    console.print(f"note: {message}", highlight=False)
 
 
 def print_summary(report) -> None:

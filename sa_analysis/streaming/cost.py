@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from .engine import _mm32
+from .products import mm32
 from .memory import default_operand_dtype
 
 # metrics time (after the forward) over the Gram products' flops at the measured product rate, per device type:
@@ -43,7 +43,7 @@ def matmul_rate(device: str) -> float:
     b = torch.rand(k, 2 * n, device=dev).to(dtype)
 
     def run() -> None:
-        _mm32(a, b, torch.float32)  # the engine's product: low-precision operands, fp32 result
+        mm32(a, b, torch.float32)  # the engine's product: low-precision operands, fp32 result
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 

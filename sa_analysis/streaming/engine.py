@@ -15,36 +15,15 @@ from ..metrics import SequenceStats
 from .memory import (OPERAND_SCALE_FP16, TRITON_BM, TRITON_BN, Segment, default_operand_dtype, operand_bytes,
                      plan_segments, round_up)
 from .sampling import RowSample, jackknife
-from .store import LayerGroup, QKStore
+from .store import QKStore
+from .products import mm32
+from .state import GroupState
 from .torch_backend import TorchEmitter
 
 
 
 
 # ----- the engine ------------------------------------------------------------------------------------------------
-class GroupState:
-    """Per layer group: its device, accumulator rows, row statistics, and the operand buffer on its device.
-
-    Accumulators have a leading part axis (1 for a run over all rows; the fixed rows and each replicate of a sampled
-    run)."""
-
-    def __init__(self, group: LayerGroup, n_total_rows: int, n_layers: int, n_heads: int, acc_dtype, support: bool,
-                 parts: int = 1):
-        self.group = group
-        dev = group.device
-        rows = group.n_layers * n_heads
-        self.rows = slice(group.start * n_heads, group.stop * n_heads)
-        z = lambda *s: torch.zeros(parts, *s, dtype=acc_dtype, device=dev)  # noqa: E731
-        self.acc_xy = z(rows, 2 * n_total_rows)  # [R, rows, 2N]
-        self.acc_r = z(rows, n_total_rows)  # [R, rows, N]
-        self.acc_s = z(rows, n_total_rows) if support else None
-        self.neg_entropy = z(n_layers * n_heads)  # [R, N]
-        self.js = z(max(n_layers - 1, 0) * n_heads)  # [R, (L-1) H]
-        self.buffer: torch.Tensor | None = None
-        self.lse: torch.Tensor | None = None
-        self.lse2: torch.Tensor | None = None
-
-
 class StreamingStatistics:
     """Computes `SequenceStats` from a filled `QKStore` (see the module docstring for the method).
 
@@ -248,13 +227,13 @@ class StreamingStatistics:
         elif self.gram == "tri":
             bounds = _chunk_bounds(N, self.tri_chunks)
             for a, b in bounds:
-                acc_xy[a:b, a:] += _mm32(X[a:b], XY[a:].T, self.acc_dtype)
-                acc_r[a:b, a:] += _mm32(Xr[a:b], Xr[a:].T, self.acc_dtype)
+                acc_xy[a:b, a:] += mm32(X[a:b], XY[a:].T, self.acc_dtype)
+                acc_r[a:b, a:] += mm32(Xr[a:b], Xr[a:].T, self.acc_dtype)
         else:
-            acc_xy += _mm32(X[st.rows], XY.T, self.acc_dtype)
-            acc_r += _mm32(Xr[st.rows], Xr.T, self.acc_dtype)
+            acc_xy += mm32(X[st.rows], XY.T, self.acc_dtype)
+            acc_r += mm32(Xr[st.rows], Xr.T, self.acc_dtype)
         if acc_s is not None:
-            acc_s += _mm32(X[st.rows], U[3].T, self.acc_dtype)
+            acc_s += mm32(X[st.rows], U[3].T, self.acc_dtype)
 
     # -- result
     def _result(self) -> SequenceStats:
@@ -402,22 +381,6 @@ def _block_upper(n: int, chunks: int, device) -> torch.Tensor:
     return idx[:, None] <= idx[None, :]
 
 
-_MM_DTYPE_OK: bool | None = None
-
-
-def _mm32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with the result (and the accumulation) in `acc_dtype`; low-precision operands stay low on GPU."""
-    global _MM_DTYPE_OK
-    if a.dtype == acc_dtype:
-        return a @ b
-    if a.is_cuda and acc_dtype == torch.float32 and _MM_DTYPE_OK is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_DTYPE_OK = True
-            return out
-        except (TypeError, RuntimeError):
-            _MM_DTYPE_OK = False
-    return a.to(acc_dtype) @ b.to(acc_dtype)  # CPU: same rounding of operands, exact products
 
 
 def _bmm32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:

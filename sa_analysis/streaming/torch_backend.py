@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..capture import causal_allowed, masked_log_softmax
 from .memory import Segment
+from .state import GroupState
 from .store import LayerSpec
 
-if TYPE_CHECKING:
-    from .engine import GroupState, StreamingStatistics
 
 # ----- torch backend (CPU, generic masks, fallback) ------------------------------------------------------------------
 class TorchEmitter:
     """Writes operands with plain torch ops: per row block, the log-probabilities of all stored layers over all keys."""
 
-    def __init__(self, engine: StreamingStatistics):
+    def __init__(self, engine):
+        """`engine`: the `StreamingStatistics` that owns this emitter (its store, sample, mask and buffers)."""
         self.e = engine
         self._cache: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         self._rows_counted: set[int] = set()

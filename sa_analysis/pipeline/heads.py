@@ -1,0 +1,35 @@
+"""The head-families job: a report (saved, or measured now) -> every (layer, head) clustered, the families table
+(head_families.json) and the clustermap (head_families.png)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json
+from ..planner.families import DRAWS, HeadFamilies, head_families
+from ..report import AttentionReport
+from .heatmap import report_or_measure
+
+
+@dataclass
+class HeadsResult:
+    report: AttentionReport
+    families: HeadFamilies
+    files: list[Path]
+
+
+def run_heads(report: str | Path | None, model: str | None, *, metric: str = "cosine_flat",
+              threshold: float | None = None, out: Path | None = None, **capture: Any) -> HeadsResult:
+    """Cluster the heads of a saved report (or of `model`, measured now) and write the table and the figure."""
+    from ..plots.families import plot_head_families
+
+    att, out_dir, _spec, _loaded = report_or_measure(report, model, out, **capture)
+    families = head_families(att, metric, threshold, draws=DRAWS)
+    table = out_dir / "head_families.json"
+    write_json(table, {"model": att.model_name, "metric": metric, "threshold": families.threshold,
+                       "sampled": att.sampling is not None, "families": families.table,
+                       "labels": families.labels.tolist(), "rows": [list(r) for r in families.rows]})
+    figure = plot_head_families(families, out_dir / "head_families.png")
+    return HeadsResult(att, families, [table, figure])
