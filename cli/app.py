@@ -136,6 +136,11 @@ def _plain(message: str) -> str:
     return Text.from_markup(message).plain
 
 
+def print_note(message: str) -> None:
+    """A choice or caveat the user should know of, on its own line."""
+    console.print(f"note: {message}", highlight=False)
+
+
 def wrote(paths) -> None:
     """Print the files a command wrote, one per line."""
     for path in paths:

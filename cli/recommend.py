@@ -10,9 +10,10 @@ from rich.table import Table
 
 from cli.app import (
     AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
-    RandomInitOpt, RowsOpt, TextOpt, app, console, format_bytes, loading_status, sequence_progress, spinner,
+    RandomInitOpt, RowsOpt, TextOpt, app, console, format_bytes, loading_status, print_note, sequence_progress, spinner,
     user_errors, wrote,
 )
+from cli.tables import print_checked, signed_percent
 from sa_analysis import defaults
 
 
@@ -41,12 +42,16 @@ def recommend_spans(
     device_map: DeviceMapOpt = None,
     exclude_first: Annotated[int, typer.Option("--exclude-first", min=0, help="When capturing: ignore the first k key positions (attention sinks).")] = 0,
     rows: RowsOpt = "auto",
+    predict: Annotated[str, typer.Option("--predict", help="How plans are priced. output: each follower's measured damage to the model's next-token distribution on calibration tokens, whole plans checked for interactions; similarity: the report's attention cost alone (weaker); auto: output whenever the model is loaded (no --report).")] = "auto",
     validate: Annotated[bool, typer.Option("--validate", help="Measure candidate plans on the model (sensitivity fed back to the planner) and keep the best within --tolerance, checked on held-out text.")] = False,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="With --validate: largest relative perplexity increase that passes (0.05 = +5%).")] = defaults.TOLERANCE,
 ) -> None:
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
     from sa_analysis.prechecks import check_before_loading, parse_rows
 
+    from sa_analysis.pipeline.plan import check_plan_options
+
+    check_plan_options(budget, max_cost, cost, predict)
     if report is None:  # mistakes that need no model are answered before torch is imported
         rows = parse_rows(rows, seq_len)
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
@@ -56,13 +61,15 @@ def recommend_spans(
     capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
                    device_map=device_map, exclude_first=exclude_first)
     if report is None:
-        from cli.heatmap import print_note
-
         capture.update(rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
-    result = run_plan(report, model or (None if report is not None else DEFAULT_MODEL), budget=budget,
-                      max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len, out=out, **capture)
+    with spinner("measuring output damage") as shown:
+        result = run_plan(report, model or (None if report is not None else DEFAULT_MODEL), budget=budget,
+                          max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len, out=out,
+                          predict=predict, damage_progress=lambda message: shown.update(message), **capture)
     plan = result.plan
     _print_plan(plan)
+    if result.damage is not None:
+        print_checked(result.damage.checked, plan)
     _print_comparison(result.alternatives, cost)
     _print_savings(plan)
     console.print(f"Seed repo's form — layers not shared: {plan.non_shared_layers()}", highlight=False)
@@ -76,7 +83,8 @@ def recommend_spans(
         with spinner("measuring plans") as shown:
             search, paths = run_search(
                 result.report, ModelSpec(result.model_spec, device, dtype, random_init, device_map),
-                TextSpec(text, n_seqs, seq_len or result.report.meta.get("data", {}).get("seq_len") or defaults.SEQ_LEN), out=result.out, max_budget=plan.n_shared, tolerance=tolerance,
+                TextSpec(text, n_seqs, seq_len or result.report.meta.get("data", {}).get("seq_len") or defaults.SEQ_LEN),
+                out=result.out, max_budget=plan.n_shared, tolerance=tolerance, loaded=result.loaded, damage=result.damage,
                 cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span"),
                                                        constraints.align_heads, constraints.mask_change),
                 progress=lambda message: shown.update(f"[bold]{message}[/]"))
@@ -106,27 +114,50 @@ def _ranges(layers: list[int]) -> str:
 
 
 def _print_plan(plan) -> None:
-    """One row per follower: its anchor, how its heads share, predicted cost, how often a bootstrap rerun chose it."""
-    table = Table(title=f"Recommended plan ({plan.method}, cost {plan.cost_name}): {plan.n_shared} of {plan.n_layers} layers shared")
-    for column in ("follower", "anchor", "heads", "predicted cost", "by index", "chosen again", "mask"):
+    """One row per follower: its anchor, how its heads share, its predicted cost (measured output damage with its
+    interval when the plan was measured, else the attention cost), how often a bootstrap rerun chose it."""
+    damage = plan.damage
+    title = f"Recommended plan ({plan.method}, cost {plan.cost_name}): {plan.n_shared} of {plan.n_layers} layers shared"
+    table = Table(title=title)
+    cost_column = "next-token KL alone [95 %]" if damage else "predicted cost"
+    columns = ["follower", "anchor", "heads", cost_column, "by index"]
+    columns += ["perplexity alone"] if damage else ["chosen again"]
+    for column in columns + ["mask"]:
         table.add_column(column, justify="left" if column in ("heads", "mask") else "right", overflow="fold")
     costs = plan.follower_costs or {}
     stability = (plan.stability or {}).get("followers", {})
     for follower, anchor in plan.anchor_of.items():
         aligned = follower in plan.head_map
-        table.add_row(str(follower), str(anchor), "aligned" if aligned else "index", _fmt(costs.get(follower)),
-                      _fmt(plan.index_costs.get(follower)) if aligned else "", _share(stability.get(follower)),
-                      plan.mask_notes.get(follower, "same"))
+        alone = (damage or {}).get("followers", {}).get(follower)
+        cost_text = _kl_interval(alone) if alone else _fmt(costs.get(follower))
+        last = signed_percent(alone, "nll_change") if alone else _share(stability.get(follower))
+        table.add_row(str(follower), str(anchor), "aligned" if aligned else "index", cost_text,
+                      _fmt(plan.index_costs.get(follower)) if aligned else "", last, plan.mask_notes.get(follower, "same"))
     table.add_section()
-    same = (plan.stability or {}).get("same_plan")
-    table.add_row("total", "", f"{len(plan.head_map)} aligned", _fmt(plan.total_cost), "",
-                  f"{_share(same)} same plan" if same is not None else "", "")
+    if damage:
+        total, whole = damage.get("sum") or {}, damage["plan"]
+        table.add_row("sum", "", f"{len(plan.head_map)} aligned", _kl_interval(total) if total else "", "",
+                      signed_percent(total, "nll_change") if total else "", "")
+        table.add_row("whole plan", "", "", _kl_interval(whole), "", signed_percent(whole, "nll_change"), "")
+    else:
+        same = (plan.stability or {}).get("same_plan")
+        table.add_row("total", "", f"{len(plan.head_map)} aligned", _fmt(plan.total_cost), "",
+                      f"{_share(same)} same plan" if same is not None else "", "")
     console.print(table)
+    if damage:
+        console.print(f"Predicted on {damage['n_tokens']} calibration tokens ({damage['n_seqs']} sequences): each follower "
+                      f"shared alone, their sum (the additive model the planner optimises) and the whole plan measured "
+                      f"as it is (followers interact); perplexity = exp(NLL change) - 1. `sa-analyze validate` measures "
+                      f"it on held-out text.", highlight=False)
     if plan.stability:
         console.print(f"chosen again: share of {plan.stability['resamples']} planner reruns on bootstrap resamples of the "
                       f"analysed sequences that chose the follower (and the whole plan)", highlight=False)
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+def _kl_interval(values: dict) -> str:
+    return f"{values['kl']:.4f} [{values['kl_low']:.4f}, {values['kl_high']:.4f}]"
 
 
 def _share(value: float | None) -> str:

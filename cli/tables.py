@@ -12,13 +12,21 @@ from cli.app import console, format_bytes
 def print_validation(report) -> None:
     """Rich tables: quality (baseline, patched, change), speed and memory, tasks; then the verdict."""
     q = report.quality
+    predicted = (report.plan.get("damage") or {}).get("plan")  # the plan's damage measured on calibration tokens
     table = Table(title="Quality on held-out text", title_justify="left")
-    for column in ("", "baseline", "patched", "change"):
+    for column in ("", "baseline", "patched", "change") + (("predicted [95 %]",) if predicted else ()):
         table.add_column(column, justify="right" if column else "left")
-    table.add_row("perplexity", f"{q['ppl_baseline']:.4g}", f"{q['ppl_patched']:.4g}", f"{100 * q['ppl_change']:+.2f}%")
-    table.add_row("next-token KL (nats)", "", f"{q['kl_mean']:.4g}", "")
-    table.add_row("top-1 agreement", "", f"{100 * q['top1_agreement']:.1f}%", "")
+    rows = [("perplexity", f"{q['ppl_baseline']:.4g}", f"{q['ppl_patched']:.4g}", f"{100 * q['ppl_change']:+.2f}%",
+             lambda: signed_percent(predicted)),
+            ("next-token KL (nats)", "", f"{q['kl_mean']:.4g}", "",
+             lambda: f"{predicted['kl']:.4g} [{predicted['kl_low']:.4g}, {predicted['kl_high']:.4g}]"),
+            ("top-1 agreement", "", f"{100 * q['top1_agreement']:.1f}%", "", lambda: f"{100 * predicted['top1']:.1f}%")]
+    for label, base, patched, change, guess in rows:
+        table.add_row(label, base, patched, change, *((guess(),) if predicted else ()))
     console.print(table)
+    if predicted:
+        console.print("predicted: the plan measured whole on the calibration tokens it was chosen on; patched and "
+                      "change: measured on held-out text it never saw.", highlight=False)
     if report.speed:
         _print_speed(report.speed, report.predicted)
     if report.tasks:
@@ -75,30 +83,53 @@ def print_search(search) -> None:
     """The candidates tried (calibration text), least KL first within each layer count, and the choice."""
     table = Table(title=f"Plans measured on calibration text (tolerance {100 * search.tolerance:g}% perplexity)",
                   title_justify="left")
-    for column in ("layers", "spans", "heads", "proposed by", "planner cost", "perplexity change", "next-token KL", "pass"):
+    for column in ("layers", "spans", "heads", "proposed by", "predicted KL (followers alone)", "next-token KL",
+                   "perplexity change [95 %]", "pass"):
         table.add_column(column, justify="left" if column in ("spans", "heads", "proposed by", "pass") else "right",
                          overflow="fold")
     candidates = sorted((r for r in search.rows if r["stage"] == "candidate"), key=lambda r: (r["n_shared"], r["kl_mean"]))
     for r in candidates:
-        cost = r.get("predicted_cost")
+        cost = r.get("predicted_kl")
         aligned = r.get("aligned") or []
         heads = "index" if not aligned else "aligned" if len(aligned) == r["n_shared"] else "aligned " + ",".join(map(str, aligned))
         table.add_row(str(r["n_shared"]), r["spans"], heads, ", ".join(r.get("methods", [r["method"]])),
-                      "-" if cost is None else f"{cost:.4g}", f"{100 * r['ppl_change']:+.2f}%", f"{r['kl_mean']:.4g}",
+                      "-" if cost is None else f"{cost:.4g}", f"{r['kl_mean']:.4g}",
+                      f"{100 * r['ppl_change']:+.2f}% [{100 * r['ppl_change_low']:+.1f}, {100 * r['ppl_change_high']:+.1f}]",
                       "yes" if r["passed"] else "no")
     console.print(table)
     singles = sorted(search.sensitivity.items(), key=lambda kv: kv[1])
     if singles:
         easy = ", ".join(f"{m} ({v:.3g})" for m, v in singles[:5])
         hard = ", ".join(f"{m} ({v:.3g})" for m, v in singles[-3:])
-        console.print(f"Measured sensitivity (next-token KL when shared alone, the better of index and head-aligned): "
+        console.print(f"Measured damage (next-token KL when shared alone with the layer before it, the better of index and head-aligned): "
                       f"least {easy}; most {hard}", highlight=False)
-    aligned = search.meta.get("aligned_layers")
-    if aligned is not None:
-        console.print(f"Head maps kept where they measured better than index sharing (alone): "
-                      f"{', '.join(map(str, aligned)) or 'none'}", highlight=False)
     best = search.best_plan
     if best is None:
         console.print("[bold red]No plan tried stays within the tolerance;[/] raise --tolerance or share fewer layers.")
     else:
         console.print(f"[bold]Best within tolerance:[/] {best.summary()} (spans {best.spans_spec()})", highlight=False)
+
+
+def signed_percent(values: dict, key: str = "nll_change") -> str:
+    """The relative perplexity change an NLL change implies, with its interval: '+7.2% [+2.9, +11.6]'."""
+    import math
+
+    low, mid, high = (100 * math.expm1(values[k]) for k in (f"{key}_low", key, f"{key}_high"))
+    return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def print_checked(checked: list, plan) -> None:
+    """The whole plans measured to check interactions: the additive prediction next to the measurement."""
+    if len(checked) < 2:
+        return
+    table = Table(title="Whole plans measured (calibration tokens): the chosen plan and its neighbours", title_justify="left")
+    for column in ("spans", "aligned", "sum of followers alone (KL)", "whole plan (KL)", "whole / sum", "perplexity", "chosen"):
+        table.add_column(column, justify="left" if column in ("spans", "aligned", "chosen") else "right")
+    for row in checked:
+        predicted, measured = row["predicted"], row["measured"]
+        ratio = "" if not predicted or predicted["kl"] <= 0 else f"{measured['kl'] / predicted['kl']:.2f}"
+        chosen = row["followers"] == plan.followers and row["aligned"] == plan.aligned_followers
+        table.add_row(row["spans"], ",".join(map(str, row["aligned"])) or "-",
+                      "-" if not predicted else f"{predicted['kl']:.4f}", f"{measured['kl']:.4f}", ratio,
+                      signed_percent(measured), "yes" if chosen else "")
+    console.print(table)

@@ -12,8 +12,12 @@ Figures:
     isotropy.png         isotropy curves, head structure, block influence, entropy per layer
     head_grid.png        one layer x layer cosine heatmap per head
     head_alignment.png   heads of the adjacent pair whose heads are most permuted, Hungarian matching boxed
-    plan.png             the recommended plan (recommend-spans' default budget) over the KL heatmap
-    quality_vs_shared.png  measured perplexity change vs layers shared for every plan search_plans tried
+    head_families.png    every (layer, head) clustered by how alike they attend (a seaborn clustermap)
+    plan.png             the recommended plan (recommend-spans' defaults: measured damage, 25 % of the layers)
+                         over the KL heatmap
+    quality_vs_shared.png  measured perplexity change vs layers shared for every plan search_plans tried, and
+                         each plan's predicted damage against the same plan measured whole
+    (damage_calibration.png comes from benchmarks/damage_calibration.py: predicted vs measured held-out perplexity)
     compare.png          the SA paper's figure: random init vs trained vs trained with weights rounded to int4
     compare_adjacent.png adjacent-layer similarity of the same three checkpoints
 """
@@ -32,6 +36,8 @@ from sa_analysis.capture import AttentionMaps, capture_attention
 from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
+from sa_analysis.pipeline.plan import damage_batch
+from sa_analysis.planner.families import head_families
 from sa_analysis.plots import plot_plan_over_heatmap
 from sa_analysis.report import AttentionReport
 
@@ -83,7 +89,11 @@ def measure(args, work: Path):
         loaded.model(calibration.input_ids[:1, :MAP_TOKENS].to(loaded.model.device))
     torch.save({f"{layer}/{head}": maps.probs(layer)[0, head].cpu() for layer, head in MAP_HEADS}, work / "maps.pt")
 
-    say("plan search (sensitivity of each layer, then candidate plans), measured quality")
+    say("the recommended plan: measured output damage, recommend-spans' default budget")
+    recommended = validate.plan_from_damage(loaded, report, damage_batch(loaded, None, args.seq_len), progress=say).plan
+    recommended.save(work / "plan.json")
+
+    say("plan search (damage of each layer, then candidate plans measured whole), measured quality")
     search = validate.search_plans(loaded, report, calibration, heldout, budgets=SEARCH_BUDGETS,
                                    stop_early=False, tolerance=args.tolerance, progress=say)
     search.save(work / "search.json")
@@ -114,7 +124,9 @@ def draw(work: Path, out: Path) -> list[Path]:
     pair = plots.most_misaligned_pair(report, "cosine_flat")
     paths.append(save(plots.plot_head_alignment(report, pair, pair + 1, "cosine_flat"), "head_alignment", out))
 
-    plan = planner.plan_spans(report)  # recommend-spans' defaults: 25% of the layers, cost KL(follower ‖ anchor)
+    families = head_families(report, "cosine_flat")
+    paths.append(plots.plot_head_families(families, out / "head_families.png"))
+    plan = planner.SharePlan.load(work / "plan.json")  # recommend-spans' defaults: 25 % of the layers, measured damage
     fig = plot_plan_over_heatmap(report, plan, "kl")
     paths.append(save(fig, "plan", out))
 

@@ -16,3 +16,4 @@ ROWS = "auto"  # query rows the streaming statistics use: all of them, unless th
 SAMPLE_ABOVE_SECONDS = 60.0  # auto rows: sample when all rows would take longer than this per sequence
 SAMPLE_TARGET_SECONDS = 15.0  # auto rows: how long the sampled statistics of one sequence may take
 REPLICATES = 16  # independent stratified samples of a sampled run (their spread gives the standard errors)
+DAMAGE_TOKENS = 1024  # calibration tokens the measured damage of followers is taken on (whole sequences, at least 2)

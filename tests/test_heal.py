@@ -33,10 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from sa_analysis.data import default_tokenizer
-
-    return default_tokenizer()
+def tokenizer(default_tokenizer):
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +331,8 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     assert validated.exit_code == 0 and "2/4 layers shared" in validated.output, validated.output
     searched = runner.invoke(app, [str(a) for a in ["recommend-spans", "--model", folder, "--budget", 1, "--validate", "--n-seqs", 1, "--seq-len", 16, "--out", tmp_path / "rs"]])
     assert searched.exit_code == 0, searched.output
-    assert "measuring plans: sensitivity: layer 1 alone" in searched.output  # the search's progress, line by line
+    assert "measuring output damage: damage 1: layer 1 reads 0" in searched.output  # progress, line by line
+    assert "measuring plans: damage" in searched.output and "validating" in searched.output
 
     bad = runner.invoke(app, [str(a) for a in ["heal", "--model", folder, "--spans", "2-3", "--data", DATA / "heal_no_rows.jsonl", "--seq-len", 32, "--out", tmp_path / "bad"]])
     assert bad.exit_code == 1 and "no usable rows" in bad.output and "Traceback" not in bad.output

@@ -19,11 +19,13 @@ def check_mode(mode: str, where: str = "") -> str:
     return mode
 
 
-def plan_anchors(plan: Any, n_layers: int) -> dict[int, int]:
+def plan_anchors(plan: Any, n_layers: int, probe: bool = False) -> dict[int, int]:
     """{follower: anchor} from a SharePlan (its `anchor_of`) or a plain mapping, checked against SA semantics.
 
     Anchors must be non-shared layers before their followers, layer 0 is never shared, and each follower's anchor
     must be the last non-shared layer before it (the reference semantics; anything else is a different method).
+    `probe`: a measurement probe may name any earlier non-shared anchor (follower m reading anchor a while the layers
+    between keep their own attention: what m would cost in a span that starts after a; `validate.damage`).
     """
     plan_layers = getattr(plan, "n_layers", None)
     if plan_layers is not None and int(plan_layers) != n_layers:
@@ -42,7 +44,7 @@ def plan_anchors(plan: Any, n_layers: int) -> dict[int, int]:
         if anchor in followers:
             raise UserError(f"Follower {follower} has anchor {anchor}, which is itself shared; anchors must keep their own attention.")
         expected = max(layer for layer in range(follower) if layer not in followers)
-        if anchor != expected:
+        if anchor != expected and not probe:
             raise UserError(f"Follower {follower} has anchor {anchor}, but Shared Attention reuses the last non-shared layer before it ({expected}); fix the plan.")
     return anchor_of
 

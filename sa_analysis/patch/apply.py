@@ -72,7 +72,8 @@ class SharedAttentionHandle:
         return f"SharedAttentionHandle({state}, mode={self.mode}, anchor_of={self.anchor_of}{aligned})"
 
 
-def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: Mapping[Any, Any] | None = None) -> SharedAttentionHandle:
+def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: Mapping[Any, Any] | None = None,
+                    probe: bool = False) -> SharedAttentionHandle:
     """Apply Shared Attention for `plan` (a SharePlan or `{follower: anchor}`) to `model`; returns the handle.
 
     `head_map` ({follower: [anchor head for each query head]}, default: the SharePlan's own `head_map`) makes a
@@ -85,7 +86,7 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: M
     check_mode(mode)
     base = _check_model(model)
     modules = attention_modules(model)
-    anchor_of = plan_anchors(plan, len(modules))
+    anchor_of = plan_anchors(plan, len(modules), probe)
     maps = plan_head_maps(plan, anchor_of, int(model.config.get_text_config().num_attention_heads), head_map)
     blocks = decoder_layers(model)
     followers_of: dict[int, list[int]] = {}

@@ -6,7 +6,7 @@ import datetime as _dt
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ..artefact import provenance
 from ..capture import AttentionMaps, capture_attention, measure_block_influence
 from ..data import TokenBatch, token_batch
 from ..errors import UserError
-from ..io import ensure_writable_dir
+from ..io import default_out_dir, ensure_writable_dir
 from ..loading import LoadedModel
 from ..prechecks import check_before_loading, parse_rows
 from ..shapes import analysis_length
@@ -222,7 +222,14 @@ def _standard_errors(per_sequence: list[dict[str, np.ndarray]]) -> dict[str, np.
     return out
 
 
-def run_heatmap(
+def run_heatmap(model: str, **options) -> tuple[AttentionReport, list[Path]]:
+    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `options["out"]`; returns
+    (report, paths). The options are `measure_heatmap`'s."""
+    _loaded, report, paths = measure_heatmap(model, **options)
+    return report, paths
+
+
+def measure_heatmap(
     model: str,
     *,
     device: str | None = None,
@@ -240,8 +247,9 @@ def run_heatmap(
     progress: Callable | None = None,
     status: Callable | None = None,
     notice: Callable[[str], None] | None = None,
-) -> tuple[AttentionReport, list[Path]]:
-    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `out`.
+) -> tuple[LoadedModel, AttentionReport, list[Path]]:
+    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `out`; returns the loaded
+    model too (a plan measured on it next need not load it again).
 
     `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
     `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner);
@@ -265,7 +273,21 @@ def run_heatmap(
                          notice=notice)
     if length_note:
         report.meta["settings"]["length_note"] = length_note
-    return report, write_outputs(report, out, formats)
+    return loaded, report, write_outputs(report, out, formats)
+
+
+def report_or_measure(report: str | Path | None, model: str | None, out: Path | None, **capture: Any
+                    ) -> tuple[AttentionReport, Path, str, LoadedModel | None]:
+    """(report, output folder, model spec, loaded model or None): load `report` (checking `model` against it) or
+    measure `model` now (what the jobs that start from a report do: plan, heads)."""
+    if report is not None:
+        att = AttentionReport.load(report)
+        check_report_model(att, model)
+        spec = model or att.meta.get("model", {}).get("spec") or att.model_name
+        return att, ensure_writable_dir(default_out_dir(out, att.model_name)), spec, None
+    out_dir = ensure_writable_dir(default_out_dir(out, model))
+    loaded, att, _paths = measure_heatmap(model, out=out_dir, **capture)
+    return att, out_dir, model, loaded
 
 
 def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",),

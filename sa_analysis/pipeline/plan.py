@@ -1,16 +1,27 @@
-"""The plan job: a report (saved, or measured now) -> the optimal SharePlan, its baselines, plan.json and plan.png."""
+"""The plan job: a report (saved, or measured now) -> the optimal SharePlan, its baselines, plan.json and plan.png.
+
+With a model at hand (the default when the report is measured now) the plan is chosen by measured output damage
+(`validate.damage`: each follower's next-token KL on calibration tokens, interactions checked on whole plans);
+from a saved report alone it is chosen by attention similarity, the weaker predictor, and says so."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .. import defaults
 from ..errors import UserError
-from ..io import default_out_dir, ensure_writable_dir
-from ..planner import COSTS, PlanConstraints, SharePlan, compare_plans, parse_budget, plan_spans
-from ..report import AttentionReport, check_report_model
-from .heatmap import run_heatmap
+from ..loading import LoadedModel
+from ..planner import COSTS, PlanConstraints, SharePlan, compare_plans, evaluate_plan, parse_budget, plan_spans
+from ..report import AttentionReport
+from .heatmap import report_or_measure
+from .inputs import ModelSpec
+
+PREDICTORS = ("auto", "output", "similarity")
+SIMILARITY_NOTE = ("chosen by attention similarity alone (summed head-mean KL), which ranks the measured perplexity of "
+                   "spans poorly (Spearman about 0.6 on the default model, BENCHMARKS.md); with the model at hand, "
+                   "--predict output measures each follower's damage to the model's output instead")
 
 
 @dataclass
@@ -23,10 +34,15 @@ class PlanResult:
     out: Path
     files: list[Path]
     model_spec: str  # the model to measure the plan on (the report's own, unless --model was given)
+    loaded: LoadedModel | None = None  # the model, when the plan was measured on it (a search reuses it)
+    damage: Any = None  # validate.damage.DamageSearch when the plan was chosen by measured damage
 
 
-def check_plan_options(budget: str | None, max_cost: float | None, cost: str) -> int | float | None:
+def check_plan_options(budget: str | None, max_cost: float | None, cost: str, predict: str = "auto"
+                       ) -> int | float | None:
     """The parsed budget, after the checks that need no model (a typo is answered before anything loads)."""
+    if predict not in PREDICTORS:
+        raise UserError(f"Unknown --predict {predict!r}; choose auto, output or similarity.")
     parsed = parse_budget(budget) if budget is not None else None
     if parsed is not None and max_cost is not None:
         raise UserError("Give either --budget or --max-cost, not both; the max cost already decides how many layers to share.")
@@ -35,34 +51,58 @@ def check_plan_options(budget: str | None, max_cost: float | None, cost: str) ->
     return parsed
 
 
-def report_for_plan(report: str | Path | None, model: str | None, out: Path | None, **capture: Any
-                    ) -> tuple[AttentionReport, Path, str]:
-    """(report, output folder, model spec): load `report` (checking `model` against it) or measure `model` now."""
-    if report is not None:
-        att = AttentionReport.load(report)
-        check_report_model(att, model)
-        spec = model or att.meta.get("model", {}).get("spec") or att.model_name
-        return att, ensure_writable_dir(default_out_dir(out, att.model_name)), spec
-    out_dir = ensure_writable_dir(default_out_dir(out, model))
-    att, _paths = run_heatmap(model, out=out_dir, **capture)
-    return att, out_dir, model
-
-
 def run_plan(report: str | Path | None, model: str | None, *, budget: str | None = None,
              max_cost: float | None = None, cost: str = "kl", constraints: PlanConstraints = PlanConstraints(),
-             context_len: int | None = None, out: Path | None = None, **capture: Any) -> PlanResult:
+             context_len: int | None = None, out: Path | None = None, predict: str = "auto",
+             damage_progress: Callable[[str], None] | None = None, **capture: Any) -> PlanResult:
     """Plan from a saved report or a fresh capture: the least-cost plan under the budget (or cost cap), the baselines
-    with the same number of shared layers, and plan.json + plan.png under the output folder."""
+    with the same number of shared layers, and plan.json + plan.png under the output folder.
+
+    `predict`: "output" chooses by measured output damage (loading the model when only a report was given),
+    "similarity" by the report's attention cost alone, "auto" by output damage whenever the model is loaded anyway
+    (no `report`). `damage_progress(message)` hears of each damage measurement."""
     from ..planner import DEFAULT_CONTEXT_LEN
     from ..plots import heatmap_metric_for, plot_plan_over_heatmap
 
-    parsed_budget = check_plan_options(budget, max_cost, cost)
-    att, out_dir, spec = report_for_plan(report, model, out, **capture)
-    plan = plan_spans(att, budget=parsed_budget, max_cost=max_cost, cost=cost, **constraints.as_kwargs())
+    parsed_budget = check_plan_options(budget, max_cost, cost, predict)
+    att, out_dir, spec, loaded = report_or_measure(report, model, out, **capture)
+    damage = None
+    if predict == "output" or (predict == "auto" and loaded is not None):
+        loaded = loaded or ModelSpec(spec, capture.get("device"), capture.get("dtype"), bool(capture.get("random_init")),
+                                     capture.get("device_map")).load(capture.get("status"))
+        damage = measure_damage_plan(loaded, att, parsed_budget, max_cost, constraints, capture.get("text"),
+                                     damage_progress)
+        plan = damage.plan
+    else:
+        plan = plan_spans(att, budget=parsed_budget, max_cost=max_cost, cost=cost, **constraints.as_kwargs())
+        plan.notes.append(SIMILARITY_NOTE)
     plan.context_len = context_len or DEFAULT_CONTEXT_LEN
-    alternatives = compare_plans(att, plan, cost=cost, first_shareable=constraints.first_shareable,
+    priced = evaluate_plan(plan, att, cost) if damage is not None else plan  # the baselines' units: attention cost
+    alternatives = compare_plans(att, priced, cost=cost, first_shareable=constraints.first_shareable,
                                  keep=list(constraints.keep), max_span=plan.constraints.get("max_span"))
     figure = out_dir / "plan.png"
     files = [plan.save(out_dir / "plan.json")]
     plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure)
-    return PlanResult(att, plan, alternatives, out_dir, files + [figure], spec)
+    return PlanResult(att, plan, alternatives, out_dir, files + [figure], spec, loaded, damage)
+
+
+def damage_batch(loaded: LoadedModel, text: Any, seq_len: int):
+    """The calibration tokens damage is measured on: whole sequences of the analysis length, `defaults.DAMAGE_TOKENS`
+    in all and at least two (their spread gives the intervals)."""
+    from ..data import token_batch
+
+    n_seqs = max(2, -(-defaults.DAMAGE_TOKENS // seq_len))
+    return token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
+                       max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
+
+
+def measure_damage_plan(loaded: LoadedModel, report: AttentionReport, budget: Any, max_cost: float | None,
+                        constraints: PlanConstraints, text: Any = None, progress: Callable[[str], None] | None = None):
+    """The plan of least measured output damage (`validate.damage.plan_from_damage`) on calibration tokens of the
+    report's length."""
+    from ..validate.damage import plan_from_damage
+
+    seq_len = int((report.meta.get("data") or {}).get("seq_len") or defaults.SEQ_LEN)
+    batch = damage_batch(loaded, text, seq_len)
+    return plan_from_damage(loaded, report, batch, budget=budget, max_cost=max_cost, constraints=constraints,
+                            progress=progress)

@@ -72,7 +72,8 @@ def run_validate(source: ModelSpec, text: TextSpec, *, plan_file: str | Path | N
 def run_search(report: Any, source: ModelSpec, text: TextSpec, *, out: Path, max_budget: int,
                tolerance: float = defaults.TOLERANCE, mode: str = "fast", cost: str = "kl",
                constraints: PlanConstraints = PlanConstraints(), status: Status | None = None,
-               progress: Callable[[str], None] | None = None) -> tuple[PlanSearch, list[Path]]:
+               progress: Callable[[str], None] | None = None, loaded: LoadedModel | None = None,
+               damage: Any = None) -> tuple[PlanSearch, list[Path]]:
     """Plan -> measure -> re-plan on the calibration text, then the best plan checked on held-out text.
 
     Tries budgets 1..`max_budget` (stopping at the first with nothing within `tolerance`); writes search.json,
@@ -83,10 +84,13 @@ def run_search(report: Any, source: ModelSpec, text: TextSpec, *, out: Path, max
 
     if max_budget < 1:
         raise UserError("--validate needs a plan that shares at least one layer; raise --budget or --max-cost.")
-    loaded = source.load(status)
-    batches = {split: text.batch(loaded, split) for split in ("calibration", "heldout")}
-    search = search_plans(loaded, report, batches["calibration"], batches["heldout"], budgets=range(1, max_budget + 1),
-                          tolerance=tolerance, mode=mode, cost=cost, constraints=constraints, progress=progress)
+    from .plan import damage_batch
+
+    loaded = loaded or source.load(status)
+    calibration = damage_batch(loaded, text.text, text.seq_len)
+    search = search_plans(loaded, report, calibration, text.batch(loaded, "heldout"), budgets=range(1, max_budget + 1),
+                          tolerance=tolerance, mode=mode, cost=cost, constraints=constraints, progress=progress,
+                          table=None if damage is None else damage.table)
     paths = [search.save(out / "search.json"), plot_search(search, out / "search.png")]
     if search.best_plan is not None:
         paths.append(search.best_plan.save(out / "plan_validated.json"))

@@ -39,7 +39,10 @@ class SharePlan(JsonArtefact):
     follower, when its anchor's attention mask differs from its own (sliding window vs global) and what sharing does
     to it; `notes` what the planner did that the user should know (pairs it forbade, and why). `stability`: the
     planner rerun on bootstrap resamples of the analysed sequences, `{"resamples": N, "same_plan": share of reruns
-    giving exactly this plan, "followers": {m: share of reruns choosing m}}` (None: not measured).
+    giving exactly this plan, "followers": {m: share of reruns choosing m}}` (None: not measured). `damage`: the
+    predicted change of the model's output, measured on calibration tokens (`validate.damage`): per follower alone
+    and their sum (next-token KL and NLL change, nats, with 95 % intervals over sequences), and the whole plan as
+    measured there (`"plan"`), which includes how followers interact; None for a plan made from similarity alone.
     """
 
     FORMAT: ClassVar[str] = PLAN_FORMAT
@@ -61,6 +64,7 @@ class SharePlan(JsonArtefact):
     mask_notes: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     stability: dict[str, Any] | None = None
+    damage: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.n_layers = int(self.n_layers)
@@ -83,6 +87,8 @@ class SharePlan(JsonArtefact):
         self.index_costs = {int(m): float(c) for m, c in (self.index_costs or {}).items() if int(m) in self.head_map}
         self.mask_notes = {int(m): str(n) for m, n in (self.mask_notes or {}).items() if int(m) in set(followers)}
         self.notes = [str(n) for n in self.notes or []]
+        if self.damage is not None:
+            self.damage = _read_damage(self.damage, followers)
         if self.stability is not None:
             chosen = {int(m): float(v) for m, v in dict(self.stability.get("followers") or {}).items()}
             self.stability = {"resamples": int(self.stability.get("resamples", 0)), "same_plan": float(self.stability.get("same_plan", 0.0)),
@@ -215,6 +221,7 @@ class SharePlan(JsonArtefact):
             "notes": self.notes,
             "stability": None if self.stability is None else {
                 **self.stability, "followers": {str(m): v for m, v in self.stability["followers"].items()}},
+            "damage": self.damage,
             "constraints": self.constraints,
             "context_len": self.context_len,
             "savings": self.savings(),
@@ -243,6 +250,7 @@ class SharePlan(JsonArtefact):
             mask_notes={int(m): str(n) for m, n in (data.get("mask_notes") or {}).items()},
             notes=list(data.get("notes") or []),
             stability=data.get("stability"),
+            damage=data.get("damage"),
         )
         if "anchor_of" in data and {int(k): int(v) for k, v in data["anchor_of"].items()} != plan.anchor_of:
             raise UserError(f"{source} lists anchors that contradict its followers (a follower reuses the last non-shared layer); re-create the plan.")
@@ -307,6 +315,17 @@ def check_head_map(raw: Mapping[Any, Any] | None, followers: Iterable[int], n_he
         if bad:
             raise UserError(f"Follower {m}'s head map names anchor head {bad[0]}, outside 0..{expected - 1}.")
     return dict(sorted(maps.items()))
+
+
+def _read_damage(raw: Mapping[str, Any], followers: list[int]) -> dict[str, Any]:
+    """The plan's predicted output damage with integer follower keys (JSON writes them as strings), checked against
+    the followers."""
+    damage = dict(raw)
+    per = {int(m): dict(v) for m, v in dict(damage.get("followers") or {}).items()}
+    if per and set(per) != set(followers):
+        raise UserError("The plan's predicted damage names other layers than its followers; re-create the plan with `sa-analyze recommend-spans`.")
+    damage["followers"] = per
+    return damage
 
 
 def _whole(value: Any) -> int:

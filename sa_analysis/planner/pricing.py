@@ -31,6 +31,7 @@ class PairPrices:
     mask_forbidden: np.ndarray  # [L, L] bool: masks differ and such pairs are not allowed
     align_heads: str = "auto"
     notes: list[str] = field(default_factory=list)
+    estimated: np.ndarray | None = None  # [L, L] bool: a measured-damage price estimated, not yet measured
 
     def head_map_for(self, follower: int, anchor: int) -> list[int] | None:
         if not self.use_map[follower, anchor]:

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import UserError
 from ..report import AttentionReport
 from .costs import Budget, Sensitivity, apply_sensitivity
+from .damage import OUTPUT_COST, DamageTable, damage_prices
 from .heads import mapped_cost
 from .layers import DEFAULT_BUDGET_FRACTION, as_layers, check_max_span, resolve_budget, shareable_mask
 from .optimal import budget_target, optimal_followers
@@ -70,6 +71,7 @@ def plan_spans(
     aligned_layers: Iterable[int] | None = None,
     mask_change: bool = False,
     stability_resamples: int = DEFAULT_RESAMPLES,
+    damage: DamageTable | None = None,
 ) -> SharePlan:
     """The optimal plan: least total predicted cost for the budget, or most layers within `max_cost`.
 
@@ -80,12 +82,18 @@ def plan_spans(
     align_heads / aligned_layers / mask_change: how pairs are priced (`price_pairs`): each follower takes its best
     head map where that predicts less than sharing by index; pairs whose masks differ are forbidden unless allowed.
     stability_resamples: bootstrap reruns of the planner for `plan.stability` (0: none).
+    damage: measured output damage (`validate.damage`); the plan then minimises the predicted next-token KL in the
+    model's output (cost "output-kl", `planner.damage`), `max_cost` is in those units, and no bootstrap is run
+    (the report's resamples say nothing about measured damage).
     """
     if cost == "js":
         if max_span is not None and max_span != 1:
             raise UserError("The js cost is only measured between adjacent layers, so it needs max_span=1; use --cost kl or cosine for longer spans.")
         max_span = 1
     prices = price_pairs(report, cost, align_heads, aligned_layers, mask_change)
+    if damage is not None:
+        prices = damage_prices(damage, prices, align_heads)
+        cost, stability_resamples = OUTPUT_COST, 0
     sensitive = lambda raw: apply_sensitivity(raw, sensitivity, sensitivity_weight, sensitivity_mode)  # noqa: E731
     solve = lambda raw: optimal_followers(sensitive(raw), budget, max_cost, first_shareable, keep, max_span)  # noqa: E731
     costs = sensitive(prices.costs)
@@ -97,6 +105,8 @@ def plan_spans(
         constraints.update(sensitivity_weight=sensitivity_weight, sensitivity_mode=sensitivity_mode)
     if aligned_layers is not None:
         constraints["aligned_layers"] = as_layers(aligned_layers)
+    if damage is not None:
+        constraints["damage"] = "measured"
     plan = make_plan(report, followers, "optimal", cost, costs, constraints, prices)
     note = sampling_note(report, cost, plan)
     if note:

@@ -138,9 +138,7 @@ def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
 
 SEARCH_STYLES = {  # method of a plan the search tried -> marker style
     "single layer": dict(color="0.6", marker=".", s=30), "single layer, aligned": dict(color="0.35", marker="x", s=22),
-    "similarity": dict(color=PALETTE[0], marker="o", s=40),
-    "similarity+sensitivity": dict(color=PALETTE[2], marker="s", s=40), "sensitivity": dict(color=PALETTE[1], marker="^", s=40),
-    "perplexity": dict(color=PALETTE[4], marker="v", s=40)}
+    "similarity": dict(color=PALETTE[0], marker="o", s=40), "measured damage": dict(color=PALETTE[2], marker="s", s=40)}
 
 
 def _best_curves(ax, rows) -> None:
@@ -157,12 +155,15 @@ def _best_curves(ax, rows) -> None:
 
 
 def plot_search(search: "PlanSearch", path: str | Path) -> Path:
-    """Quality change (% perplexity, calibration text) vs layers shared for every plan tried, with the tolerance."""
+    """Left: quality change (% perplexity, calibration text) vs layers shared for every plan tried, with the
+    tolerance. Right: each plan's predicted damage (its followers' next-token KL alone, summed) against the same plan
+    measured whole, which shows how far followers interact."""
     from matplotlib.ticker import MaxNLocator
 
     with paper_style():
-        fig = new_figure(9.5, 4.5)
-        ax = fig.subplots()
+        fig = new_figure(13.5, 4.5)
+        ax, calibration = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+        _predicted_vs_measured(calibration, search.rows)
         for method, style in SEARCH_STYLES.items():
             rows = [r for r in search.rows if r["method"] == method]
             for aligned in (False, True):
@@ -193,5 +194,29 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
         ax.set_ylabel("perplexity change (%, log scale above 10)")
         ax.set_title("Shared Attention plans tried (calibration text)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.legend(fontsize=7, loc="lower right", frameon=False)
         return save_figure(fig, path, ("png",))[0]
+
+
+def _predicted_vs_measured(ax, rows) -> None:
+    """Predicted (sum of followers alone) vs measured whole next-token KL, per layer count, with y = x."""
+    pairs = [(r["predicted_kl"], r["kl_mean"], r["n_shared"]) for r in rows
+             if r.get("predicted_kl") is not None and r["n_shared"] > 1]
+    ax.set_title("Predicted vs measured damage (calibration)")
+    ax.set_xlabel("predicted: followers' next-token KL alone, summed (nats)")
+    ax.set_ylabel("measured: the plan whole (nats)")
+    if not pairs:
+        ax.text(0.5, 0.5, "no plan of two or more layers\nwith a prediction", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+        return
+    counts = sorted({n for _, _, n in pairs})
+    for i, n in enumerate(counts):
+        group = [(x, y) for x, y, k in pairs if k == n]
+        ax.scatter(*zip(*group), s=28, color=PALETTE[i % len(PALETTE)], label=f"{n} layers shared")
+    values = [v for x, y, _ in pairs for v in (x, y)]
+    low, high = min(values) * 0.9, max(values) * 1.1
+    ax.plot([low, high], [low, high], color="0.5", linestyle=":", linewidth=1, label="measured = predicted")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)

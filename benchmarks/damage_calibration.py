@@ -1,0 +1,201 @@
+"""Calibration of the damage predictor: predicted vs measured held-out perplexity, and the plans it recommends.
+
+For one model:
+1. A report on 8 x 256 calibration tokens (the attention similarity the old planner priced), and measured damage on
+   the calibration tokens `recommend-spans` uses (`validate.damage`: each follower alone with each anchor it needs).
+2. Every contiguous 3-layer span, by head index and head-aligned, and a sample of non-contiguous 3-layer plans (each
+   follower the better of its two ways, as `--align-heads auto` measures it): the predicted damage (the sum of the
+   followers' measured next-token KL alone), the summed attention KL, the whole plan's damage on calibration tokens,
+   and the measured perplexity on held-out text (`measure_quality`, 8 x 256 tokens). Spearman rank correlations.
+3. The plan `recommend-spans --budget 3` recommends with its defaults, and the one `--validate --tolerance 1.0`
+   chooses, each on held-out text next to the best contiguous head-aligned 3-span, with the time each took.
+4. A figure of predicted vs measured (`--figure`).
+
+    PYTHONPATH=. python benchmarks/damage_calibration.py --out benchmarks/results/damage.json --figure figures/damage_calibration.png
+    PYTHONPATH=. python benchmarks/damage_calibration.py --model qwen.gguf --device cuda --out qwen.json
+
+CPU (2 cores), default model: about 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from sa_analysis import defaults
+from sa_analysis.data import token_batch
+from sa_analysis.loading import load_model
+from sa_analysis.pipeline import analyse
+from sa_analysis.pipeline.plan import damage_batch
+from sa_analysis.planner import anchors_for, price_pairs
+from sa_analysis.planner.damage import DamageTable
+from sa_analysis.validate import PrefixRun, baseline, measure_quality, plan_from_damage, search_plans
+from sa_analysis.validate.damage import Meter, measure_pairs
+
+
+def span_plans(n_layers: int, length: int = 3) -> list[list[int]]:
+    return [list(range(f, f + length)) for f in range(1, n_layers - length + 1)]
+
+
+def sample_plans(n_layers: int, count: int, seed: int = 0) -> list[list[int]]:
+    """`count` distinct non-contiguous 3-follower plans, uniformly among all of them."""
+    rng = random.Random(seed)
+    plans: set[tuple[int, ...]] = set()
+    while len(plans) < count:
+        followers = tuple(sorted(rng.sample(range(1, n_layers), 3)))
+        if followers[2] - followers[0] > 2:  # not one contiguous span
+            plans.add(followers)
+    return [list(p) for p in sorted(plans)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=defaults.MODEL)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--samples", type=int, default=30, help="non-contiguous plans measured")
+    parser.add_argument("--heldout-seqs", type=int, default=8, help="held-out sequences of 256 tokens")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--figure", type=Path)
+    parser.add_argument("--redraw", action="store_true", help="only redraw --figure (and the tables) from --out")
+    args = parser.parse_args()
+    if args.redraw:
+        result = json.loads(args.out.read_text())
+        print_tables(result)
+        draw(result, args.figure)
+        return
+    started = time.time()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, n_layers = loaded.model, loaded.info.n_layers
+    report = analyse(loaded, token_batch(loaded.tokenizer, split="calibration", n_seqs=8, seq_len=256,
+                                          max_positions=loaded.info.max_positions))
+    heldout = baseline(model, heldout_batch(loaded, args.heldout_seqs))
+    calibration = damage_batch(loaded, None, 256)
+
+    timing = {}
+    clock = time.time()
+    recommended = plan_from_damage(loaded, report, calibration, budget=3).plan
+    timing["recommend_damage_s"] = time.time() - clock
+    run = PrefixRun.record(model, calibration)
+    table = DamageTable(n_layers, run.n_seqs, run.n_tokens, run.baseline_nll)
+    similarity = price_pairs(report, "kl", "on")
+    maps = {(m, a): [int(g) for g in similarity.alignment.maps[m, a]] for m in range(1, n_layers) for a in range(m)}
+    spans, samples = span_plans(n_layers), sample_plans(n_layers, args.samples)
+    needed = sorted({(m, a) for followers in spans + samples for m, a in anchors_for(followers, n_layers).items()})
+    measure_pairs(run, table, needed, maps, Meter(lambda m: print(m, flush=True)), "on")
+
+    rows = []
+    for kind, plans in (("contiguous", spans), ("sample", samples)):
+        for followers in plans:
+            anchor_of = anchors_for(followers, n_layers)
+            ways = ("index", "aligned") if kind == "contiguous" else ("auto",)
+            for way in ways:
+                chosen = {m: (way if way != "auto" else table.way_for(m, a, "auto")) for m, a in anchor_of.items()}
+                heads = {m: maps[(m, a)] for m, a in anchor_of.items() if chosen[m] == "aligned"}
+                predicted = sum(table.value(m, a, chosen[m]) for m, a in anchor_of.items())
+                attention = sum(float((similarity.alignment.aligned if chosen[m] == "aligned" else similarity.by_index)[m, a])
+                                for m, a in anchor_of.items())
+                whole = run.damage(anchor_of, heads)
+                held = measure_quality(model, anchor_of, heldout, head_map=heads)
+                rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted,
+                             "attention_kl": attention, "whole_kl": whole.kl_mean, "heldout_ppl": held["ppl_patched"],
+                             "heldout_kl": held["kl_mean"]})
+                print(f"{kind} {way} {followers}: predicted {predicted:.4f}, held-out ppl {held['ppl_patched']:.3f}", flush=True)
+
+    def rank(group: list[dict], key: str) -> float:
+        return float(spearmanr([r[key] for r in group], [r["heldout_ppl"] for r in group]).statistic)
+
+    correlations = {}
+    for name, group in (("contiguous, index", [r for r in rows if r["kind"] == "contiguous" and r["way"] == "index"]),
+                        ("contiguous, aligned", [r for r in rows if r["kind"] == "contiguous" and r["way"] == "aligned"]),
+                        ("non-contiguous sample", [r for r in rows if r["kind"] == "sample"])):
+        correlations[name] = {key: rank(group, key) for key in ("predicted_kl", "whole_kl", "attention_kl")}
+
+    def heldout_ppl(plan) -> float:
+        return measure_quality(model, plan.anchor_of, heldout, head_map=plan.head_map)["ppl_patched"]
+
+    clock = time.time()
+    search = search_plans(loaded, report, calibration, heldout_batch(loaded, args.heldout_seqs), budgets=[1, 2, 3],
+                          tolerance=1.0)
+    timing["validate_search_s"] = time.time() - clock
+    best_span = min((r for r in rows if r["kind"] == "contiguous" and r["way"] == "aligned"), key=lambda r: r["heldout_ppl"])
+    plans = {"recommended (defaults)": (recommended.followers, recommended.aligned_followers, heldout_ppl(recommended)),
+             "validated (--tolerance 1.0)": (search.best_plan.followers, search.best_plan.aligned_followers,
+                                             heldout_ppl(search.best_plan)),
+             "best contiguous span, head-aligned": (best_span["followers"], best_span["followers"], best_span["heldout_ppl"])}
+    result = {"model": loaded.info.name, "device": args.device, "dtype": args.dtype, "heldout_tokens": heldout.input_ids.numel(),
+              "baseline_ppl": math.exp(
+        measure_quality(model, {}, heldout)["nll_baseline"]), "calibration_tokens": run.n_tokens,
+        "correlations": correlations, "plans": {k: {"followers": f, "aligned": a, "heldout_ppl": p} for k, (f, a, p) in plans.items()},
+        "timing": timing, "rows": rows, "seconds": time.time() - started}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_tables(result)
+    if args.figure:
+        draw(result, args.figure)
+
+
+def heldout_batch(loaded, n_seqs: int):
+    return token_batch(loaded.tokenizer, split="heldout", n_seqs=n_seqs, seq_len=256, max_positions=loaded.info.max_positions)
+
+
+def print_tables(result: dict) -> None:
+    print(f"\n{result['model']}: baseline held-out perplexity {result['baseline_ppl']:.3f}")
+    print("| plans | predicted damage (sum of followers alone) | whole plan on calibration | summed attention KL |")
+    print("|---|---|---|---|")
+    for name, values in result["correlations"].items():
+        print(f"| {name} | {values['predicted_kl']:.3f} | {values['whole_kl']:.3f} | {values['attention_kl']:.3f} |")
+    best = result["plans"]["best contiguous span, head-aligned"]["heldout_ppl"]
+    print("\n| plan | followers | head-aligned | held-out perplexity | vs best contiguous aligned span |")
+    print("|---|---|---|---|---|")
+    for name, plan in result["plans"].items():
+        print(f"| {name} | {plan['followers']} | {plan['aligned']} | {plan['heldout_ppl']:.3f} | "
+              f"{100 * (plan['heldout_ppl'] / best - 1):+.1f}% |")
+    print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in result["timing"].items()))
+
+
+def draw(result: dict, path: Path) -> None:
+    """Predicted damage vs measured held-out perplexity: contiguous spans (index and aligned) and the sample."""
+    from matplotlib.ticker import FuncFormatter
+
+    from sa_analysis.plots.style import PALETTE, new_figure, paper_style, save_figure
+
+    with paper_style():
+        fig = new_figure(10.5, 4.2)
+        axes = fig.subplots(1, 2)
+        for ax, key, label in ((axes[0], "predicted_kl", "predicted: sum of followers' measured next-token KL (nats)"),
+                               (axes[1], "attention_kl", "old prior: summed head-mean attention KL (nats)")):
+            for (kind, way), style in {("contiguous", "index"): dict(color=PALETTE[0], marker="o"),
+                                       ("contiguous", "aligned"): dict(color=PALETTE[1], marker="s"),
+                                       ("sample", "auto"): dict(color=PALETTE[2], marker="^")}.items():
+                group = [r for r in result["rows"] if r["kind"] == kind and r["way"] == way]
+                rho = spearmanr([r[key] for r in group], [r["heldout_ppl"] for r in group]).statistic
+                ax.scatter([r[key] for r in group], [r["heldout_ppl"] for r in group], s=22, alpha=0.8,
+                           label=f"{'3-spans' if kind == 'contiguous' else 'other 3-layer plans'}, "
+                                 f"{'by index' if way == 'index' else 'head-aligned' if way == 'aligned' else 'best way'} "
+                                 f"(Spearman {rho:.2f})", **style)
+            ax.axhline(result["baseline_ppl"], color="0.5", linestyle=":", linewidth=1, label="unshared model")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+            ax.set_xlabel(label)
+            ax.set_ylabel("held-out perplexity (measured)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper left", frameon=False)
+        axes[0].set_title("Measured output damage ranks plans")
+        axes[1].set_title("Attention similarity ranks them poorly")
+        fig.suptitle(f"{result['model']}: 3 shared layers, predicted on {result['calibration_tokens']} calibration tokens, "
+                     f"measured on {result.get('heldout_tokens', 2048)} held-out tokens", fontsize=10)
+        save_figure(fig, path, ("png",))
+
+
+if __name__ == "__main__":
+    main()
