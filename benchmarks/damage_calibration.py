@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--figure", type=Path)
     parser.add_argument("--redraw", action="store_true", help="only redraw --figure (and the tables) from --out")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="only the recommended plan against every contiguous head-aligned 3-span, on held-out text "
+                             "(no correlation, no search: for a model too slow for the whole run)")
     args = parser.parse_args()
     if args.redraw:
         result = json.loads(args.out.read_text())
@@ -80,8 +83,11 @@ def main() -> None:
 
     timing = {}
     clock = time.time()
-    recommended = plan_from_damage(loaded, report, calibration, budget=3).plan
+    recommended = plan_from_damage(loaded, report, calibration, budget=3, progress=print).plan
     timing["recommend_damage_s"] = time.time() - clock
+    if args.plans_only:
+        plans_only(args, loaded, report, heldout, recommended, timing, started)
+        return
     run = PrefixRun.record(model, calibration)
     table = DamageTable(n_layers, run.n_seqs, run.n_tokens, run.baseline_nll)
     similarity = price_pairs(report, "kl", "on")
@@ -139,6 +145,33 @@ def main() -> None:
     print_tables(result)
     if args.figure:
         draw(result, args.figure)
+
+
+def plans_only(args, loaded, report, heldout, recommended, timing: dict, started: float) -> None:
+    """The recommended plan and every contiguous head-aligned 3-span (Hungarian maps), measured on held-out text."""
+    model, n_layers = loaded.model, loaded.info.n_layers
+    maps = price_pairs(report, "kl", "on").alignment.maps
+    spans = []
+    for followers in span_plans(n_layers):
+        anchor_of = anchors_for(followers, n_layers)
+        heads = {m: [int(g) for g in maps[m, a]] for m, a in anchor_of.items()}
+        ppl = measure_quality(model, anchor_of, heldout, head_map=heads)["ppl_patched"]
+        spans.append({"followers": followers, "heldout_ppl": ppl})
+        print(f"span {followers} aligned: held-out ppl {ppl:.3f}", flush=True)
+    best = min(spans, key=lambda r: r["heldout_ppl"])
+    got = measure_quality(model, recommended.anchor_of, heldout, head_map=recommended.head_map)["ppl_patched"]
+    result = {"model": loaded.info.name, "device": args.device, "dtype": args.dtype, "plans_only": True,
+              "heldout_tokens": heldout.input_ids.numel(),
+              "baseline_ppl": math.exp(measure_quality(model, {}, heldout)["nll_baseline"]),
+              "calibration_tokens": recommended.damage["n_tokens"], "recommended_damage": recommended.damage,
+              "plans": {"recommended (defaults)": {"followers": recommended.followers, "aligned": recommended.aligned_followers,
+                                                   "heldout_ppl": got},
+                        "best contiguous span, head-aligned": {"followers": best["followers"], "aligned": best["followers"],
+                                                               "heldout_ppl": best["heldout_ppl"]}},
+              "spans": spans, "correlations": {}, "timing": timing, "seconds": time.time() - started}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print_tables(result)
 
 
 def heldout_batch(loaded, n_seqs: int):

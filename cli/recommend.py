@@ -24,8 +24,8 @@ def recommend_spans(
     report: Annotated[Optional[Path], typer.Option("--report", "-r", help="A report.json written by `sa-analyze heatmap` (no model needed).")] = None,
     model: OptionalModelOpt = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Layers to share: a count (8) or a fraction of all layers (0.25). Default: 25%.")] = None,
-    max_cost: Annotated[Optional[float], typer.Option("--max-cost", help="Instead of a budget: share as many layers as possible with total predicted cost <= this.")] = None,
-    cost: Annotated[str, typer.Option("--cost", help="kl (KL(follower||anchor)), cosine, cosine_row (1 - cosine), or js (adjacent layers only).")] = "kl",
+    max_cost: Annotated[Optional[float], typer.Option("--max-cost", help="Instead of a budget: share as many layers as possible with total predicted cost <= this (nats of next-token KL when priced by measured damage, the --cost's units by similarity).")] = None,
+    cost: Annotated[str, typer.Option("--cost", help="The attention cost of similarity pricing (and of the baselines' table): kl (KL(follower||anchor)), cosine, cosine_row (1 - cosine), or js (adjacent layers only).")] = "kl",
     first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")] = 1,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
     max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
@@ -49,7 +49,7 @@ def recommend_spans(
     """Recommend Shared Attention spans: the cheapest layers to share for a budget, from a saved report or a fresh capture."""
     from sa_analysis.prechecks import check_before_loading, parse_rows
 
-    from sa_analysis.pipeline.plan import check_plan_options
+    from sa_analysis.prechecks import check_plan_options
 
     check_plan_options(budget, max_cost, cost, predict)
     if report is None:  # mistakes that need no model are answered before torch is imported

@@ -14,7 +14,7 @@ from . import defaults
 from .data import load_documents
 from .errors import UserError
 from .io import ensure_writable_dir
-from .planner import SharePlan
+from .planner import COSTS, SharePlan, parse_budget
 from .planner.plan import check_head_map
 from .shapes import peek_shape
 
@@ -64,3 +64,19 @@ def parse_rows(rows: str | int | None, seq_len: int | None = None, path: str = "
     if path == "maps":
         raise UserError("--rows N samples query rows, which only the streaming path does; drop --path maps.")
     return count
+
+
+PREDICTORS = ("auto", "output", "similarity")  # how recommend-spans prices plans
+
+
+def check_plan_options(budget: str | None, max_cost: float | None, cost: str, predict: str = "auto"
+                       ) -> int | float | None:
+    """The parsed budget, after the checks that need no model (a typo is answered before anything loads)."""
+    if predict not in PREDICTORS:
+        raise UserError(f"Unknown --predict {predict!r}; choose auto, output or similarity.")
+    parsed = parse_budget(budget) if budget is not None else None
+    if parsed is not None and max_cost is not None:
+        raise UserError("Give either --budget or --max-cost, not both; the max cost already decides how many layers to share.")
+    if cost not in COSTS:
+        raise UserError(f"Unknown --cost {cost!r}; choose one of {', '.join(COSTS)}.")
+    return parsed

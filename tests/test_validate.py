@@ -125,10 +125,10 @@ def test_search_refuses_a_report_of_another_model():
 
 
 # ----- lm-evaluation-harness ------------------------------------------------------------------------------------------------
-def test_tasks_without_lm_eval_say_how_to_install(monkeypatch):
+def test_tasks_without_lm_eval_say_how_to_install(monkeypatch, default_tokenizer):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(UserError, match="pip install lm-eval"):
-        run_tasks(tiny_model("llama"), None, ["sa_tiny_mc"])
+        run_tasks(tiny_model("llama"), default_tokenizer, ["sa_tiny_mc"])
 
 
 # ----- memory flat in the vocabulary ----------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_default_model_validate_run(default_model):
 
 
 @pytest.mark.slow
-def test_cli_validate(tmp_path):
+def test_cli_validate(tmp_path, default_model):
     from typer.testing import CliRunner
 
     from cli.main import app

@@ -13,12 +13,12 @@ from typing import Any, Callable
 from .. import defaults
 from ..errors import UserError
 from ..loading import LoadedModel
-from ..planner import COSTS, PlanConstraints, SharePlan, compare_plans, evaluate_plan, parse_budget, plan_spans
+from ..planner import PlanConstraints, SharePlan, compare_plans, evaluate_plan, plan_spans
+from ..prechecks import check_plan_options
 from ..report import AttentionReport
 from .heatmap import report_or_measure
 from .inputs import ModelSpec
 
-PREDICTORS = ("auto", "output", "similarity")
 SIMILARITY_NOTE = ("chosen by attention similarity alone (summed head-mean KL), which ranks the measured perplexity of "
                    "spans poorly (Spearman about 0.6 on the default model, BENCHMARKS.md); with the model at hand, "
                    "--predict output measures each follower's damage to the model's output instead")
@@ -36,19 +36,6 @@ class PlanResult:
     model_spec: str  # the model to measure the plan on (the report's own, unless --model was given)
     loaded: LoadedModel | None = None  # the model, when the plan was measured on it (a search reuses it)
     damage: Any = None  # validate.damage.DamageSearch when the plan was chosen by measured damage
-
-
-def check_plan_options(budget: str | None, max_cost: float | None, cost: str, predict: str = "auto"
-                       ) -> int | float | None:
-    """The parsed budget, after the checks that need no model (a typo is answered before anything loads)."""
-    if predict not in PREDICTORS:
-        raise UserError(f"Unknown --predict {predict!r}; choose auto, output or similarity.")
-    parsed = parse_budget(budget) if budget is not None else None
-    if parsed is not None and max_cost is not None:
-        raise UserError("Give either --budget or --max-cost, not both; the max cost already decides how many layers to share.")
-    if cost not in COSTS:
-        raise UserError(f"Unknown --cost {cost!r}; choose one of {', '.join(COSTS)}.")
-    return parsed
 
 
 def run_plan(report: str | Path | None, model: str | None, *, budget: str | None = None,

@@ -93,8 +93,13 @@ def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None
                 and p.aligned_followers == checked[best_index]["aligned"])
     best.damage = plan_damage(checked[best_index], run)
     best.method = "optimal (measured damage)"
+    plans = f"{len(checked)} whole plan{'s' if len(checked) != 1 else ''}"
     best.notes.append(f"chosen by measured output damage: {meter.count} measurements on {run.n_tokens} calibration tokens "
-                      f"({len(checked)} whole plans checked for interactions) in {time.perf_counter() - started:.0f} s")
+                      f"({plans} checked for interactions) in {time.perf_counter() - started:.0f} s")
+    whole = best.damage["plan"]["kl"]
+    if max_cost is not None and whole > max_cost:
+        best.notes.append(f"measured whole, the plan's next-token KL is {whole:.4g} nats, above --max-cost {max_cost:g}: "
+                          f"its followers make each other worse than their sum; lower --max-cost or use --budget")
     table.seconds += time.perf_counter() - started
     return DamageSearch(best, table, checked)
 
