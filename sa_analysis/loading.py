@@ -141,6 +141,9 @@ def _from_pretrained_kwargs(dtype: torch.dtype, device_map: str | None) -> dict[
     return kwargs
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
 def _load_folder(folder: Path, dtype, device, device_map, with_tokenizer: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,7 +151,9 @@ def _load_folder(folder: Path, dtype, device, device_map, with_tokenizer: bool =
         model = AutoModelForCausalLM.from_pretrained(folder, **_from_pretrained_kwargs(dtype, device_map))
     except (OSError, ValueError) as exc:
         raise UserError(f"The folder {folder} does not hold a loadable causal LM ({_first_line(exc)}); pass a folder with config.json and weights.") from None
-    tokenizer = _try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True)) if with_tokenizer else None
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)  # else transformers builds an empty one
+    tokenizer = (_try_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+                 if with_tokenizer and has_tokenizer else None)
     return model, tokenizer
 
 

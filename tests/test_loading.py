@@ -149,3 +149,13 @@ def test_a_near_miss_alias_gets_a_suggestion():
     with pytest.raises(UserError) as far:
         load_model("zzz")
     assert "did you mean" not in str(far.value)
+
+
+def test_a_folder_without_tokenizer_files_gets_no_empty_tokenizer(tmp_path):
+    """transformers builds a tokenizer with an empty vocabulary from config.json alone (seen for Gemma 3); a folder
+    without tokenizer files must come back without one, so the default text is tokenised by the default tokenizer."""
+    from conftest import tiny_model
+    from sa_analysis.loading import load_model
+
+    tiny_model("gemma3_text").save_pretrained(tmp_path / "m")
+    assert load_model(str(tmp_path / "m"), device="cpu").tokenizer is None

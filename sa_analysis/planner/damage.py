@@ -132,6 +132,8 @@ def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int,
 def interval(name: str, values: Sequence[float]) -> dict[str, float]:
     """{name: mean, name_low, name_high} over sequences (`LEVEL` Student-t interval)."""
     mean, low, high = mean_and_interval(list(map(float, values)), LEVEL)
+    if name == "kl":  # a divergence: the interval stops at 0 (few sequences make the t interval wide)
+        low = max(low, 0.0)
     return {name: mean, f"{name}_low": low, f"{name}_high": high}
 
 
