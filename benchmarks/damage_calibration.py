@@ -4,9 +4,13 @@ For one model:
 1. A report on 8 x 256 calibration tokens (the attention similarity the old planner priced), and measured damage on
    the calibration tokens `recommend-spans` uses (`validate.damage`: each follower alone with each anchor it needs).
 2. Every contiguous 3-layer span, by head index and head-aligned, and a sample of non-contiguous 3-layer plans (each
-   follower the better of its two ways, as `--align-heads auto` measures it): the predicted damage (the sum of the
-   followers' measured next-token KL alone), the summed attention KL, the whole plan's damage on calibration tokens,
-   and the measured perplexity on held-out text (`measure_quality`, 8 x 256 tokens). Spearman rank correlations.
+   follower the better of its two ways, as `--align-heads auto` measures it): the predicted damage of the span model
+   the planner optimises (`planner.damage.predict`: each span of two or more followers measured whole, single
+   followers alone, summed; for a contiguous 3-span that is its own measurement on calibration tokens), the sum of
+   the followers alone (the additive model), the summed attention KL, the whole plan's damage on calibration
+   tokens, and the measured perplexity and next-token KL on held-out text (`measure_quality`, 8 x 256 tokens, in two
+   halves: how well the halves rank the plans alike is the held-out side's own noise, the ceiling any predictor
+   can reach). Spearman rank correlations.
 3. The plan `recommend-spans --budget 3` recommends with its defaults, and the one `--validate --tolerance 1.0`
    chooses, each on held-out text next to the best contiguous head-aligned 3-span, with the time each took.
 4. A figure of predicted vs measured (`--figure`).
@@ -34,9 +38,10 @@ from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
 from sa_analysis.pipeline.plan import damage_batch
 from sa_analysis.planner import anchors_for, price_pairs
-from sa_analysis.planner.damage import DamageTable
+from sa_analysis.planner.damage import DamageTable, plan_spans_ways, predict
 from sa_analysis.validate import PrefixRun, baseline, measure_quality, plan_from_damage, search_plans
-from sa_analysis.validate.damage import Meter, measure_pairs
+from sa_analysis.validate.damage import Meter, measure_pairs, measure_spans
+from sa_analysis.validate.quality import token_ids
 
 
 def span_plans(n_layers: int, length: int = 3) -> list[list[int]]:
@@ -78,7 +83,10 @@ def main() -> None:
     model, n_layers = loaded.model, loaded.info.n_layers
     report = analyse(loaded, token_batch(loaded.tokenizer, split="calibration", n_seqs=8, seq_len=256,
                                           max_positions=loaded.info.max_positions))
-    heldout = baseline(model, heldout_batch(loaded, args.heldout_seqs))
+    heldout_ids = token_ids(heldout_batch(loaded, args.heldout_seqs))  # [S, T]
+    heldout = baseline(model, heldout_ids)
+    half = args.heldout_seqs // 2
+    halves = [baseline(model, heldout_ids[:half]), baseline(model, heldout_ids[half:])]
     calibration = damage_batch(loaded, None, 256)
 
     timing = {}
@@ -94,7 +102,8 @@ def main() -> None:
     maps = {(m, a): [int(g) for g in similarity.alignment.maps[m, a]] for m in range(1, n_layers) for a in range(m)}
     spans, samples = span_plans(n_layers), sample_plans(n_layers, args.samples)
     needed = sorted({(m, a) for followers in spans + samples for m, a in anchors_for(followers, n_layers).items()})
-    measure_pairs(run, table, needed, maps, Meter(lambda m: print(m, flush=True)), "on")
+    meter = Meter(lambda m: print(m, flush=True))
+    measure_pairs(run, table, needed, maps, meter, "on")
 
     rows = []
     for kind, plans in (("contiguous", spans), ("sample", samples)):
@@ -104,15 +113,21 @@ def main() -> None:
             for way in ways:
                 chosen = {m: (way if way != "auto" else table.way_for(m, a, "auto")) for m, a in anchor_of.items()}
                 heads = {m: maps[(m, a)] for m, a in anchor_of.items() if chosen[m] == "aligned"}
-                predicted = sum(table.value(m, a, chosen[m]) for m, a in anchor_of.items())
+                parts = plan_spans_ways(followers, heads, n_layers)
+                measure_spans(run, table, [(a, w) for a, w in parts if len(w) > 1 and (a, w) not in table.spans], meter)
+                predicted = predict(table, followers, heads)
                 attention = sum(float((similarity.alignment.aligned if chosen[m] == "aligned" else similarity.by_index)[m, a])
                                 for m, a in anchor_of.items())
-                whole = run.damage(anchor_of, heads)
-                held = measure_quality(model, anchor_of, heldout, head_map=heads)
-                rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted,
-                             "attention_kl": attention, "whole_kl": whole.kl_mean, "heldout_ppl": held["ppl_patched"],
-                             "heldout_kl": held["kl_mean"]})
-                print(f"{kind} {way} {followers}: predicted {predicted:.4f}, held-out ppl {held['ppl_patched']:.3f}", flush=True)
+                # one span: the span model's prediction is its whole measurement (the same forward), else measure whole
+                whole = predicted if len(parts) == 1 else run.damage(anchor_of, heads).summary()
+                held = [measure_quality(model, anchor_of, h, head_map=heads) for h in halves]
+                rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted["kl"],
+                             "sum_kl": float(sum(predicted["followers"][m]["kl"] for m in followers)),
+                             "attention_kl": attention, "whole_kl": whole["kl"], "whole_nll": whole["nll_change"],
+                             "heldout_ppl": _pooled(held, "nll_patched", math.exp), "heldout_kl": _pooled(held, "kl_mean"),
+                             "heldout_ppl_halves": [h["ppl_patched"] for h in held]})
+                print(f"{kind} {way} {followers}: predicted {predicted['kl']:.4f}, held-out ppl {rows[-1]['heldout_ppl']:.3f}",
+                      flush=True)
 
     def rank(group: list[dict], key: str) -> float:
         return float(spearmanr([r[key] for r in group], [r["heldout_ppl"] for r in group]).statistic)
@@ -121,7 +136,10 @@ def main() -> None:
     for name, group in (("contiguous, index", [r for r in rows if r["kind"] == "contiguous" and r["way"] == "index"]),
                         ("contiguous, aligned", [r for r in rows if r["kind"] == "contiguous" and r["way"] == "aligned"]),
                         ("non-contiguous sample", [r for r in rows if r["kind"] == "sample"])):
-        correlations[name] = {key: rank(group, key) for key in ("predicted_kl", "whole_kl", "attention_kl")}
+        correlations[name] = {key: rank(group, key) for key in ("predicted_kl", "sum_kl", "whole_kl", "whole_nll", "attention_kl")}
+        correlations[name]["predicted_vs_heldout_kl"] = float(spearmanr([r["predicted_kl"] for r in group],
+                                                                        [r["heldout_kl"] for r in group]).statistic)
+        correlations[name]["ceiling"] = noise_ceiling(group)
 
     def heldout_ppl(plan) -> float:
         return measure_quality(model, plan.anchor_of, heldout, head_map=plan.head_map)["ppl_patched"]
@@ -174,16 +192,34 @@ def plans_only(args, loaded, report, heldout, recommended, timing: dict, started
     print_tables(result)
 
 
+def _pooled(halves: list[dict], key: str, then=lambda v: v) -> float:
+    """A per-token mean over both held-out halves (weighted by their token counts), then `then`."""
+    n = sum(h["n_tokens"] for h in halves)
+    return then(sum(h[key] * h["n_tokens"] for h in halves) / n)
+
+
+def noise_ceiling(group: list[dict]) -> float:
+    """How well any predictor can rank the held-out perplexity: the rank correlation of the two held-out halves
+    (split-half reliability r), stepped up to the whole held-out set (Spearman-Brown 2r / (1 + r)), its square root
+    (the expected correlation of the measurement with a noise-free version of itself)."""
+    r = float(spearmanr([row["heldout_ppl_halves"][0] for row in group], [row["heldout_ppl_halves"][1] for row in group]).statistic)
+    return math.sqrt(max(0.0, 2 * r / (1 + r))) if r > -1 else 0.0
+
+
 def heldout_batch(loaded, n_seqs: int):
     return token_batch(loaded.tokenizer, split="heldout", n_seqs=n_seqs, seq_len=256, max_positions=loaded.info.max_positions)
 
 
 def print_tables(result: dict) -> None:
     print(f"\n{result['model']}: baseline held-out perplexity {result['baseline_ppl']:.3f}")
-    print("| plans | predicted damage (sum of followers alone) | whole plan on calibration | summed attention KL |")
-    print("|---|---|---|---|")
-    for name, values in result["correlations"].items():
-        print(f"| {name} | {values['predicted_kl']:.3f} | {values['whole_kl']:.3f} | {values['attention_kl']:.3f} |")
+    print("Spearman rank correlation with held-out perplexity (last columns: the span model against held-out KL, and "
+          "the held-out side's noise ceiling)")
+    print("| plans | predicted (span model) | sum of followers alone | whole plan on calibration (KL) | whole plan (NLL change) "
+          "| summed attention KL | predicted vs held-out KL | noise ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, v in result["correlations"].items():
+        print(f"| {name} | {v['predicted_kl']:.3f} | {v['sum_kl']:.3f} | {v['whole_kl']:.3f} | {v['whole_nll']:.3f} "
+              f"| {v['attention_kl']:.3f} | {v['predicted_vs_heldout_kl']:.3f} | {v['ceiling']:.3f} |")
     best = result["plans"]["best contiguous span, head-aligned"]["heldout_ppl"]
     print("\n| plan | followers | head-aligned | held-out perplexity | vs best contiguous aligned span |")
     print("|---|---|---|---|---|")
@@ -202,7 +238,7 @@ def draw(result: dict, path: Path) -> None:
     with paper_style():
         fig = new_figure(10.5, 4.2)
         axes = fig.subplots(1, 2)
-        for ax, key, label in ((axes[0], "predicted_kl", "predicted: sum of followers' measured next-token KL (nats)"),
+        for ax, key, label in ((axes[0], "predicted_kl", "predicted: next-token KL of its spans measured on calibration text, summed (nats)"),
                                (axes[1], "attention_kl", "old prior: summed head-mean attention KL (nats)")):
             for (kind, way), style in {("contiguous", "index"): dict(color=PALETTE[0], marker="o"),
                                        ("contiguous", "aligned"): dict(color=PALETTE[1], marker="s"),

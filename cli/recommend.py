@@ -70,7 +70,7 @@ def recommend_spans(
     _print_plan(plan)
     if result.damage is not None:
         print_checked(result.damage.checked, plan)
-    _print_comparison(result.alternatives, cost)
+    _print_comparison(result.alternatives, cost, plan)
     _print_savings(plan)
     console.print(f"Seed repo's form — layers not shared: {plan.non_shared_layers()}", highlight=False)
     if plan.n_shared:
@@ -135,9 +135,13 @@ def _print_plan(plan) -> None:
                       _fmt(plan.index_costs.get(follower)) if aligned else "", last, plan.mask_notes.get(follower, "same"))
     table.add_section()
     if damage:
-        total, whole = damage.get("sum") or {}, damage["plan"]
-        table.add_row("sum", "", f"{len(plan.head_map)} aligned", _kl_interval(total) if total else "", "",
-                      signed_percent(total, "nll_change") if total else "", "")
+        predicted, whole = damage.get("predicted") or {}, damage["plan"]
+        for name, span in (predicted.get("spans") or {}).items():
+            table.add_row(f"span {name}", str(span["anchor"]), "whole", _kl_interval(span), "",
+                          signed_percent(span, "nll_change"), "")
+        if predicted:
+            table.add_row("predicted", "", f"{len(plan.head_map)} aligned", _kl_interval(predicted), "",
+                          signed_percent(predicted, "nll_change"), "")
         table.add_row("whole plan", "", "", _kl_interval(whole), "", signed_percent(whole, "nll_change"), "")
     else:
         same = (plan.stability or {}).get("same_plan")
@@ -146,9 +150,10 @@ def _print_plan(plan) -> None:
     console.print(table)
     if damage:
         console.print(f"Predicted on {damage['n_tokens']} calibration tokens ({damage['n_seqs']} sequences): each follower "
-                      f"shared alone, their sum (the additive model the planner optimises) and the whole plan measured "
-                      f"as it is (followers interact); perplexity = exp(NLL change) - 1. `sa-analyze validate` measures "
-                      f"it on held-out text.", highlight=False)
+                      f"shared alone; each span of two or more followers measured whole (followers of one anchor "
+                      f"interact); the prediction, its spans summed (the model the planner optimises); and the whole "
+                      f"plan measured as it is (spans interact little); perplexity = exp(NLL change) - 1. "
+                      f"`sa-analyze validate` measures it on held-out text.", highlight=False)
     if plan.stability:
         console.print(f"chosen again: share of {plan.stability['resamples']} planner reruns on bootstrap resamples of the "
                       f"analysed sequences that chose the follower (and the whole plan)", highlight=False)
@@ -164,15 +169,29 @@ def _share(value: float | None) -> str:
     return "" if value is None else f"{value:.0%}"
 
 
-def _print_comparison(plans: dict, cost: str) -> None:
-    table = Table(title=f"Alternatives with the same number of shared layers (predicted {cost} cost, same cost matrix)")
-    for column in ("method", "n shared", "total predicted cost", "followers"):
-        table.add_column(column)
-    for name, plan in plans.items():
-        if isinstance(plan, str):
-            table.add_row(name, "-", "n/a", plan)
-        else:
-            table.add_row(name, str(plan.n_shared), _fmt(plan.total_cost), _ranges(plan.followers))
+def _print_comparison(plans: dict, cost: str, plan) -> None:
+    """The recommendation beside the baselines with as many shared layers: their attention cost (what similarity
+    planners minimise) and, when the plan was chosen by measured damage, each measured whole on the same tokens."""
+    measured = dict((plan.damage or {}).get("baselines") or {})
+    if plan.damage:
+        measured["optimal"] = plan.damage["plan"]
+    title = "Alternatives with the same number of shared layers"
+    title += (": next-token KL measured whole on the calibration tokens, and the attention cost similarity planners "
+              f"minimise ({cost})") if measured else f" (predicted {cost} cost, same cost matrix)"
+    table = Table(title=title)
+    columns = ["method", "n shared", "followers"]
+    columns += ["next-token KL [95 %]", "perplexity", f"attention cost ({cost})"] if measured else ["total predicted cost"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("method", "followers") else "right")
+    for name, alternative in plans.items():
+        if isinstance(alternative, str):
+            table.add_row(name, "-", alternative, *(["n/a"] * (len(columns) - 3)))
+            continue
+        row = [name, str(alternative.n_shared), _ranges(alternative.followers)]
+        whole = measured.get(name)
+        if measured:
+            row += [_kl_interval(whole), signed_percent(whole, "nll_change")] if whole else ["n/a", ""]
+        table.add_row(*row, _fmt(alternative.total_cost))
     console.print(table)
 
 

@@ -83,7 +83,7 @@ def print_search(search) -> None:
     """The candidates tried (calibration text), least KL first within each layer count, and the choice."""
     table = Table(title=f"Plans measured on calibration text (tolerance {100 * search.tolerance:g}% perplexity)",
                   title_justify="left")
-    for column in ("layers", "spans", "heads", "proposed by", "predicted KL (followers alone)", "next-token KL",
+    for column in ("layers", "spans", "heads", "proposed by", "predicted KL (spans summed)", "next-token KL",
                    "perplexity change [95 %]", "pass"):
         table.add_column(column, justify="left" if column in ("spans", "heads", "proposed by", "pass") else "right",
                          overflow="fold")
@@ -119,11 +119,11 @@ def signed_percent(values: dict, key: str = "nll_change") -> str:
 
 
 def print_checked(checked: list, plan) -> None:
-    """The whole plans measured to check interactions: the additive prediction next to the measurement."""
+    """The whole plans measured to check interactions: the span model's prediction next to the measurement."""
     if len(checked) < 2:
         return
     table = Table(title="Whole plans measured (calibration tokens): the chosen plan and its neighbours", title_justify="left")
-    for column in ("spans", "aligned", "sum of followers alone (KL)", "whole plan (KL)", "whole / sum", "perplexity", "chosen"):
+    for column in ("spans", "aligned", "predicted, spans summed (KL)", "whole plan (KL)", "whole / predicted", "perplexity", "chosen"):
         table.add_column(column, justify="left" if column in ("spans", "aligned", "chosen") else "right")
     for row in checked:
         predicted, measured = row["predicted"], row["measured"]

@@ -15,8 +15,9 @@ from sa_analysis.data import TokenBatch
 from sa_analysis.errors import UserError
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.patch import share_attention
-from sa_analysis.planner import PlanConstraints, SharePlan, plan_spans, price_pairs
-from sa_analysis.planner.damage import DamageTable, damage_prices, mean_and_interval, predict
+from sa_analysis.planner import PlanConstraints, SharePlan, anchors_for, plan_spans, price_pairs
+from sa_analysis.planner.damage import DamageTable, damage_prices, mean_and_interval, plan_spans_ways, predict
+from sa_analysis.planner.optimal import SpanPrices, optimal_followers
 from sa_analysis.report import AttentionReport
 from sa_analysis.validate import PrefixRun, plan_from_damage, replay_from
 
@@ -149,6 +150,62 @@ def test_a_head_map_is_taken_where_it_measured_less():
     assert again.pairs == table.pairs and again.maps == table.maps
 
 
+def _span(table: DamageTable, anchor: int, ways: tuple, kl: float) -> None:
+    per = [kl * f for f in (0.8, 1.0, 1.2)]
+    table.spans[(anchor, ways)] = {"kl": per, "nll_change": per, "top1": [1.0] * table.n_seqs}
+
+
+def test_a_span_measured_whole_replaces_the_sum_of_its_followers():
+    pairs = {(1, 0, "index"): 0.5, (2, 1, "index"): 0.1, (3, 2, "index"): 0.1, (4, 3, "index"): 0.3,
+             (3, 1, "index"): 0.1, (4, 2, "index"): 0.3}
+    table = _table(pairs)
+    additive = plan_spans(_report(), budget=2, align_heads="off", damage=table)
+    assert additive.followers == [2, 3]  # 0.1 + 0.1 alone
+    _span(table, 1, ("index", "index"), 0.7)  # measured whole, 2 and 3 compound
+    whole = plan_spans(_report(), budget=2, align_heads="off", damage=table)
+    assert whole.followers == [2, 4]  # 0.1 + 0.3 as two spans beats 0.7
+    prediction = predict(table, [2, 3], {})
+    assert prediction["kl"] == pytest.approx(0.7) and prediction["spans"]["2-3"]["anchor"] == 1
+    assert prediction["additive"] == [] and predict(table, [3, 4], {})["additive"] == ["3-4"]
+    assert predict(table, [3, 4], {})["kl"] == pytest.approx(0.1 + 0.3)  # (3, 2) and (4, 2) alone
+    assert table.interaction() == pytest.approx(0.7 / 0.2)
+    prices = damage_prices(table, price_pairs(_report(), "kl", "off"), "off")
+    assert prices.spans.whole == {(1, 2): pytest.approx(0.7)} and prices.spans.interaction == pytest.approx(3.5)
+    again = DamageTable.from_dict(table.to_dict())
+    assert again.spans == table.spans
+
+
+def test_an_unmeasured_span_costs_its_sum_times_the_interaction_seen():
+    pairs = {(m, m - 1, "index"): 0.1 for m in range(1, 6)}
+    table = _table({**pairs, (3, 1, "index"): 0.1}, n_layers=6)
+    _span(table, 1, ("index", "index"), 0.4)  # ratio 2 on the one span measured
+    prices = damage_prices(table, price_pairs(_report(6), "kl", "off"), "off")
+    assert prices.spans.price(3, 2, 0.2) == pytest.approx(0.4) and prices.spans.price(1, 2, 0.2) == pytest.approx(0.4)
+    assert SpanPrices().price(3, 2, 0.2) == 0.2  # nothing measured whole: additive
+
+
+def test_the_dynamic_programme_with_whole_spans_equals_brute_force():
+    import itertools
+
+    rng = np.random.default_rng(7)
+    n = 7
+    costs = np.tril(rng.uniform(0.05, 1.0, (n, n)), -1)
+    whole = {(a, k): float(rng.uniform(0.5, 3.0) * sum(costs[a + i, a] for i in range(1, k + 1)))
+             for a in range(n) for k in range(2, n - a)}
+    spans = SpanPrices(whole=whole)
+
+    def price(followers):
+        groups = {}
+        for m, a in anchors_for(followers, n).items():
+            groups.setdefault(a, []).append(m)
+        return sum(costs[m[0], a] if len(m) == 1 else whole[(a, len(m))] for a, m in groups.items())
+
+    for budget in (1, 2, 3, 4):
+        best = min(itertools.combinations(range(1, n), budget), key=price)
+        chosen = optimal_followers(costs, budget=budget, spans=spans)
+        assert price(chosen) == pytest.approx(price(best)), budget
+
+
 # ----- the recommended plan ----------------------------------------------------------------------------------------
 def _loaded(n_layers=5):
     model = tiny_model("llama", n_layers=n_layers)
@@ -172,10 +229,47 @@ def test_plan_from_damage_rests_on_measurements_and_checks_interactions(tmp_path
     run = PrefixRun.record(loaded.model, batch)
     assert chosen["measured"]["kl"] == pytest.approx(run.damage(plan.anchor_of).kl_mean, rel=1e-12)  # measured whole
     assert plan.damage["plan"]["kl"] == chosen["measured"]["kl"]
-    assert plan.damage["sum"]["kl"] == pytest.approx(sum(plan.damage["followers"][m]["kl"] for m in plan.followers))
+    for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5):  # every span of two or more measured whole
+        assert len(ways) == 1 or (a, ways) in table.spans
+    run_spans = {a: len(ways) for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5)}
+    if len(run_spans) == 1:  # one span: the span model's prediction is the whole plan's measurement
+        assert plan.damage["predicted"]["kl"] == pytest.approx(chosen["measured"]["kl"], rel=1e-12)
+    else:
+        assert plan.damage["predicted"]["kl"] == pytest.approx(sum(plan.damage["followers"][m]["kl"] for m in plan.followers))
     assert any("about" in line and "left" in line for line in said)  # progress with a time estimate
     again = SharePlan.load(plan.save(tmp_path / "plan.json"))
     assert again.damage["followers"].keys() == plan.damage["followers"].keys() and again.damage["plan"] == plan.damage["plan"]
+
+
+def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
+    from sa_analysis.planner import compare_plans, evaluate_plan
+    from sa_analysis.validate.damage import measure_baselines
+
+    loaded = _loaded(6)
+    report = _report(n_layers=6, kl=np.random.default_rng(0).uniform(0.1, 1.0, (6, 6)))
+    batch = TokenBatch(_ids(seed=5), "test", "calibration", 1)
+    found = plan_from_damage(loaded, report, batch, budget=2, constraints=PlanConstraints(align_heads="off"))
+    plans = compare_plans(report, evaluate_plan(found.plan, report, "kl"), cost="kl")
+    count = found.meter.count
+    measured = measure_baselines(found, plans)
+    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage["plan"]}
+    run = PrefixRun.record(loaded.model, batch)  # an independent record of the same tokens
+    for name, plan in plans.items():
+        if isinstance(plan, str):
+            assert name not in measured
+            continue
+        assert measured[name]["kl"] == pytest.approx(run.damage(plan.anchor_of, plan.head_map).kl_mean, rel=1e-9), name
+    new = {tuple(p.followers) for n, p in plans.items() if not isinstance(p, str)} - {tuple(r["followers"]) for r in found.checked}
+    assert found.meter.count - count == len(new)  # a plan measured before is not measured again
+    assert set(found.plan.damage["baselines"]) == set(measured) - {"optimal"}
+    again = SharePlan.load(found.plan.save(tmp_path / "plan.json"))
+    assert again.damage["baselines"] == json_round_trip(found.plan.damage["baselines"])
+
+
+def json_round_trip(value):
+    import json
+
+    return json.loads(json.dumps(value))
 
 
 def test_the_search_reuses_measurements_and_proves_the_choice_on_held_out_text(tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import defaults
-from ..errors import UserError
 from ..loading import LoadedModel
 from ..planner import PlanConstraints, SharePlan, compare_plans, evaluate_plan, plan_spans
 from ..prechecks import check_plan_options
@@ -43,7 +42,8 @@ def run_plan(report: str | Path | None, model: str | None, *, budget: str | None
              context_len: int | None = None, out: Path | None = None, predict: str = "auto",
              damage_progress: Callable[[str], None] | None = None, **capture: Any) -> PlanResult:
     """Plan from a saved report or a fresh capture: the least-cost plan under the budget (or cost cap), the baselines
-    with the same number of shared layers, and plan.json + plan.png under the output folder.
+    with the same number of shared layers (measured whole too, when the plan was chosen by measured damage), and
+    plan.json + plan.png under the output folder.
 
     `predict`: "output" chooses by measured output damage (loading the model when only a report was given),
     "similarity" by the report's attention cost alone, "auto" by output damage whenever the model is loaded anyway
@@ -67,6 +67,11 @@ def run_plan(report: str | Path | None, model: str | None, *, budget: str | None
     priced = evaluate_plan(plan, att, cost) if damage is not None else plan  # the baselines' units: attention cost
     alternatives = compare_plans(att, priced, cost=cost, first_shareable=constraints.first_shareable,
                                  keep=list(constraints.keep), max_span=plan.constraints.get("max_span"))
+    if damage is not None:
+        from ..validate.damage import measure_baselines
+
+        measure_baselines(damage, alternatives)  # the baselines in output units, into plan.damage["baselines"]
+        damage.run = None  # the recorded layer inputs are not needed any more
     figure = out_dir / "plan.png"
     files = [plan.save(out_dir / "plan.json")]
     plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure)

@@ -1,12 +1,15 @@
-"""Measured output damage as the planner's cost: what each follower costs the model's next-token distribution.
+"""Measured output damage as the planner's cost: what each follower, and each span, costs the next-token distribution.
 
 A `DamageTable` holds measurements made on calibration tokens (`validate.damage` makes them): for a follower `m`
 reusing anchor `a` alone (the layers between keep their own attention), by head index and under the pair's head map,
-the next-token KL(baseline || patched) and the NLL change per sequence; and whole plans measured as they are. The
-planner prices a plan by the sum of its followers' measured KL (`damage_prices`), the additive model, which ranks
-the measured perplexity of spans far better than summed attention KL (BENCHMARKS.md); pairs not yet measured are
-estimated from the follower's adjacent measurement scaled by the attention similarity, until the plan the dynamic
-programme chooses uses measured pairs only (`validate.damage.plan_from_damage`). Needs numpy only.
+the next-token KL(baseline || patched) and the NLL change per sequence; and spans (an anchor with n >= 2 consecutive
+followers) measured whole. The planner prices a plan span by span (`damage_prices`): a one-follower span by its
+measurement alone, a longer span by its whole measurement where there is one, else by the sum of its followers
+alone times the median whole / sum ratio of the spans measured so far. Followers of one anchor interact (on
+Qwen2.5-Coder-0.5B a 3-span measured whole is 1.0-2.3x the sum of its followers alone), separate spans hardly do
+(1.0-1.2x), so summing spans is the model and the whole plan is still checked (BENCHMARKS.md). Pairs not yet
+measured are estimated from the follower's adjacent measurement scaled by the attention similarity, until the plan
+the dynamic programme chooses uses measurements only (`validate.damage.plan_from_damage`). Needs numpy only.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .layers import anchors_for
+from .optimal import SpanPrices
 from .pricing import PairPrices
 
-WAYS = ("index", "aligned")
 OUTPUT_COST = "output-kl"  # the cost name of a plan priced by measured damage
 ESTIMATE_FLOOR = 0.5  # an unmeasured deeper anchor is estimated at no less than this share of the adjacent damage
 LEVEL = 0.95  # the intervals' coverage
@@ -31,7 +34,8 @@ class DamageTable:
     """Output damage measured on calibration tokens; per-sequence values, so that sums get honest intervals.
 
     `pairs[(m, a, way)]` = {"kl": [S], "nll_change": [S], "top1": [S]} for follower m reading anchor a alone, `way`
-    "index" or "aligned" (under `maps[(m, a)]`). `baseline_nll`: the unpatched model's mean NLL on these tokens.
+    "index" or "aligned" (under `maps[(m, a)]`); `spans[(a, ways)]` the same for followers a+1 .. a+len(ways) all
+    reading anchor a, each its way. `baseline_nll`: the unpatched model's mean NLL on these tokens.
     """
 
     n_layers: int
@@ -40,6 +44,7 @@ class DamageTable:
     baseline_nll: float
     pairs: dict[tuple[int, int, str], dict[str, list[float]]] = field(default_factory=dict)
     maps: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    spans: dict[tuple[int, tuple[str, ...]], dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def has(self, m: int, a: int, way: str = "index") -> bool:
@@ -57,11 +62,24 @@ class DamageTable:
             return "aligned"
         return "aligned" if self.value(m, a, "aligned") < self.value(m, a, "index") else "index"
 
+    def pair_sum(self, anchor: int, ways: Sequence[str], what: str = "kl") -> np.ndarray:
+        """[S] per-sequence sum of the span's followers measured alone (each its way)."""
+        return np.sum([self.pairs[(anchor + 1 + i, anchor, way)][what] for i, way in enumerate(ways)], axis=0)
+
+    def interaction(self) -> float:
+        """Median over the spans measured whole (and their followers alone) of whole / sum of the followers alone;
+        1 before any."""
+        ratios = [float(np.mean(v["kl"])) / total for (a, ways), v in self.spans.items()
+                  if all(self.has(a + 1 + i, a, way) for i, way in enumerate(ways))
+                  and (total := float(np.mean(self.pair_sum(a, ways)))) > 0]
+        return float(np.median(ratios)) if ratios else 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_seqs": self.n_seqs, "n_tokens": self.n_tokens,
                 "baseline_nll": self.baseline_nll, "seconds": self.seconds,
                 "pairs": [{"follower": m, "anchor": a, "way": way, **values} for (m, a, way), values in sorted(self.pairs.items())],
-                "maps": [{"follower": m, "anchor": a, "heads": heads} for (m, a), heads in sorted(self.maps.items())]}
+                "maps": [{"follower": m, "anchor": a, "heads": heads} for (m, a), heads in sorted(self.maps.items())],
+                "spans": [{"anchor": a, "ways": list(ways), **values} for (a, ways), values in sorted(self.spans.items())]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DamageTable":
@@ -72,6 +90,9 @@ class DamageTable:
                 k: [float(v) for v in row[k]] for k in ("kl", "nll_change", "top1")}
         for row in data.get("maps", []):
             table.maps[(int(row["follower"]), int(row["anchor"]))] = [int(g) for g in row["heads"]]
+        for row in data.get("spans", []):
+            table.spans[(int(row["anchor"]), tuple(str(w) for w in row["ways"]))] = {
+                k: [float(v) for v in row[k]] for k in ("kl", "nll_change", "top1")}
         return table
 
 
@@ -80,7 +101,9 @@ def damage_prices(table: DamageTable, prices: PairPrices, align: str) -> PairPri
     (the better way under `align`), estimated where not measured, inf where `prices` forbids the pair.
 
     An unmeasured pair is estimated from the follower's adjacent measurement times how much less alike the deeper
-    anchor is (the similarity cost's ratio), at least `ESTIMATE_FLOOR` of it; `estimated[m, a]` marks them.
+    anchor is (the similarity cost's ratio), at least `ESTIMATE_FLOOR` of it; `estimated[m, a]` marks them. Spans
+    measured whole are priced by that measurement (`spans`), other spans of two or more followers by their sum times
+    the table's `interaction`.
     """
     n = table.n_layers
     costs = np.full((n, n), np.inf)
@@ -98,9 +121,17 @@ def damage_prices(table: DamageTable, prices: PairPrices, align: str) -> PairPri
                 costs[m, a], use_map[m, a] = table.value(m, a, way), way == "aligned"
             elif table.has(m, m - 1) and a < m - 1:
                 costs[m, a], estimated[m, a] = _estimate(table, prices, m, a, align), True
+    spans = SpanPrices(interaction=table.interaction())
+    for (a, ways), values in table.spans.items():
+        if ways == _ways(use_map, a, len(ways)):
+            spans.whole[(a, len(ways))] = float(np.mean(values["kl"]))
     return PairPrices(costs=costs, by_index=by_index, use_map=use_map, alignment=prices.alignment, windows=prices.windows,
                       mask_forbidden=prices.mask_forbidden, align_heads=align, notes=list(prices.notes),
-                      estimated=estimated)
+                      estimated=estimated, spans=spans)
+
+
+def _ways(use_map: np.ndarray, anchor: int, n: int) -> tuple[str, ...]:
+    return tuple("aligned" if use_map[anchor + 1 + i, anchor] else "index" for i in range(n))
 
 
 def _estimate(table: DamageTable, prices: PairPrices, m: int, a: int, align: str) -> float:
@@ -115,18 +146,43 @@ def unmeasured_pairs(plan_anchor_of: Mapping[int, int], table: DamageTable) -> l
     return [(m, a) for m, a in sorted(plan_anchor_of.items()) if not table.has(m, a)]
 
 
+def plan_spans_ways(followers: Iterable[int], head_map: Mapping[int, Sequence[int]], n_layers: int) -> list[tuple[int, tuple[str, ...]]]:
+    """(anchor, each follower's way) for every span of the plan, in layer order."""
+    spans: dict[int, list[str]] = {}
+    for m, a in anchors_for(followers, n_layers).items():
+        spans.setdefault(a, []).append("aligned" if m in head_map else "index")
+    return [(a, tuple(ways)) for a, ways in spans.items()]
+
+
+def unmeasured_spans(followers: Iterable[int], head_map: Mapping[int, Sequence[int]], table: DamageTable) -> list[tuple[int, tuple[str, ...]]]:
+    """The spans of two or more followers of a plan that have not been measured whole."""
+    return [(a, ways) for a, ways in plan_spans_ways(followers, head_map, table.n_layers)
+            if len(ways) > 1 and (a, ways) not in table.spans]
+
+
 def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int, Sequence[int]]) -> dict[str, Any]:
-    """The additive prediction for a plan: each follower's measured damage alone (with its anchor, by its way of
-    sharing), and their sum per sequence, with `LEVEL` intervals over sequences. Needs every pair measured."""
+    """The span model's prediction for a plan, with `LEVEL` intervals over sequences: each follower's measured damage
+    alone (with its anchor, by its way of sharing), each span measured whole (`spans`, named "first-last"), and
+    the total: per sequence, the sum over spans of the whole measurement, or of the followers alone where a span
+    was not measured whole (`additive` lists those). Needs every pair measured."""
+    followers = sorted(followers)
     anchor_of = anchors_for(followers, table.n_layers)
-    per_follower, kl_sum, nll_sum = {}, np.zeros(table.n_seqs), np.zeros(table.n_seqs)
+    per_follower = {}
     for m, a in anchor_of.items():
         way = "aligned" if m in head_map else "index"
         values = table.pairs[(m, a, way)]
-        kl_sum += values["kl"]
-        nll_sum += values["nll_change"]
         per_follower[m] = {"anchor": a, "way": way, **interval("kl", values["kl"]), **interval("nll_change", values["nll_change"])}
-    return {"followers": per_follower, **interval("kl", kl_sum), **interval("nll_change", nll_sum)}
+    kl, nll, spans, additive = np.zeros(table.n_seqs), np.zeros(table.n_seqs), {}, []
+    for a, ways in plan_spans_ways(followers, head_map, table.n_layers):
+        name = f"{a + 1}-{a + len(ways)}" if len(ways) > 1 else f"{a + 1}"
+        whole = table.spans.get((a, ways))
+        if whole is not None:
+            spans[name] = {"anchor": a, **interval("kl", whole["kl"]), **interval("nll_change", whole["nll_change"])}
+        elif len(ways) > 1:
+            additive.append(name)
+        kl += whole["kl"] if whole is not None else table.pair_sum(a, ways)
+        nll += whole["nll_change"] if whole is not None else table.pair_sum(a, ways, "nll_change")
+    return {"followers": per_follower, "spans": spans, "additive": additive, **interval("kl", kl), **interval("nll_change", nll)}
 
 
 def interval(name: str, values: Sequence[float]) -> dict[str, float]:
@@ -135,11 +191,6 @@ def interval(name: str, values: Sequence[float]) -> dict[str, float]:
     if name == "kl":  # a divergence: the interval stops at 0 (few sequences make the t interval wide)
         low = max(low, 0.0)
     return {name: mean, f"{name}_low": low, f"{name}_high": high}
-
-
-def ppl_change(nll_change: float) -> float:
-    """Relative perplexity change implied by a mean NLL change (nats)."""
-    return math.expm1(nll_change)
 
 
 def mean_and_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:

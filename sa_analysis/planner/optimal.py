@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -11,17 +12,30 @@ from ..errors import UserError
 from .costs import Budget
 from .layers import DEFAULT_BUDGET_FRACTION, check_max_span, max_followers, resolve_budget, shareable_mask
 
-
-
 _TOL = 1e-9  # relative tolerance when comparing a plan's cost with --max-cost
 
 
-def optimal_table(costs: np.ndarray, mask: np.ndarray, max_span: int | None, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class SpanPrices:
+    """Prices of whole spans (an anchor and its n >= 2 consecutive followers), where the sum of the followers' pair
+    prices is not the span's cost: `whole[(a, n)]` where the span was measured as a whole; any other span costs its
+    sum times `interaction` (how much measured spans exceeded their sums, `planner.damage.damage_prices`)."""
+
+    whole: dict[tuple[int, int], float] = field(default_factory=dict)
+    interaction: float = 1.0
+
+    def price(self, anchor: int, n: int, pair_sum: float) -> float:
+        return self.whole.get((anchor, n), pair_sum * self.interaction)
+
+
+def optimal_table(costs: np.ndarray, mask: np.ndarray, max_span: int | None, k_max: int,
+                  spans: "SpanPrices | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """DP over "next non-shared layer": best[a, k] = least cost of layers a..L-1 given a is non-shared, k followers.
 
     From non-shared layer `a` the next `n` layers become its followers (all shareable, n <= max_span) and layer
     a+n+1 is the next non-shared one (or the model ends). choice[a, k] is that n (-1: infeasible). O(L^2 k_max).
-    Ties keep the smallest n, which leaves followers as deep as possible.
+    Ties keep the smallest n, which leaves followers as deep as possible. A span costs the sum of its pairs, unless
+    `spans` prices it as a whole (followers of one anchor interact: `SpanPrices`).
     """
     n_layers = costs.shape[0]
     best = np.full((n_layers + 1, k_max + 1), np.inf)
@@ -35,7 +49,8 @@ def optimal_table(costs: np.ndarray, mask: np.ndarray, max_span: int | None, k_m
             if n > 0:
                 span_cost += costs[a + n, a]
             if n <= k_max:
-                cand = span_cost + best[b, : k_max + 1 - n]
+                price = span_cost if spans is None or n < 2 else spans.price(a, n, span_cost)
+                cand = price + best[b, : k_max + 1 - n]
                 better = cand < best[a, n:]
                 best[a, n:][better] = cand[better]
                 choice[a, n:][better] = n
@@ -62,15 +77,17 @@ def optimal_followers(
     first_shareable: int = 1,
     keep: Iterable[int] = (),
     max_span: int | None = None,
+    spans: SpanPrices | None = None,
 ) -> list[int]:
-    """The follower set of least total cost on a raw [L, L] cost matrix (see `plan_spans` for the arguments)."""
+    """The follower set of least total cost on a raw [L, L] cost matrix (see `plan_spans` for the arguments);
+    `spans`: whole-span prices that replace the sum of a span's pairs."""
     costs = np.asarray(costs, dtype=float)
     n_layers = costs.shape[0]
     mask = shareable_mask(n_layers, first_shareable, keep)
     check_max_span(max_span)
     n_share, threshold = budget_target(budget, max_cost, n_layers, mask, max_span)
     k_max = max_followers(mask, max_span) if threshold else n_share
-    best, choice = optimal_table(costs, mask, max_span, k_max)
+    best, choice = optimal_table(costs, mask, max_span, k_max, spans)
     if threshold:
         limit = max_cost + _TOL * max(1.0, abs(max_cost))
         n_share = max(k for k in range(k_max + 1) if best[0, k] <= limit or k == 0)

@@ -157,7 +157,10 @@ class SharePlan(JsonArtefact):
     def summary(self) -> str:
         """One line: how many layers are shared, in which spans, at what predicted cost."""
         spans = ", ".join(f"{a}->{f}-{l}" if l > f else f"{a}->{f}" for a, f, l in self.spans) or "none"
+        measured = (self.damage or {}).get("plan")
         cost = "" if self.total_cost is None else f", predicted {self.cost_name} {self.total_cost:.4g}"
+        if measured:  # chosen by measured damage: the whole plan's next-token KL on calibration tokens
+            cost = f", next-token KL {measured['kl']:.4g} nats measured whole"
         aligned = f", head-aligned: {_layers_text(self.aligned_followers)}" if self.head_map else ""
         return f"{self.n_shared}/{self.n_layers} layers shared (anchor->followers: {spans}){aligned}{cost}"
 

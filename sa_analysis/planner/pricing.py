@@ -17,6 +17,7 @@ from ..report import AttentionReport
 from .costs import cost_matrix
 from .heads import HeadAlignment, can_align, check_align_mode, head_alignment
 from .masks import analysis_note, layer_windows, mask_note, masks_differ
+from .optimal import SpanPrices
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PairPrices:
     align_heads: str = "auto"
     notes: list[str] = field(default_factory=list)
     estimated: np.ndarray | None = None  # [L, L] bool: a measured-damage price estimated, not yet measured
+    spans: SpanPrices | None = None  # whole-span prices (measured damage: followers of one anchor interact)
 
     def head_map_for(self, follower: int, anchor: int) -> list[int] | None:
         if not self.use_map[follower, anchor]:

@@ -95,7 +95,7 @@ def plan_spans(
         prices = damage_prices(damage, prices, align_heads)
         cost, stability_resamples = OUTPUT_COST, 0
     sensitive = lambda raw: apply_sensitivity(raw, sensitivity, sensitivity_weight, sensitivity_mode)  # noqa: E731
-    solve = lambda raw: optimal_followers(sensitive(raw), budget, max_cost, first_shareable, keep, max_span)  # noqa: E731
+    solve = lambda raw: optimal_followers(sensitive(raw), budget, max_cost, first_shareable, keep, max_span, prices.spans)  # noqa: E731
     costs = sensitive(prices.costs)
     followers = solve(prices.costs)
     constraints = {"budget": budget, "max_cost": max_cost, "first_shareable": first_shareable, "keep": as_layers(keep),

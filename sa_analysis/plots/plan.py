@@ -128,7 +128,11 @@ def _axes(ax, n: int) -> None:
 
 def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
     spans = ", ".join(f"{a}\u2192{f}-{l}" if l > f else f"{a}\u2192{f}" for a, f, l in plan.spans) or "nothing shared"
-    cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
+    whole = (plan.damage or {}).get("plan")
+    if whole:  # chosen by measured damage: the whole plan's measurement is its prediction for held-out text
+        cost = f", next-token KL {whole['kl']:.3g} nats measured whole"
+    else:
+        cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
     if plan.head_map:
         cost += f" ({len(plan.head_map)} head-aligned)"
     spans = textwrap.fill(f"anchor\u2192followers: {spans}", width=70)
@@ -156,8 +160,8 @@ def _best_curves(ax, rows) -> None:
 
 def plot_search(search: "PlanSearch", path: str | Path) -> Path:
     """Left: quality change (% perplexity, calibration text) vs layers shared for every plan tried, with the
-    tolerance. Right: each plan's predicted damage (its followers' next-token KL alone, summed) against the same plan
-    measured whole, which shows how far followers interact."""
+    tolerance. Right: each plan's predicted damage (the span model: spans measured whole, or their followers alone,
+    summed) against the same plan measured whole, which shows how far separate spans interact."""
     from matplotlib.ticker import MaxNLocator
 
     with paper_style():
@@ -199,11 +203,11 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
 
 
 def _predicted_vs_measured(ax, rows) -> None:
-    """Predicted (sum of followers alone) vs measured whole next-token KL, per layer count, with y = x."""
+    """Predicted (spans summed) vs measured whole next-token KL, per layer count, with y = x."""
     pairs = [(r["predicted_kl"], r["kl_mean"], r["n_shared"]) for r in rows
              if r.get("predicted_kl") is not None and r["n_shared"] > 1]
     ax.set_title("Predicted vs measured damage (calibration)")
-    ax.set_xlabel("predicted: followers' next-token KL alone, summed (nats)")
+    ax.set_xlabel("predicted: next-token KL of its spans, summed (nats)")
     ax.set_ylabel("measured: the plan whole (nats)")
     if not pairs:
         ax.text(0.5, 0.5, "no plan of two or more layers\nwith a prediction", ha="center", va="center",

@@ -2,23 +2,28 @@
 
 1. Every shareable follower with the layer before it as anchor, by head index and under its head map, measured on
    calibration tokens (`PrefixRun`: only the layers from the anchor on are re-run).
-2. The dynamic programme over the measured next-token KL (`planner.damage`); a pair it wants that has not been
-   measured (a deeper anchor) is measured, and the programme runs again, until its plan rests on measurements alone.
-3. Interactions, checked: the plan and its neighbours (the best plan without each of its followers) are measured
-   whole; the least damaging is recommended, and its measured damage is the prediction for held-out text.
+2. The dynamic programme over the measured next-token KL (`planner.damage`), span by span; a pair it wants that has
+   not been measured (a deeper anchor), or a span of two or more followers it has only estimated, is measured (the
+   span whole: followers of one anchor interact), and the programme runs again, until its plan rests on
+   measurements alone.
+3. Interactions between spans, checked: the plan and its neighbours (the best plan without each of its followers)
+   are measured whole; the least damaging is recommended, and its measured damage is the prediction for held-out
+   text.
+4. The baselines (the plans similarity planners choose with as many shared layers) measured whole on the same
+   tokens (`measure_baselines`), so the recommendation is compared with them in the model's output units.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
-from ..planner.damage import DamageTable, interval, predict, unmeasured_pairs
+from ..planner.damage import DamageTable, predict, unmeasured_pairs, unmeasured_spans
 from .prefix import Damage, PrefixRun
 
 MAX_ROUNDS = 20  # measure-and-replan rounds before the plan is taken with estimates left in it (said in its notes)
@@ -33,13 +38,16 @@ class DamageSearch:
     plan: SharePlan
     table: DamageTable
     checked: list[dict[str, Any]] = field(default_factory=list)  # one per whole plan: followers, aligned, predicted, measured
+    run: PrefixRun | None = None  # the calibration tokens' recorded prefix (None once released)
+    meter: "Meter | None" = None
 
 
 class Meter:
     """Counts measurements and says each with its time; with a known number left, an estimate of the time left."""
 
-    def __init__(self, say: Say):
+    def __init__(self, say: Say, after: Callable[[], None] | None = None):
         self.say, self.count, self.seconds = say, 0, 0.0
+        self.after = after  # called after each measurement (a frontier saves its state there)
 
     def timed(self, label: str, work: Callable[[], Damage], left: int | None = None) -> Damage:
         started = time.perf_counter()
@@ -48,6 +56,8 @@ class Meter:
         self.count += 1
         eta = "" if left is None else f", about {left * self.seconds / self.count:.0f} s left"
         self.say(f"damage {self.count}: {label} -> KL {result.kl_mean:.4f} nats{eta}")
+        if self.after is not None:
+            self.after()
         return result
 
 
@@ -62,6 +72,16 @@ def measure_pairs(run: PrefixRun, table: DamageTable, pairs: list[tuple[int, int
         table.pairs[(m, a, way)] = result.to_dict()
         if heads:
             table.maps[(m, a)] = list(heads[m])
+
+
+def measure_spans(run: PrefixRun, table: DamageTable, spans: list[tuple[int, tuple[str, ...]]], meter: Meter) -> None:
+    """Measure each span whole: followers a+1 .. a+n all reading anchor a, each its way (head maps from `table`)."""
+    for i, (a, ways) in enumerate(spans):
+        anchor_of = {a + 1 + j: a for j in range(len(ways))}
+        heads = {m: table.maps[(m, a)] for j, m in enumerate(anchor_of) if ways[j] == "aligned"}
+        result = meter.timed(f"span {a + 1}-{a + len(ways)} reads {a} whole", lambda: run.damage(anchor_of, heads),
+                             left=len(spans) - i - 1)
+        table.spans[(a, ways)] = result.to_dict()
 
 
 def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None, max_cost: float | None = None,
@@ -101,14 +121,35 @@ def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None
         best.notes.append(f"measured whole, the plan's next-token KL is {whole:.4g} nats, above --max-cost {max_cost:g}: "
                           f"its followers make each other worse than their sum; lower --max-cost or use --budget")
     table.seconds += time.perf_counter() - started
-    return DamageSearch(best, table, checked)
+    return DamageSearch(best, table, checked, run, meter)
+
+
+def measure_baselines(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each baseline plan (`planner.compare_plans`: {method: SharePlan, or why not}) measured whole on the calibration
+    tokens the recommendation was measured on; also written into the recommended plan's `damage["baselines"]`.
+    A plan equal to one already measured (the recommendation, or a neighbour it checked) takes that measurement."""
+    if search.run is None or search.meter is None:
+        raise ValueError("the damage search's prefix was released; measure the baselines before releasing it")
+    known = {(tuple(row["followers"]), tuple(row["aligned"])): row["measured"] for row in search.checked}
+    measured: dict[str, dict[str, Any]] = {}
+    candidates = {name: plan for name, plan in plans.items() if not isinstance(plan, str) and plan.n_shared}
+    for i, (name, plan) in enumerate(candidates.items()):
+        key = (tuple(plan.followers), tuple(plan.aligned_followers))
+        if key not in known:
+            known[key] = search.meter.timed(f"{name} plan {plan.spans_spec()} whole",
+                                            lambda: search.run.damage(plan.anchor_of, plan.head_map),
+                                            left=len(candidates) - i - 1).summary()
+        measured[name] = {"followers": list(plan.followers), "aligned": plan.aligned_followers, **known[key]}
+    if search.plan.damage is not None:
+        search.plan.damage["baselines"] = {name: row for name, row in measured.items() if name != "optimal"}
+    return measured
 
 
 def plan_damage(checked: dict[str, Any], run: PrefixRun) -> dict[str, Any]:
-    """The plan's `damage` record: each follower alone and their sum (the additive prediction), the whole plan as
-    measured (interactions included), and what they rest on."""
+    """The plan's `damage` record: each follower alone, the span model's prediction (spans measured whole, summed),
+    the whole plan as measured (interactions between spans included), and what they rest on."""
     predicted = checked["predicted"] or {"followers": {}}
-    return {"followers": predicted["followers"], "sum": {k: v for k, v in predicted.items() if k != "followers"},
+    return {"followers": predicted["followers"], "predicted": {k: v for k, v in predicted.items() if k != "followers"},
             "plan": checked["measured"], "n_tokens": run.n_tokens, "n_seqs": run.n_seqs, "baseline_nll": run.baseline_nll,
             "basis": "next-token KL(baseline || patched) and NLL change on calibration tokens, 95 % intervals over sequences"}
 
@@ -123,18 +164,24 @@ def _helpful_maps(similarity) -> dict[tuple[int, int], list[int]]:
 
 def _settled_plan(report, table: DamageTable, run: PrefixRun, maps, meter: Meter, budget, max_cost,
                   constraints: PlanConstraints, keep) -> SharePlan:
-    """The damage-optimal plan, after measuring every pair it uses that was only estimated (re-planning each time)."""
+    """The damage-optimal plan, after measuring every pair it uses that was only estimated, then every span of two
+    or more followers it priced by estimate (re-planning each time)."""
     options = dict(budget=budget, max_cost=max_cost, first_shareable=constraints.first_shareable, keep=list(keep),
                    max_span=constraints.max_span, align_heads=constraints.align_heads, mask_change=constraints.mask_change)
     for _round in range(MAX_ROUNDS):
         plan = plan_spans(report, damage=table, **options)
         missing = unmeasured_pairs(plan.anchor_of, table)
-        if not missing:
+        if missing:
+            measure_pairs(run, table, missing, maps, meter, constraints.align_heads)
+            continue
+        spans = unmeasured_spans(plan.followers, plan.head_map, table)
+        if not spans:
             return plan
-        measure_pairs(run, table, missing, maps, meter, constraints.align_heads)
+        measure_spans(run, table, spans, meter)
     plan = plan_spans(report, damage=table, **options)
-    if unmeasured_pairs(plan.anchor_of, table):
-        plan.notes.append(f"after {MAX_ROUNDS} rounds some followers' costs are still estimates from their adjacent damage")
+    if unmeasured_pairs(plan.anchor_of, table) or unmeasured_spans(plan.followers, plan.head_map, table):
+        plan.notes.append(f"after {MAX_ROUNDS} rounds some of the plan's costs are still estimates (of a deeper anchor from "
+                          f"the adjacent damage, or of a span from its followers alone)")
     return plan
 
 
@@ -148,31 +195,28 @@ def _without(settle: Callable, constraints: PlanConstraints, follower: int) -> S
 
 def _check(run: PrefixRun, candidates: list[SharePlan], table: DamageTable, meter: Meter) -> list[dict[str, Any]]:
     """The candidates measured whole, the planner's choice first, then its neighbours by predicted damage, until the
-    ranking is settled: a neighbour whose sum of followers alone, times the largest whole / sum ratio seen so far,
-    exceeds the best measured plan's upper bound cannot come out best, and it and those after it are not measured."""
-    first, rest = candidates[0], sorted(candidates[1:], key=lambda p: _predicted(table, p) or float("inf"))
+    ranking is settled: a neighbour whose prediction (its spans summed), times the largest whole / predicted ratio
+    seen so far, exceeds the best measured plan's upper bound cannot come out best, and it is not measured."""
+    first, rest = candidates[0], sorted(candidates[1:], key=lambda p: (_predicted(table, p) or {}).get("kl", float("inf")))
     rows, seen, ratio, best_high = [], set(), 1.0, float("inf")
     for i, plan in enumerate([first] + rest):
         key = (tuple(plan.followers), tuple(sorted(plan.head_map)))
-        predicted_kl = _predicted(table, plan)
+        predicted = _predicted(table, plan)
+        predicted_kl = None if predicted is None else predicted["kl"]
         if key in seen or (rows and predicted_kl is not None and predicted_kl * ratio > best_high):
             continue
         seen.add(key)
         measured = meter.timed(f"plan {plan.spans_spec()} whole", lambda: run.damage(plan.anchor_of, plan.head_map),
                                left=len(candidates) - i - 1)
-        summary = {**interval("kl", measured.kl), **interval("nll_change", measured.nll_change),
-                   "top1": float(np.mean(measured.top1))}
+        summary = measured.summary()
         if predicted_kl:
             ratio = max(ratio, summary["kl"] / predicted_kl)
         best_high = min(best_high, summary["kl_high"])
-        predicted = None if predicted_kl is None else predict(table, plan.followers, plan.head_map)
         rows.append({"followers": list(plan.followers), "aligned": plan.aligned_followers, "spans": plan.spans_spec(),
                      "predicted": predicted, "measured": summary})
     return rows
 
 
-def _predicted(table: DamageTable, plan: SharePlan) -> float | None:
-    """The additive prediction (sum of followers alone) of a plan whose pairs are all measured, else None."""
-    if unmeasured_pairs(plan.anchor_of, table):
-        return None
-    return float(sum(table.value(m, a, "aligned" if m in plan.head_map else "index") for m, a in plan.anchor_of.items()))
+def _predicted(table: DamageTable, plan: SharePlan) -> dict[str, Any] | None:
+    """The span model's prediction (`predict`) of a plan whose pairs are all measured, else None."""
+    return None if unmeasured_pairs(plan.anchor_of, table) else predict(table, plan.followers, plan.head_map)

@@ -44,6 +44,13 @@ class Damage:
     def to_dict(self) -> dict[str, list[float]]:
         return {"kl": self.kl, "nll_change": self.nll_change, "top1": self.top1}
 
+    def summary(self) -> dict[str, float]:
+        """Means with their 95 % intervals over sequences (KL and NLL change), and the mean top-1 agreement."""
+        from ..planner.damage import interval
+
+        return {**interval("kl", self.kl), **interval("nll_change", self.nll_change),
+                "top1": float(sum(self.top1) / len(self.top1))}
+
 
 class _Handover(nn.Module):
     """Stands in for a decoder layer below the replay's start: the first hands on the recorded input of the start

@@ -11,7 +11,7 @@ from ..artefact import JsonArtefact
 from ..planner import PlanConstraints
 from ..planner.damage import DamageTable
 from ..errors import UserError
-from .prefix import PrefixRun
+from .prefix import Damage, PrefixRun
 from .quality import token_ids
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .run import check_options, validate_plan
@@ -112,7 +112,7 @@ def search_plans(
             key = _plan_key(plan)
             if key not in proposed:
                 measured = meter.timed(f"similarity plan {plan.spans_spec()}", lambda: run.damage(plan.anchor_of, plan.head_map, mode))
-                passed_any |= _add(rows, proposed, "similarity", plan, _summary(measured), tolerance, None)
+                passed_any |= _add(rows, proposed, "similarity", plan, measured.summary(), tolerance, None)
         if stop_early and not passed_any:
             break
     rows = _singles(table, report.n_layers, tolerance) + rows
@@ -140,13 +140,6 @@ def _maps_for(checked: Mapping[str, Any], table: DamageTable, plan: Any) -> dict
     return {m: list(table.maps[(m, anchor_of[m])]) for m in checked["aligned"]}
 
 
-def _summary(measured: Any) -> dict[str, float]:
-    from ..planner.damage import interval
-
-    return {**interval("kl", measured.kl), **interval("nll_change", measured.nll_change),
-            "top1": float(sum(measured.top1) / len(measured.top1))}
-
-
 def _add(rows: list, proposed: dict, method: str, plan: Any, measured: Mapping[str, float], tolerance: float,
          predicted: Mapping[str, Any] | None) -> bool:
     """Record a measured candidate once (a plan found again adds its method); returns whether it passes."""
@@ -172,19 +165,9 @@ def _singles(table: DamageTable, n_layers: int, tolerance: float) -> list[dict[s
             continue
         heads = {m: table.maps[(m, a)]} if way == "aligned" else {}
         plan = SharePlan(n_layers, [m], head_map=heads)
-        rows.append(_row("sensitivity", "single layer" + (", aligned" if heads else ""), plan, _summary(_Values(values)),
+        rows.append(_row("sensitivity", "single layer" + (", aligned" if heads else ""), plan, Damage(**values).summary(),
                          tolerance, None))
     return rows
-
-
-@dataclass
-class _Values:
-    kl: list
-    nll_change: list
-    top1: list
-
-    def __init__(self, values: Mapping[str, list]):
-        self.kl, self.nll_change, self.top1 = values["kl"], values["nll_change"], values["top1"]
 
 
 def _variants(plan: Any, align: str) -> list[Any]:
@@ -206,7 +189,7 @@ def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: Any, table: Damage
     """The chosen plan as measured (its head maps included), for this model's shape, with its damage on calibration
     text as the prediction `validate` prints next to its held-out measurement."""
     predicted = row.get("predicted") or {}
-    damage = {"followers": predicted.get("followers", {}), "sum": {k: v for k, v in predicted.items() if k != "followers"},
+    damage = {"followers": predicted.get("followers", {}), "predicted": {k: v for k, v in predicted.items() if k != "followers"},
               "plan": row["measured"], "n_tokens": table.n_tokens, "n_seqs": table.n_seqs,
               "baseline_nll": table.baseline_nll, "basis": "measured whole on calibration tokens by the plan search"}
     return replace(proposed, model={**proposed.model, **info.shape()}, damage=damage,
