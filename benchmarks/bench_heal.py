@@ -178,13 +178,13 @@ def main(argv=None) -> int:
     report, plan = one_heal(args, None, out, "shared")
     summary = {"args": vars(args)}
     if report is not None:
-        p = report.perplexity
-        summary.update(plan=plan.summary(), perplexity=p, recovered=report.recovered, run=report.run,
+        p = report.evals["held-out"]["perplexity"]
+        summary.update(plan=plan.summary(), perplexity=p, run=report.run,
                        loss_first=report.losses[0], loss_last=report.losses[-1])
     if args.control:
         control, _ = one_heal(args, plan, out, "control")
         if control is not None and report is not None:
-            pc = control.perplexity
+            pc = control.evals["held-out"]["perplexity"]
             healed_unshared = pc["healed"]
             summary["control"] = {"healed_unshared": healed_unshared, "run": control.run}
             # the gap sharing leaves after healing, against the same fine-tune without sharing

@@ -87,7 +87,7 @@ def main() -> None:
            "tokens_per_s": report.run["tokens_per_s"], "seconds_training": report.run["seconds"],
            "peak_memory_gib_this_process": round((report.run["peak_memory_bytes"] or 0) / GIB, 2),
            "mixed_precision": report.run["mixed_precision"], "n_trainable": report.run["n_trainable"],
-           "perplexity": report.perplexity, "seconds": round(time.time() - started, 1),
+           "perplexity": report.evals["held-out"]["perplexity"], "seconds": round(time.time() - started, 1),
            "devices": loaded.info.device, "versions": report.meta.get("versions")}
     if full:
         row.update(reload_check(loaded, report, heldout))

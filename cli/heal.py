@@ -21,7 +21,8 @@ from sa_analysis import defaults
 
 PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
 SpansOpt = Annotated[Optional[str], typer.Option("--spans", help="Instead of --plan: followers as ranges, e.g. 23-26,28-30.")]
-PHASES = {"before": "perplexity before", "train": "healing", "after": "perplexity after", "export": "exporting"}
+PHASES = {"control": "control heal (unshared, same recipe)", "control done": "control done", "before": "perplexity before",
+          "train": "healing", "after": "perplexity after", "export": "exporting"}
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Alpaca-style JSON/JSONL (instruction, input, output; loss on the output) or plain text / JSONL 'text' (language-model loss). Default: the calibration part of the default text.")]
 
 
@@ -48,6 +49,7 @@ def heal(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under OUT/checkpoints.")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast or exact.")] = "fast",
     seed: Annotated[int, typer.Option("--seed", help="Data order and adapter initialisation.")] = 0,
+    control: Annotated[bool, typer.Option("--control/--no-control", help="Judge the heal against a control: the unshared model fine-tuned with the same data, steps, adapters and seed (cached per model and recipe). --no-control skips it, and then recovery is not measured.")] = True,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = None,
     device_map: DeviceMapOpt = None,
@@ -61,7 +63,10 @@ def heal(
     attention), then report held-out perplexity of baseline, patched and healed, and export the healed model with its
     plan (load it with `--model OUT/healed-model` or `sa_analysis.load_shared`).
 
-    --text / --n-seqs / --seq-len choose the held-out evaluation text. Writes heal_report.json, heal.png,
+    Judged on two held-out texts: the held-out part of --data ("heal data, held out"; the default data is the
+    calibration part of CPython's documentation) and --text, a text of another kind ("other text"; default: the
+    Python standard library's source code, `python-source`). Recovery is measured against the control, never against
+    the untouched model (which would count what the fine-tune teaches about the text as recovery). Writes heal_report.json, heal.png,
     healed-model/ and (with --save-every) checkpoints/ under --out. Several GPUs of one host: --device-map auto
     (one process, LoRA), or `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data
     parallel; with --full --fsdp, sharded).
@@ -89,6 +94,8 @@ def heal(
                       f"{grad_accum} x {start.processes} process(es), lr {config.learning_rate:g}, {start.dtype} on "
                       f"{start.device}{' with bf16 autocast' if start.mixed_precision == 'bf16' else ''}; data: "
                       f"{d['source']} ({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
+        texts = "; ".join(f"{name}: {e['source']} ({e['n_seqs']} x {e['seq_len']})" for name, e in start.evals.items())
+        console.print(f"  judged on {texts}; control heal: {start.control}", highlight=False)
         if not console.is_terminal:  # piped: plain lines, each phase and every tenth of the steps
             bar["plain"] = PlainStatus("healing")
             return
@@ -110,7 +117,7 @@ def heal(
             ModelSpec(model, device, dtype, random_init, device_map), TextSpec(text, n_seqs, seq_len), config, plan_file=plan,
             spans=spans, data=data, out=default_out(out, model), resume=resume, status=spinner, on_start=starting,
             on_step=lambda step, loss: update(completed=step, loss=f"{loss:.4f}"),
-            on_phase=lambda phase: update(description=PHASES.get(phase, phase)))
+            on_phase=lambda phase: update(description=PHASES.get(phase, phase)), control=control)
     finally:
         if "progress" in bar:
             bar["progress"].stop()
@@ -125,25 +132,45 @@ def heal(
 
 
 def print_report(report) -> None:
-    """Held-out perplexity of baseline, patched and healed, and the run's numbers."""
-    p = report.perplexity
-    table = Table(title=f"Held-out perplexity, {report.eval.get('n_seqs', '?')} x {report.eval.get('seq_len', '?')} tokens",
-                  caption=f"held-out part of {report.eval.get('source', 'the evaluation text')}", title_justify="left",
-                  caption_justify="left")
-    for column in ("", "perplexity", "vs baseline"):
-        table.add_column(column, justify="right" if column else "left")
-    for name in ("baseline", "patched", "healed"):
-        change = "" if name == "baseline" else f"{100 * (p[name] / p['baseline'] - 1):+.2f}%"
-        table.add_row(name, f"{p[name]:.4g}", change)
+    """Per held-out text: perplexity of the unshared and the shared model, before and after the same fine-tune, and
+    the gap healing closed (against the control); then the run's numbers."""
+    table = Table(title="Held-out perplexity: what sharing costs, before and after healing", title_justify="left")
+    for column in ("held-out text", "unshared", "control (unshared, healed)", "shared", "shared, healed",
+                   "gap before", "gap after", "closed"):
+        table.add_column(column, justify="left" if column == "held-out text" else "right")
+    for name, evaluated in report.evals.items():
+        p, g, text = evaluated["perplexity"], report.gaps(name), evaluated.get("text") or {}
+        closed = "not measured" if g["after"] is None else "n/a" if g["closed"] is None else f"{100 * g['closed']:.0f}%"
+        table.add_row(f"{name}: {text.get('source', '?')} ({text.get('n_seqs', '?')} x {text.get('seq_len', '?')})",
+                      f"{p['baseline']:.4g}", f"{p['control']:.4g}" if "control" in p else "-", f"{p['patched']:.4g}",
+                      f"{p['healed']:.4g}", _gap(g, "before"), _gap(g, "after"), closed)
     console.print(table)
+    console.print("gap = perplexity of the shared model / the unshared one - 1 [95 % interval over sequences, paired]: "
+                  "before healing against the untouched model, after healing against the control; closed = 1 - gap "
+                  "after / gap before (in nats).", highlight=False)
     run = report.run
-    rec = "n/a" if report.recovered is None else f"{100 * report.recovered:.0f}%"
     resumed = f", resumed at step {run['resumed_from']}" if run.get("resumed_from") is not None else ""
     losses = report.losses
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps run"
     speed = f", {run['tokens_per_s']:,.0f} tokens/s" if run.get("tokens_per_s") else ""
-    console.print(f"[bold]Recovered {rec}[/] of the perplexity lost to sharing; {run['steps_run']} steps in "
-                  f"{run['seconds']:.0f} s{speed}{resumed}; {loss}.", highlight=False)
+    control = report.control or {}
+    said = {"run": f"control healed in {control.get('seconds', 0):.0f} s", "cached": "control from the cache",
+            "skipped": "no control (--no-control): recovery is not measured"}.get(control.get("status"), "")
+    console.print(f"[bold]{report.summary()}[/]", highlight=False)
+    console.print(f"{run['steps_run']} steps in {run['seconds']:.0f} s{speed}{resumed}; {loss}; {said}.", highlight=False)
+
+
+def _gap(gaps: dict, which: str) -> str:
+    """A gap in nats as the perplexity change it means, with its interval where there is one: "+7.1% [+4.0, +10.3]"."""
+    import math
+
+    nats = gaps.get(which)
+    if nats is None:
+        return "-"
+    text = f"{100 * math.expm1(nats):+.1f}%"
+    if gaps.get(f"{which}_low") is not None:
+        text += f" [{100 * math.expm1(gaps[which + '_low']):+.1f}, {100 * math.expm1(gaps[which + '_high']):+.1f}]"
+    return text
 
 
 def _skipped(described: dict) -> str:

@@ -1,8 +1,10 @@
 """Data: turn a text source into deterministic token batches, with a calibration / held-out split.
 
 The default text is CPython's own documentation topics (`pydoc_data.topics`), present on every Python, so the
-tool runs offline. Documents are split by a stable hash of their name: the same documents are always
-calibration (measure, plan) and the others always held out (validate), so validation never sees calibration text.
+tool runs offline. A second built-in text of another kind, the Python standard library's own source code
+(`python-source`), is where a heal is judged beyond the kind of text it trained on. Documents are split by a stable
+hash of their name: the same documents are always calibration (measure, plan) and the others always held out
+(validate), so validation never sees calibration text.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from . import defaults
 from .errors import UserError
@@ -24,6 +26,9 @@ if TYPE_CHECKING:  # torch is imported where tokens are made, so reading text st
 Split = Literal["calibration", "heldout"]
 HELDOUT_SHARE = 0.2  # one document in five is held out
 DEFAULT_TEXT = "pydoc_data.topics"
+SOURCE_TEXT = "python-source"  # the standard library's top-level modules, one document per file (code, not prose)
+BUILTIN_TEXTS = {DEFAULT_TEXT: "CPython's documentation topics (English prose)",
+                 SOURCE_TEXT: "the Python standard library's source files (code)"}
 
 
 @dataclass
@@ -55,7 +60,11 @@ def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]
         from pydoc_data.topics import topics
 
         return sorted(topics.items()), DEFAULT_TEXT
+    if str(text) == SOURCE_TEXT:
+        return _stdlib_sources(), SOURCE_TEXT
     path = Path(text).expanduser()
+    if not path.exists() and not path.suffix:
+        _unknown_builtin(str(text))
     raw = read_user_text(path, "text file", "pass a plain-text or JSONL file to --text")
     if path.suffix in (".jsonl", ".json"):
         docs = _jsonl_documents(raw, path)
@@ -66,16 +75,73 @@ def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]
     return docs, str(path)
 
 
-def _jsonl_documents(raw: str, path: Path) -> list[tuple[str, str]]:
-    docs = []
+def _stdlib_sources() -> list[tuple[str, str]]:
+    """(file name, source) of every top-level module of the running Python's standard library, sorted by name."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    return [(path.name, path.read_text(encoding="utf-8", errors="replace")) for path in sorted(folder.glob("*.py"))]
+
+
+def _unknown_builtin(name: str) -> None:
+    """A --text that is neither a file nor a built-in text's name: one sentence, with the nearest name."""
+    import difflib
+
+    near = difflib.get_close_matches(name, list(BUILTIN_TEXTS), n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    raise UserError(f"The text {name} is neither a file nor a built-in text; {hint}pass a plain-text or JSONL file, or "
+                    f"one of {', '.join(BUILTIN_TEXTS)}.")
+
+
+# Stanford Alpaca's prompt template (the SA reference heals on Alpaca with it); a heal's loss covers the response only.
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(row: Mapping[str, Any]) -> str:
+    """The Alpaca prompt for a row with `instruction` and optional `input`."""
+    instruction = str(row.get("instruction") or "").strip()
+    extra = str(row.get("input") or "").strip()
+    if extra:
+        return ALPACA_PROMPT.format(instruction=instruction, input=extra)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def is_alpaca_row(row: Any) -> bool:
+    return isinstance(row, dict) and bool(str(row.get("instruction") or "").strip()) and bool(str(row.get("output") or "").strip())
+
+
+def json_rows(raw: str, path: Path, what: str = "text file") -> list[tuple[int, Any]]:
+    """(number, row) for each row of a JSON list (Alpaca's alpaca_data.json; numbered from 1) or of a JSONL file
+    (numbered by line); the numbers name the rows' documents, so the calibration / held-out split is stable."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"The {what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); write a list of objects or one object per line.") from None
+        return list(enumerate(rows if isinstance(rows, list) else [rows], start=1))
+    numbered = []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            numbered.append((number, json.loads(line)))
         except json.JSONDecodeError:
             raise UserError(f"Line {number} of {path} is not valid JSON; each line of a JSONL file must be one object with a 'text' field.") from None
+    return numbered
+
+
+def _jsonl_documents(raw: str, path: Path) -> list[tuple[str, str]]:
+    """Documents of a JSON/JSONL file: a row's 'text', or an Alpaca row's prompt and response."""
+    docs = []
+    for number, row in json_rows(raw, path):
         value = row.get("text") if isinstance(row, dict) else None
+        if is_alpaca_row(row):
+            value = alpaca_prompt(row) + str(row["output"]).strip()
         if isinstance(value, str) and value.strip():
             docs.append((f"{path.name}#{number}", value))
     return docs
@@ -108,8 +174,10 @@ def token_batch(
     seq_len: int = defaults.SEQ_LEN,
     max_positions: int | None = None,
     vocab_size: int | None = None,
+    allow_fewer: bool = False,
 ) -> TokenBatch:
-    """`n_seqs` non-overlapping windows of `seq_len` tokens from one split of the text, same ids every run.
+    """`n_seqs` non-overlapping windows of `seq_len` tokens from one split of the text, same ids every run
+    (`allow_fewer`: as many as the split holds when it holds fewer, or one shorter sequence of all of it).
 
     Documents are joined (separated by the tokenizer's EOS) in their sorted order and cut into windows, so
     every sequence is full-length and needs no padding. Without a tokenizer (random-init models) the default
@@ -125,6 +193,8 @@ def token_batch(
     if tokenizer is None:  # a random-init model where the default tokenizer is not installed: timing work only
         return _random_tokens(n_seqs, seq_len, vocab_size, split)
     ids = _tokenize_stream(tokenizer, docs, n_seqs * seq_len)
+    if allow_fewer and 2 <= len(ids) < n_seqs * seq_len:  # what the split holds: whole windows, or one shorter one
+        n_seqs, seq_len = (len(ids) // seq_len, seq_len) if len(ids) >= seq_len else (1, len(ids))
     if len(ids) < n_seqs * seq_len:
         have = len(ids) // seq_len
         hint = f"use --n-seqs {have} or fewer, a shorter --seq-len," if have else "use a shorter --seq-len"

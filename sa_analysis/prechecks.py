@@ -80,3 +80,20 @@ def check_plan_options(budget: str | None, max_cost: float | None, cost: str, pr
     if cost not in COSTS:
         raise UserError(f"Unknown --cost {cost!r}; choose one of {', '.join(COSTS)}.")
     return parsed
+
+
+def parse_budgets(spec: str | None, n_layers: int | None) -> list[int] | None:
+    """`--budgets`: "1-15", "3,8,15" or a mix ("1-4,8"); None: 1 up to half the layers. Checked against the layer
+    count where it is known (None is returned for the default while the count is not known)."""
+    if spec is None:
+        return None if n_layers is None else list(range(1, n_layers // 2 + 1))
+    budgets: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or int(low) < 1 or (high and int(high) < int(low)):
+            raise UserError(f"--budgets {spec!r} is not a list of layer counts; write e.g. 1-15 or 3,8,15 (counts from 1).")
+        budgets.update(range(int(low), int(high or low) + 1))
+    if n_layers is not None and max(budgets) >= n_layers:
+        raise UserError(f"--budgets asks to share {max(budgets)} layers but the model has {n_layers} (layer 0 is never "
+                        f"shared); the most is {n_layers - 1}.")
+    return sorted(budgets)

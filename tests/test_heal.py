@@ -67,13 +67,16 @@ def _logits(model, ids):
 
 # ----- data --------------------------------------------------------------------------------------------------
 def test_alpaca_rows_learn_the_response_only(tokenizer):
+    from sa_analysis.data import is_heldout
+
     data = load_heal_data(DATA / "heal_alpaca.jsonl", tokenizer, seq_len=128, vocab_size=VOCAB)
-    assert data.kind == "alpaca" and data.n_rows == 14 and len(data) + sum(data.n_skipped.values()) == 14
-    assert data.n_skipped["no_instruction_or_output"] == 2
     import json
 
-    rows = [json.loads(line) for line in (DATA / "heal_alpaca.jsonl").read_text().splitlines()]
-    usable = [r for r in rows if r.get("instruction") and r.get("output")]
+    lines = (DATA / "heal_alpaca.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for number, line in enumerate(lines, start=1) if not is_heldout(f"heal_alpaca.jsonl#{number}")]
+    assert 0 < len(kept) < 14  # the held-out rows are for judging the heal, never trained on
+    assert data.kind == "alpaca" and data.n_rows == 14 and len(data) + sum(data.n_skipped.values()) == len(kept)
+    usable = [r for r in kept if r.get("instruction") and r.get("output")]
     for row, (ids, labels) in zip(usable, data.examples):
         n_prompt = len(tokenizer(alpaca_prompt(row))["input_ids"])
         response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -134,8 +137,10 @@ def test_lora_heal_lowers_the_loss_and_exports_a_model_that_reloads_identically(
     report = heal(loaded, PLAN, text_data, heldout, config(), out=tmp_path)
     losses = report.losses
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
-    p = report.perplexity
+    p = report.evals["held-out"]["perplexity"]
     assert p["patched"] != p["baseline"] and p["healed"] < p["patched"]
+    assert "control" not in p and report.control == {"status": "skipped"} and report.gaps("held-out")["closed"] is None
+    assert any("recovery is not measured" in note for note in report.notes)
     for name in ("report", "figure", "model"):
         assert Path(report.files[name]).exists()
     assert not (tmp_path / "checkpoints").exists()  # no --save-every: the Trainer's scratch space is not left behind
@@ -258,7 +263,7 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path, text_data, held
     resumed = heal(tiny_loaded(), PLAN, text_data, heldout, config(**settings), out=tmp_path / "cut", resume=True)
     assert resumed.run["resumed_from"] == 4 and resumed.run["steps_run"] == 2
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
-    assert resumed.perplexity["healed"] == pytest.approx(whole.perplexity["healed"], rel=1e-5)
+    assert resumed.evals["held-out"]["perplexity"]["healed"] == pytest.approx(whole.evals["held-out"]["perplexity"]["healed"], rel=1e-5)
     with pytest.raises(UserError, match="other settings"):  # a checkpoint of another LoRA rank
         heal(tiny_loaded(), PLAN, text_data, heldout, config(lora_rank=4, **settings), out=tmp_path / "cut", resume=True)
 
@@ -306,10 +311,11 @@ def test_sharded_lora_and_a_missing_deepspeed_config_are_refused(tmp_path):
 
 
 # ----- the command -------------------------------------------------------------------------------------------
-def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
+def test_cli_heals_exports_and_refuses_bad_data(tmp_path, monkeypatch):
     from cli.main import app
     from sa_analysis.shared_model import load_with_plan
 
+    monkeypatch.setattr("sa_analysis.heal.control.cache_root", lambda: tmp_path / "cache")  # a control of its own
     folder = tmp_path / "tiny"
     tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
     runner = CliRunner()
@@ -320,7 +326,18 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("heal_report.json", "heal.png", "healed-model/share_plan.json", "checkpoints/checkpoint-2/trainer_state.json"):
         assert (out / name).exists(), name
-    assert "healed" in result.output and "Recovered" in result.output
+    assert "shared, healed" in result.output and "gap before" in result.output and "control healed in" in result.output
+    from sa_analysis.heal import HealReport
+
+    judged = HealReport.load(out / "heal_report.json")
+    assert list(judged.evals) == ["heal data, held out", "other text"] and judged.control["status"] == "run"
+    assert judged.evals["other text"]["text"]["source"] == "pydoc_data.topics"  # another kind than the Alpaca data
+    assert all("control" in e["perplexity"] for e in judged.evals.values())
+    again = runner.invoke(app, [str(a) for a in args[:-1] + [tmp_path / "again"]])  # the same recipe: control cached
+    assert again.exit_code == 0 and "control from the cache" in again.output, again.output
+    cached = HealReport.load(tmp_path / "again" / "heal_report.json")
+    assert cached.control["status"] == "cached" and cached.control["key"] == judged.control["key"]
+    assert cached.evals["other text"]["perplexity"]["control"] == judged.evals["other text"]["perplexity"]["control"]
     assert "healing: step 3/3, loss" in result.output  # not a terminal: progress as plain lines
     healed = load_with_plan(str(out / "healed-model"), device="cpu")
     assert healed.share.active and healed.info.source == "shared-folder"
@@ -356,7 +373,7 @@ def test_two_processes_through_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "x 2 process(es)" in result.stdout and result.stdout.count("Recovered") == 1  # only the main process reports
+    assert "x 2 process(es)" in result.stdout and result.stdout.count("gap before") == 1  # only the main process reports
     from sa_analysis.heal import HealReport
 
     report = HealReport.load(tmp_path / "out" / "heal_report.json")
@@ -383,3 +400,48 @@ def test_memory_check_at_llama_3_8b_shape_names_fsdp_over_two_80gb_gpus(monkeypa
         check_full_fits(trained, torch.device("cuda"), all_params=every, gpus=8)
     fits = check_full_fits(trained, torch.device("cuda"), all_params=every, world=2, sharded=True, gpus=8)
     assert fits["per_process"] == pytest.approx(state / 2)
+
+
+# ----- the control: recovery judged against the unshared model healed the same way ------------------------------
+def test_gap_and_closed_fraction_known_answers():
+    import math
+
+    from sa_analysis.heal import closed_fraction, gap
+
+    assert gap(20.0, 10.0) == pytest.approx(math.log(2))
+    assert closed_fraction(0.2, 0.05) == pytest.approx(0.75)
+    assert closed_fraction(0.2, -0.1) == pytest.approx(1.5)  # the healed shared model beats the control
+    assert closed_fraction(0.0, 0.1) is None and closed_fraction(-0.1, 0.0) is None  # sharing cost nothing
+
+
+def test_control_heal_is_the_unshared_model_healed_alike_cached_and_judged(tmp_path, monkeypatch, text_data, heldout):
+    import math
+
+    from sa_analysis.heal import control_path, run_control
+
+    monkeypatch.setattr("sa_analysis.heal.control.cache_root", lambda: tmp_path / "cache")
+    evals = {"held-out": heldout}
+    recipe = config(steps=4)
+    control = run_control(tiny_loaded(), text_data, evals, recipe)
+    assert control["status"] == "run" and control_path(control["key"]).is_file()
+    # the same as healing with nothing shared, computed on its own
+    unshared = heal(tiny_loaded(), SharePlan.empty(4), text_data, evals, recipe, export=False)
+    assert control["perplexity"]["held-out"]["healed"] == pytest.approx(unshared.evals["held-out"]["perplexity"]["healed"], rel=1e-6)
+    assert control["perplexity"]["held-out"]["baseline"] == pytest.approx(unshared.evals["held-out"]["perplexity"]["baseline"], rel=1e-9)
+    again = run_control(tiny_loaded(), text_data, evals, recipe)
+    assert again["status"] == "cached" and again["perplexity"] == control["perplexity"]
+    assert run_control(tiny_loaded(seed=1), text_data, evals, recipe)["key"] != control["key"]  # other weights
+    assert run_control(tiny_loaded(), text_data, evals, config(steps=3))["key"] != control["key"]  # another recipe
+
+    report = heal(tiny_loaded(), PLAN, text_data, evals, recipe, control=control)
+    p, gaps = report.evals["held-out"]["perplexity"], report.gaps("held-out")
+    assert p["control"] == control["perplexity"]["held-out"]["healed"] and report.control["key"] == control["key"]
+    assert gaps["before"] == pytest.approx(math.log(p["patched"] / p["baseline"]))
+    assert gaps["after"] == pytest.approx(math.log(p["healed"] / p["control"]))
+    assert gaps["closed"] == pytest.approx(1 - gaps["after"] / gaps["before"])
+    nll = report.evals["held-out"]["nll"]  # per sequence, paired: the intervals of the gaps
+    assert math.exp(sum(nll["healed"]) / len(nll["healed"])) == pytest.approx(p["healed"], rel=1e-12)
+    diffs = [a - b for a, b in zip(nll["healed"], nll["control"])]
+    assert sum(diffs) / len(diffs) == pytest.approx(gaps["after"])
+    assert gaps["after_low"] < gaps["after"] < gaps["after_high"]
+    assert "against the control after it" in report.summary()

@@ -28,12 +28,13 @@ from which `resume=True` continues where an uninterrupted run would be.
 
 Modules: `config` (HealConfig and its TrainingArguments), `data` (training rows, the Trainer's dataset and
 collator), `params` (what trains, and whether it fits), `evaluate` (perplexity), `report` (HealReport), `train`
-(the run).
+(the run), `control` (the control heal a heal is judged against: the unshared model, the same recipe; cached).
 """
 
 from .config import DEFAULT_LR, FULL_SCOPES, METHODS, TRAIN_LAYERS, HealConfig
 from .data import ALPACA_PROMPT, IGNORE_INDEX, HealData, alpaca_example, alpaca_prompt, load_heal_data
-from .evaluate import perplexity, recovered_fraction
+from .control import control_key, control_path, run_control, weights_fingerprint
+from .evaluate import closed_fraction, gap, perplexity
 from .params import add_lora, check_full_fits, free_memory_bytes, full_finetune_bytes, full_parameters, lora_targets
 from .report import HealReport
 from .train import SETTINGS_FILE, export_healed, heal
@@ -42,5 +43,5 @@ __all__ = [
     "ALPACA_PROMPT", "DEFAULT_LR", "FULL_SCOPES", "IGNORE_INDEX", "METHODS", "TRAIN_LAYERS", "HealConfig", "HealData", "HealReport",
     "add_lora", "alpaca_example", "alpaca_prompt", "check_full_fits", "export_healed", "free_memory_bytes",
     "full_finetune_bytes", "full_parameters", "heal", "load_heal_data", "lora_targets", "perplexity",
-    "recovered_fraction", "SETTINGS_FILE",
+    "closed_fraction", "control_key", "control_path", "gap", "run_control", "weights_fingerprint", "SETTINGS_FILE",
 ]

@@ -10,20 +10,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import UserError
+from ..data import ALPACA_PROMPT, alpaca_prompt, is_alpaca_row, is_heldout, json_rows
 from ..io import read_user_text
 
 
 IGNORE_INDEX = -100
-
-
-# Stanford Alpaca's prompt template (the SA reference heals on Alpaca with it); the loss covers the response only.
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-
-
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
 @dataclass
@@ -68,15 +59,6 @@ class HealData:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def alpaca_prompt(row: Mapping[str, Any]) -> str:
-    """The Alpaca prompt for a row with `instruction` and optional `input`."""
-    instruction = str(row.get("instruction") or "").strip()
-    extra = str(row.get("input") or "").strip()
-    if extra:
-        return ALPACA_PROMPT.format(instruction=instruction, input=extra)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
 def alpaca_example(tokenizer: Any, row: Mapping[str, Any], seq_len: int,
                    vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(ids, labels) for one Alpaca row: labels are IGNORE_INDEX on the prompt, the response + EOS is learned.
@@ -105,7 +87,8 @@ def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len:
     """Training data from an Alpaca-style JSON/JSONL file (instruction, input, output: loss on the output only), a
     JSONL file with a `text` field or a plain-text file (language-model loss on windows of `seq_len` tokens), or the
     default text (None). From plain text only the calibration part is used (the held-out part is for evaluation,
-    see `data.split_documents`). Without a tokenizer (random-init models) the default tokenizer's ids are folded into
+    see `data.split_documents`), and from Alpaca rows the calibration rows (by the same stable hash of the row's
+    number): the held-out part is where a heal is judged on its own kind of text (`data.token_batch` reads it). Without a tokenizer (random-init models) the default tokenizer's ids are folded into
     `vocab_size`. `max_examples` stops tokenizing once that many text windows are collected.
     """
     from ..data import DEFAULT_TEXT, default_tokenizer, split_documents
@@ -124,10 +107,14 @@ def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len:
     path = Path(source).expanduser()
     raw = read_user_text(path, "data file", "pass an Alpaca-style JSON/JSONL file or a text file to --data")
     if path.suffix.lower() in (".json", ".jsonl"):
-        rows = _json_rows(raw, path)
+        if not raw.strip():
+            raise UserError(f"The data file {path} has no usable rows: it is empty.")
+        numbered = json_rows(raw, path, "data file")
+        rows = [row for _, row in numbered]
         if any(isinstance(r, dict) and ("instruction" in r or "output" in r) for r in rows):
-            return _alpaca_data(rows, tokenizer, seq_len, vocab_size, str(path), pad)
-        docs = [(f"{path.name}#{i}", r["text"]) for i, r in enumerate(rows)
+            kept = [row for number, row in numbered if not is_heldout(f"{path.name}#{number}")] or rows
+            return _alpaca_data(kept, tokenizer, seq_len, vocab_size, f"{path} (calibration part)", pad, len(rows))
+        docs = [(f"{path.name}#{number}", r["text"]) for number, r in numbered
                 if isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip()]
         if not docs:
             raise UserError(f"The data file {path} has no usable rows: {len(rows)} rows, none with Alpaca fields "
@@ -142,32 +129,12 @@ def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len:
     return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{path} (calibration part)", pad, n_rows)
 
 
-def _json_rows(raw: str, path: Path) -> list[Any]:
-    """Rows of a JSON list (Alpaca's alpaca_data.json) or of a JSONL file."""
-    text = raw.strip()
-    if not text:
-        raise UserError(f"The data file {path} has no usable rows: it is empty.")
-    if text.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"The data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); write a list of objects or one object per line.") from None
-        return rows if isinstance(rows, list) else [rows]
-    rows = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"Line {number} of {path} is not valid JSON; each line of a JSONL file must be one object.") from None
-    return rows
-
-
-def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int | None, source: str, pad: int) -> HealData:
+def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int | None, source: str, pad: int,
+                 n_rows: int) -> HealData:
+    """Examples of the Alpaca rows kept for training (`n_rows`: the file's rows, the held-out ones included)."""
     examples, missing, too_long = [], 0, 0
     for row in rows:
-        if not isinstance(row, dict) or not str(row.get("instruction") or "").strip() or not str(row.get("output") or "").strip():
+        if not is_alpaca_row(row):
             missing += 1
             continue
         example = alpaca_example(tokenizer, row, seq_len, vocab_size)
@@ -178,7 +145,7 @@ def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int 
     if not examples:
         raise UserError(f"The data file {source} has no usable rows: {len(rows)} rows, {missing} without an instruction "
                         f"and an output, {too_long} whose prompt fills --seq-len {seq_len}; fix the file or raise --seq-len.")
-    return HealData(examples, "alpaca", source, pad, len(rows), {"no_instruction_or_output": missing, "prompt_too_long": too_long})
+    return HealData(examples, "alpaca", source, pad, n_rows, {"no_instruction_or_output": missing, "prompt_too_long": too_long})
 
 
 def _text_data(docs: list[tuple[str, str]], tokenizer: Any, seq_len: int, vocab_size: int | None,

@@ -20,7 +20,7 @@ from ..io import read_json, write_json
 from ..rng import seeded
 from .config import FSDP_NEEDS_PROCESSES, HealConfig
 from .data import HealData
-from .evaluate import perplexity, recovered_fraction
+from .evaluate import sequence_nll
 from .params import FOLLOWER_UNUSED, add_lora, check_full_fits, full_parameters
 from .report import HealReport
 
@@ -33,7 +33,7 @@ def heal(
     loaded: Any,
     plan: Any,
     data: HealData,
-    eval_batch: Any,
+    evals: Any,
     config: HealConfig | None = None,
     *,
     out: str | Path | None = None,
@@ -41,17 +41,20 @@ def heal(
     on_step: Callable[[int, float], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     export: bool = True,
+    control: Mapping[str, Any] | None = None,
 ) -> HealReport | None:
     """Fine-tune `loaded.model` with Shared Attention for `plan` in force, on `transformers.Trainer`; measure,
     export, report.
 
-    eval_batch: held-out token ids (a TokenBatch of split "heldout", or [S, T]) for baseline/patched/healed
-    perplexity. out: folder for checkpoints/ (the Trainer's), healed-model/ (the export), heal_report.json and
+    evals: held-out texts for baseline / patched / healed perplexity, {name: TokenBatch of split "heldout", or ids
+    [S, T]} (one batch alone is named "held-out"); the control heal (`heal.control`) is judged on the same. out: folder for checkpoints/ (the Trainer's), healed-model/ (the export), heal_report.json and
     heal.png (None: nothing is kept). resume: continue from the newest checkpoint under out/checkpoints (a fresh start
     when there is none). on_step(step, loss) is called on the main process after each optimizer step, on_phase(name)
     as each phase starts ("before", "train", "after", "export"). Several processes (`accelerate launch`, torchrun):
     data parallel, or sharded with `config.shard="fsdp"` / `config.deepspeed`; only the main process returns the
-    report. Afterwards `loaded.model` holds the healed weights (LoRA merged) with the patch in force.
+    report. Afterwards `loaded.model` holds the healed weights (LoRA merged) with the patch in force. `control`: the
+    control heal's perplexities (`heal.control.run_control`) the report is judged against (None: not measured, and
+    the report says so).
     """
     from ..patch import share_attention
     from ..validate import as_plan, check_plan_for_model
@@ -62,9 +65,8 @@ def heal(
         raise UserError("This model already runs with Shared Attention (it was loaded from a shared folder); heal the base model, or call loaded.share.remove() first.")
     share_plan = as_plan(plan, info.n_layers, info.shape())
     check_plan_for_model(share_plan, info)
-    ids_eval = eval_batch.input_ids if hasattr(eval_batch, "input_ids") else eval_batch
-    if hasattr(eval_batch, "input_ids") and getattr(eval_batch, "split", "heldout") != "heldout":  # (a tensor has .split())
-        raise UserError("Heal evaluates on held-out text, never the calibration text; pass a batch with split='heldout'.")
+    batches = _held_out(evals)
+    evals = {name: getattr(batch, "input_ids", batch) for name, batch in batches.items()}  # {name: ids [S, T]}
     if len(data) == 0:
         raise UserError(f"The data {data.source} has no usable rows.")
     model = loaded.model
@@ -82,12 +84,14 @@ def heal(
         notes: list[str] = []
 
         # 1. before: baseline and patched perplexity on held-out text (the main process, unsharded weights)
-        ppl: dict[str, float] = {}
+        nll: dict[str, dict[str, list[float]]] = {name: {} for name in evals}  # per sequence
         phase("before")
         if main:
-            ppl["baseline"] = perplexity(model, ids_eval, config.eval_batch_size)
+            for name, ids in evals.items():
+                nll[name]["baseline"] = sequence_nll(model, ids, config.eval_batch_size)
             with share_attention(model, share_plan, mode=config.mode):
-                ppl["patched"] = perplexity(model, ids_eval, config.eval_batch_size)
+                for name, ids in evals.items():
+                    nll[name]["patched"] = sequence_nll(model, ids, config.eval_batch_size)
         keep = copy.deepcopy(model).to("cpu") if main and config.sharded else None  # receives the gathered weights
 
         # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch
@@ -121,16 +125,38 @@ def heal(
 
         # 5. after: healed perplexity, report, figure, export
         phase("after")
-        ppl["healed"] = perplexity(model, ids_eval, config.eval_batch_size)
-        described = eval_batch.describe() if hasattr(eval_batch, "describe") else {"n_seqs": int(ids_eval.shape[0]), "seq_len": int(ids_eval.shape[1])}
+        for name, ids in evals.items():
+            nll[name]["healed"] = sequence_nll(model, ids, config.eval_batch_size)
         losses = [float(h["loss"]) for h in run.pop("log_history") if "loss" in h]
         report = HealReport(
-            model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(), eval=described,
-            perplexity=ppl, recovered=recovered_fraction(ppl["baseline"], ppl["patched"], ppl["healed"]), losses=losses,
-            run=run, notes=notes, meta=provenance(device))
+            model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(),
+            evals={name: {"text": describe_batch(batch), "nll": nll[name],
+                          "perplexity": {k: math.exp(sum(v) / len(v)) for k, v in nll[name].items()}}
+                   for name, batch in batches.items()},
+            losses=losses, run=run, notes=notes, meta=provenance(device))
+        if share_plan.n_shared:
+            report.judge(None if control is None else dict(control))
         if out is not None:
             _write_outputs(report, loaded, share_plan, Path(out), config.mode, export, phase)
         return report
+
+
+def _held_out(evals: Any) -> dict[str, Any]:
+    """{name: batch} of the held-out texts (a lone batch is named "held-out"); calibration text is refused."""
+    named = dict(evals) if isinstance(evals, Mapping) else {"held-out": evals}
+    if not named:
+        raise UserError("Heal needs at least one held-out text to evaluate on.")
+    for batch in named.values():
+        if hasattr(batch, "input_ids") and getattr(batch, "split", "heldout") != "heldout":  # (a tensor has .split())
+            raise UserError("Heal evaluates on held-out text, never the calibration text; pass a batch with split='heldout'.")
+    return named
+
+
+def describe_batch(batch: Any) -> dict[str, Any]:
+    """What a held-out batch is (source, split, size, token hash), or its size for bare ids."""
+    if hasattr(batch, "describe"):
+        return batch.describe()
+    return {"n_seqs": int(batch.shape[0]), "seq_len": int(batch.shape[1])}
 
 
 def _train(model: torch.nn.Module, args: Any, data: HealData, config: HealConfig, handle: Any, start: str | None,
@@ -283,8 +309,9 @@ def export_healed(loaded: Any, plan: Any, folder: str | Path, report: HealReport
 
     meta = {}
     if report is not None:
-        meta["heal"] = {"perplexity": report.perplexity, "recovered": report.recovered, "data": report.data.get("source"),
-                        "method": report.config.get("method"), "steps": report.run.get("steps")}
+        meta["heal"] = {"evals": {name: {"perplexity": e["perplexity"], **report.gaps(name)} for name, e in report.evals.items()},
+                        "data": report.data.get("source"), "method": report.config.get("method"),
+                        "steps": report.run.get("steps"), "control": report.control}
     return export_shared(loaded, plan, folder, mode=mode, meta=meta)
 
 

@@ -1,4 +1,5 @@
-"""The heal job: load, check the plan and the data, fine-tune with sharing in force, report and export."""
+"""The heal job: load, check the plan and the data, heal the control (the unshared model, same recipe; cached), fine-tune
+with sharing in force, judge against the control on two held-out texts, report and export."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..heal import HealConfig, HealReport, heal, load_heal_data
+from ..data import DEFAULT_TEXT, SOURCE_TEXT, token_batch
+from ..heal import HealConfig, HealReport, control_key, control_path, heal, load_heal_data, run_control
 from ..heal.config import FSDP_NEEDS_PROCESSES
 from ..io import default_out_dir
 from ..loading import resolve_device
@@ -32,14 +34,19 @@ class HealStart:
     device: str
     mixed_precision: str | None
     main: bool
+    evals: dict[str, dict[str, Any]]  # {name: the held-out batch described}
+    control: str  # "cached", "to run" or "skipped"
 
 
 def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file: str | Path | None = None,
              spans: str | None = None, data: str | Path | None = None, out: Path | None = None, resume: bool = False,
              status: Status | None = None, on_start: Callable[[HealStart], None] | None = None,
              on_step: Callable[[int, float], None] | None = None,
-             on_phase: Callable[[str], None] | None = None) -> HealReport | None:
-    """Heal `source` for a plan (a plan file or spans), on Alpaca/JSONL/text `data`, evaluated on held-out `text`.
+             on_phase: Callable[[str], None] | None = None, control: bool = True) -> HealReport | None:
+    """Heal `source` for a plan (a plan file or spans), on Alpaca/JSONL/text `data` (its calibration part), judged
+    against the control heal (`control=False` skips it: recovery is then not measured) on two held-out texts: the
+    held-out part of the data ("heal data, held out") and `text`, a text of another kind ("other text"; default: the
+    standard library's source code, against the default documentation text).
 
     Several GPUs of one host: run under `accelerate launch --num_processes N` (one process per GPU: data parallel,
     or sharded with `config.shard="fsdp"` / `config.deepspeed`); only the main process returns the report (the
@@ -72,13 +79,41 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     needed = config.steps * config.batch_size * config.grad_accum * processes.num_processes
     train_data = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
                                 vocab_size=None if loaded.tokenizer else info.vocab_size, max_examples=needed)
-    eval_batch = text.batch(loaded, "heldout")
+    evals = heal_evals(loaded, data, text)
+    status = "skipped" if not control else "cached" if control_path(control_key(loaded, config, train_data, evals)).is_file() else "to run"
     if on_start:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         on_start(HealStart(info.name, share_plan, train_data.describe(), processes.num_processes, info.dtype,
-                           info.device, "bf16" if bf16 else "no", processes.is_main_process))
-    return heal(loaded, share_plan, train_data, eval_batch, config, out=out_dir, resume=resume, on_step=on_step,
-                on_phase=on_phase)
+                           info.device, "bf16" if bf16 else "no", processes.is_main_process,
+                           {name: batch.describe() for name, batch in evals.items()}, status))
+    found = None
+    if control:
+        phase = on_phase or (lambda _name: None)
+        phase("control")
+        found = run_control(loaded, train_data, evals, config, on_step=on_step)
+        if found is not None and found["status"] == "run":  # the control changed these weights: a fresh copy
+            loaded = placed.load(None)
+        phase("control done")
+    return heal(loaded, share_plan, train_data, evals, config, out=out_dir, resume=resume, on_step=on_step,
+                on_phase=on_phase, control=found)
+
+
+HEAL_DATA_TEXT = "heal data, held out"
+OTHER_TEXT = "other text"
+
+
+def heal_evals(loaded: Any, data: str | Path | None, text: TextSpec) -> dict[str, Any]:
+    """The two held-out texts a heal is judged on: the held-out part of its training data (as many sequences as that
+    part holds, up to `text.n_seqs`) and `text.text` (default: the standard library's source code when the data is
+    the default documentation text, else the documentation text), of another kind."""
+    def batch(source, split_fewer: bool):
+        return token_batch(loaded.tokenizer, text=source, split="heldout", n_seqs=text.n_seqs, seq_len=text.seq_len,
+                           max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size,
+                           allow_fewer=split_fewer)
+
+    data_source = DEFAULT_TEXT if data is None else data
+    other = text.text if text.text is not None else (SOURCE_TEXT if str(data_source) == DEFAULT_TEXT else DEFAULT_TEXT)
+    return {HEAL_DATA_TEXT: batch(data_source, True), OTHER_TEXT: batch(other, False)}
 
 
 def _processes(device):

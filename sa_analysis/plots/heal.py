@@ -8,22 +8,21 @@ from typing import Any, Sequence
 from .style import PALETTE, new_figure, paper_style, save_figure
 
 
+BARS = (("baseline", "unshared"), ("control", "unshared, healed\n(control)"), ("patched", "shared"),
+        ("healed", "shared, healed"))
+
+
 def plot_heal(report: Any, path_stem: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """One figure of a `heal.HealReport` (read through its fields; heal calls this, so no import back): held-out
-    perplexity bars (baseline / patched / healed) and the training loss per step."""
+    """One figure of a `heal.HealReport` (read through its fields; heal calls this, so no import back): for each
+    held-out text, perplexity of the unshared and shared model before and after the same fine-tune (the control
+    where it ran), with the gap healing closed; and the training loss per step."""
+    names = list(report.evals)
     with paper_style():
-        fig = new_figure(9.0, 3.4)
-        bars, curve = fig.subplots(1, 2, width_ratios=[1, 1.6])
-        names = ["baseline", "patched", "healed"]
-        values = [report.perplexity[n] for n in names]
-        drawn = bars.bar(names, values, color=[PALETTE[0], PALETTE[3], PALETTE[2]])
-        labels = [f"{values[0]:.4g}"] + [f"{v:.4g}\n({100 * (v / values[0] - 1):+.1f}%)" for v in values[1:]]
-        bars.bar_label(drawn, labels=labels, padding=2, fontsize=8)
-        bars.axhline(values[0], color=PALETTE[0], linewidth=0.8, linestyle="--", alpha=0.6, zorder=0)
-        bars.set_ylabel("perplexity (held-out)")
-        bars.set_ylim(0, max(values) * 1.22)
-        rec = "" if report.recovered is None else f", recovered {100 * report.recovered:.0f}%"
-        bars.set_title(f"{report.plan.get('n_shared', len(report.plan.get('followers', [])))} layers shared{rec}")
+        fig = new_figure(3.2 * len(names) + 4.2, 3.6)
+        axes = fig.subplots(1, len(names) + 1, width_ratios=[1] * len(names) + [1.3])
+        for axis, name in zip(axes, names):
+            _perplexity_bars(axis, report, name)
+        curve = axes[-1]
         steps = range(1, len(report.losses) + 1)
         curve.plot(steps, report.losses, color=PALETTE[6], linewidth=0.8, label="step loss")
         if len(report.losses) >= 5:
@@ -39,3 +38,21 @@ def plot_heal(report: Any, path_stem: str | Path, formats: Sequence[str] = ("png
         curve.set_title(f"{report.config.get('method', '')} heal, loss on {kind}")
         curve.legend(frameon=False)
         return save_figure(fig, path_stem, formats)
+
+
+def _perplexity_bars(axis: Any, report: Any, name: str) -> None:
+    """Perplexity of unshared / control / shared / shared-healed on one held-out text, the gap closed in the title."""
+    ppl = report.evals[name]["perplexity"]
+    shown = [(key, label) for key, label in BARS if key in ppl]
+    values = [ppl[key] for key, _ in shown]
+    colours = {"baseline": PALETTE[0], "control": PALETTE[1], "patched": PALETTE[3], "healed": PALETTE[2]}
+    drawn = axis.bar([label for _, label in shown], values, color=[colours[key] for key, _ in shown])
+    axis.bar_label(drawn, labels=[f"{v:.4g}" for v in values], padding=2, fontsize=8)
+    axis.set_ylim(0, max(values) * 1.2)
+    axis.tick_params(axis="x", labelsize=7)
+    gaps = report.gaps(name)
+    closed = ("recovery not measured (no control)" if gaps["after"] is None else
+              "sharing cost nothing" if gaps["closed"] is None else f"healing closed {100 * gaps['closed']:.0f}% of the gap")
+    source = (report.evals[name].get("text") or {}).get("source", "")
+    axis.set_title(f"{name}\n{source}\n{closed}", fontsize=8)
+    axis.set_ylabel("perplexity (held-out)")

@@ -16,14 +16,17 @@ from .plans import as_plan, check_plan_for_model, predicted_savings
 from .quality import Baseline, baseline, compare_log_probs, measure_quality
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .run import validate_plan
+from .baselines import best_contiguous_plan, greedy_plans, last_layers_plan
 from .damage import DamageSearch, plan_from_damage
+from .frontier import Frontier, FrontierPoint, FrontierState, measure_frontier
 from .prefix import Damage, PrefixRun, replay_from
 from .search import PlanSearch, search_plans
 from .speed import compare_speed, measure_speed
 from .tasks import check_tasks, compare_tasks, run_tasks
 
 __all__ = [
-    "DEFAULT_TOLERANCE", "Baseline", "Damage", "DamageSearch", "PlanSearch", "PrefixRun", "ValidationReport", "as_plan",
+    "DEFAULT_TOLERANCE", "Baseline", "Damage", "DamageSearch", "Frontier", "FrontierPoint", "FrontierState",
+    "best_contiguous_plan", "greedy_plans", "last_layers_plan", "measure_frontier", "PlanSearch", "PrefixRun", "ValidationReport", "as_plan",
     "baseline", "check_plan_for_model", "check_tasks", "compare_log_probs", "compare_speed", "compare_tasks",
     "measure_quality", "measure_speed", "plan_from_damage", "replay_from", "predicted_savings", "run_tasks", "search_plans", "validate_plan",
 ]

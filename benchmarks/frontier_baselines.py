@@ -1,0 +1,154 @@
+"""The sharing frontier against the baselines a researcher tries first, before and after healing.
+
+At each budget: the recommended plan (`sa-analyze frontier`, measured output damage), the last k layers, the best
+contiguous k-span (every one measured on the calibration tokens, the least damaging kept) and SLEB-style greedy
+selection (each step re-measures every remaining layer with the plan so far); all by the same calibration tokens,
+all judged on the same held-out tokens. With --heal-steps each plan is healed (LoRA, the same recipe and seed) and
+judged against the control (the unshared model healed the same way, one for all plans).
+
+    PYTHONPATH=. python benchmarks/frontier_baselines.py --budgets 3,8,15 --heal-steps 100 --out DIR
+
+Prints a table and writes DIR/frontier_baselines.json and DIR/frontier_baselines.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sa_analysis import defaults  # noqa: E402
+from sa_analysis.heal import HealConfig, heal, load_heal_data, run_control  # noqa: E402
+from sa_analysis.io import json_safe  # noqa: E402
+from sa_analysis.pipeline import ModelSpec, TextSpec, run_frontier  # noqa: E402
+from sa_analysis.pipeline.heal import heal_evals  # noqa: E402
+from sa_analysis.pipeline.plan import damage_batch  # noqa: E402
+from sa_analysis.planner import PlanConstraints, SharePlan  # noqa: E402
+from sa_analysis.plots import plot_frontier  # noqa: E402
+from sa_analysis.validate import PrefixRun, best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
+from sa_analysis.validate.frontier import heldout_summary  # noqa: E402
+
+METHODS = ("recommended", "last k layers", "best contiguous span", "greedy (SLEB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=defaults.MODEL)
+    parser.add_argument("--budgets", default="3,8,15")
+    parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--no-greedy", action="store_true", help="leave greedy selection out (its cost grows as L x k)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    spec = ModelSpec(args.model, args.device, args.dtype)
+    config = HealConfig(method="lora", steps=args.heal_steps, seq_len=defaults.SEQ_LEN) if args.heal_steps else None
+    say = lambda message: print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)  # noqa: E731
+
+    frontier_started = time.perf_counter()
+    result = run_frontier(spec, TextSpec(None, defaults.N_SEQS, None), budgets=args.budgets, heal_config=config,
+                          out=args.out / "frontier", progress=say)
+    frontier = result.frontier
+    frontier_seconds = time.perf_counter() - frontier_started
+    budgets = [p.budget for p in frontier.points]
+    say(f"frontier done in {frontier_seconds:.0f} s")
+
+    loaded = spec.load()
+    seq_len = frontier.heldout["seq_len"]
+    run = PrefixRun.record(loaded.model, damage_batch(loaded, None, seq_len))
+    held = PrefixRun.record(loaded.model, TextSpec(None, defaults.N_SEQS, seq_len).batch(loaded, "heldout"))
+    assert abs(math.exp(held.baseline_nll) - frontier.baseline["perplexity"]) < 1e-6 * frontier.baseline["perplexity"]
+    n_layers, shape = loaded.info.n_layers, loaded.info.shape()
+    plans: dict[tuple[int, str], SharePlan] = {}
+    seconds: dict[str, float] = {"frontier (recommended, before healing)": frontier_seconds}
+    for point in frontier.points:
+        plans[(point.budget, "recommended")] = SharePlan.from_dict(point.plan)
+        plans[(point.budget, "last k layers")] = last_layers_plan(n_layers, point.budget, shape)
+    t = time.perf_counter()
+    for k in budgets:
+        plans[(k, "best contiguous span")] = best_contiguous_plan(run, k, model=shape)[0]
+    seconds["best contiguous span (all budgets)"] = time.perf_counter() - t
+    if not args.no_greedy:
+        t = time.perf_counter()
+        greedy = greedy_plans(run, max(budgets), model=shape, progress=say)
+        seconds["greedy (SLEB), nested up to the largest budget"] = time.perf_counter() - t
+        for k in budgets:
+            plans[(k, "greedy (SLEB)")] = greedy[k][0]
+    rows = []
+    for (k, method), plan in sorted(plans.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]))):
+        measured = heldout_summary(held, plan)
+        rows.append({"budget": k, "method": method, "followers": plan.followers, "aligned": plan.aligned_followers,
+                     "heldout_perplexity": measured["perplexity"],
+                     "heldout_change": measured["perplexity"] / frontier.baseline["perplexity"] - 1,
+                     "heldout_kl": measured["kl"], "calibration_kl": run.damage(plan.anchor_of, plan.head_map).kl_mean})
+    if config is not None:
+        heal_all(spec, loaded, frontier, plans, rows, config, say)
+    report = {"model": loaded.info.to_dict(), "budgets": budgets, "baseline": frontier.baseline, "rows": rows,
+              "seconds": {**seconds, "total": time.perf_counter() - started}, "frontier": frontier.to_dict(),
+              "heal": frontier.heal}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontier_baselines.json").write_text(json.dumps(json_safe(report), indent=1))
+    print_table(rows, frontier.baseline["perplexity"], seconds)
+    plot_frontier(frontier, args.out / "frontier_baselines", baselines=series(rows, frontier))
+    say(f"wrote {args.out / 'frontier_baselines.json'} and .png")
+
+
+def heal_all(spec, loaded, frontier, plans, rows, config, say) -> None:
+    """Heal every baseline plan the same way as the recommended ones (whose heals the frontier made), judged against
+    the same (cached) control; identical plans are healed once."""
+    train = load_heal_data(None, loaded.tokenizer, seq_len=config.seq_len,
+                           max_examples=config.steps * config.batch_size * config.grad_accum)
+    evals = heal_evals(loaded, None, TextSpec(None, defaults.HEAL_N_SEQS, config.seq_len))
+    control = run_control(loaded, train, evals, config)
+    say(f"control: {control['status']}")
+    by_budget = {p.budget: p for p in frontier.points}
+    done: dict[tuple, dict] = {}
+    for row in rows:
+        plan = plans[(row["budget"], row["method"])]
+        key = (tuple(plan.followers), tuple(plan.aligned_followers))
+        if row["method"] == "recommended":
+            done[key] = by_budget[row["budget"]].healed
+        if key not in done:
+            say(f"healing {row['method']} at {row['budget']}: {plan.spans_spec()}")
+            report = heal(spec.load(), plan, train, evals, config, export=False, control=control)
+            done[key] = {name: {**e["perplexity"], "change": e["perplexity"]["healed"] / e["perplexity"]["control"] - 1}
+                         for name, e in report.evals.items()}
+        row["healed"] = done[key]
+
+
+def series(rows, frontier) -> dict:
+    """The baselines as the frontier figure draws them: KV cache saved, % change before and after healing."""
+    saved = {p.budget: 100 * p.savings["kv_cache_fraction_saved"] for p in frontier.points}
+    out: dict[str, dict] = {}
+    for row in rows:
+        if row["method"] == "recommended":
+            continue
+        entry = out.setdefault(row["method"], {"saved": [], "before": [], "after": {}})
+        entry["saved"].append(saved[row["budget"]])
+        entry["before"].append(100 * row["heldout_change"])
+        for text, values in (row.get("healed") or {}).items():
+            entry["after"].setdefault(text, []).append(100 * values["change"])
+    return out
+
+
+def print_table(rows, baseline: float, seconds: dict) -> None:
+    texts = list(rows[0].get("healed") or {})
+    header = ["budget", "method", "followers", "held-out ppl", "vs unshared"] + [f"healed vs control ({t})" for t in texts]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        followers = ", ".join(f"{m}{'ᵃ' if m in row['aligned'] else ''}" for m in row["followers"])
+        healed = [f"{100 * row['healed'][t]['change']:+.1f}%" for t in texts] if texts else []
+        print(f"| {row['budget']} | {row['method']} | {followers} | {row['heldout_perplexity']:.2f} | "
+              f"{100 * row['heldout_change']:+.1f}% | " + " | ".join(healed) + (" |" if healed else ""))
+    print(f"unshared held-out perplexity {baseline:.3f}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+
+
+if __name__ == "__main__":
+    main()

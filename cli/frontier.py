@@ -1,0 +1,145 @@
+"""`sa-analyze frontier`: the recommended plan at every budget, what each costs (predicted, measured, healed) and what
+it saves: the curve that decides how many layers to share."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, AnalysisSeqLenOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt,
+                     OptionalModelOpt, OutOpt, RandomInitOpt, TextOpt, app, console, loading_status, spinner,
+                     user_errors, wrote)
+from sa_analysis import defaults
+
+
+@app.command("frontier")
+@user_errors
+def frontier(
+    model: OptionalModelOpt = None,
+    report: Annotated[Optional[Path], typer.Option("--report", "-r", help="A report.json written by `sa-analyze heatmap` (its model is loaded to measure damage).")] = None,
+    budgets: Annotated[Optional[str], typer.Option("--budgets", "-b", help="Numbers of shared layers: a range and/or a list, e.g. 1-15 or 3,8,15. Default: 1 up to half the layers.")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest relative perplexity increase that counts as within (0.05 = +5%): the frontier names the largest budget within it, before and after healing.")] = defaults.TOLERANCE,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", min=0, help="Heal each plan with this many LoRA steps and judge it against the control (0: no healing).")] = 0,
+    heal_data: Annotated[Optional[Path], typer.Option("--heal-data", help="Healing data (Alpaca JSON/JSONL or text). Default: the calibration part of the default text.")] = None,
+    other_text: Annotated[Optional[str], typer.Option("--other-text", help="The second held-out text healed plans are judged on, of another kind than the healing data: a file, or python-source / pydoc_data.topics. Default: python-source when healing on the default text.")] = None,
+    control: Annotated[bool, typer.Option("--control/--no-control", help="With --heal-steps: judge healed plans against the unshared model healed the same way (cached). --no-control: recovery is not measured.")] = True,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank of the heals.")] = 16,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the heals. Default: 1e-3.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per heal step.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Heal data order and adapter initialisation.")] = 0,
+    first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared.")] = 1,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
+    max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
+    align_heads: Annotated[str, typer.Option("--align-heads", help="auto, on or off: whether followers may reuse their anchor's heads through a head map.")] = "auto",
+    allow_mask_change: Annotated[bool, typer.Option("--allow-mask-change", help="Let a follower take an anchor whose attention mask differs.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on from the measurements a stopped run saved under --out (frontier_state.json).")] = False,
+    out: OutOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    text: TextOpt = None,
+    n_seqs: NSeqsOpt = DEFAULT_N_SEQS,
+    seq_len: AnalysisSeqLenOpt = None,
+    random_init: RandomInitOpt = False,
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """The sharing frontier: for each number of shared layers, the plan `recommend-spans` would give, its predicted
+    damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
+    FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
+    budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
+    from sa_analysis.prechecks import check_before_loading, parse_budgets
+
+    parse_budgets(budgets, None)  # the syntax, before torch
+    if report is None:
+        check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
+    if heal_data is not None:
+        check_before_loading(None, text=heal_data)
+    if other_text is not None:
+        check_before_loading(None, text=other_text)
+    from sa_analysis.heal import HealConfig
+    from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_frontier
+
+    constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
+    config = None
+    if heal_steps:
+        config = HealConfig(method="lora", lora_rank=lora_rank, lr=lr, steps=heal_steps, batch_size=batch_size,
+                            seq_len=seq_len or defaults.SEQ_LEN, seed=seed)
+    with spinner("sharing frontier") as shown:
+        result = run_frontier(ModelSpec(model or DEFAULT_MODEL, device, dtype, random_init, device_map),
+                              TextSpec(text, n_seqs, seq_len), report=report, budgets=budgets, constraints=constraints,
+                              tolerance=tolerance, heal_config=config, heal_data=heal_data, other_text=other_text,
+                              control=control, out=out, resume=resume, status=loading_status,
+                              progress=lambda message: shown.update(message))
+    print_frontier(result.frontier)
+    wrote(result.files)
+
+
+def print_frontier(frontier) -> None:
+    """One row per budget: the plan, predicted and measured perplexity change with intervals, the savings, and the
+    healed change against the control; then the largest budget within the tolerance, before and after healing."""
+    points = frontier.points
+    texts = list(points[0].healed) if points and points[0].healed else []
+    base = frontier.baseline["perplexity"]
+    table = Table(title=f"Sharing frontier of {frontier.model.get('name')}: held-out perplexity {base:.4g} unshared "
+                        f"({frontier.heldout.get('n_seqs')} x {frontier.heldout.get('seq_len')} held-out tokens)")
+    columns = ["shared", "followers (ᵃ head-aligned)", "predicted [95 %]", "held-out [95 %]", "KV cache", "Q/K proj.",
+               "scores"] + [f"healed vs control: {t}" for t in texts] + ["measurements"]
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("followers") else "right", overflow="fold")
+    for p in points:
+        aligned = set((p.plan.get("head_map") or {}).keys())
+        followers = ", ".join(f"{m}{'ᵃ' if str(m) in aligned else ''}" for m in p.plan["followers"])
+        s = p.savings
+        healed = [_healed(p.healed[t]) if p.healed else "" for t in texts]
+        table.add_row(str(p.budget), followers, _nll_interval(p.predicted), _ppl_interval(p.heldout, base),
+                      f"{s['kv_cache_fraction_saved']:.1%}", _fraction(s.get("attn_proj_fraction_saved")),
+                      f"{s['score_fraction_saved']:.1%}", *healed, str(p.measurements))
+    console.print(table)
+    console.print("predicted: the plan measured whole on calibration tokens (exp(NLL change) - 1); held-out: measured on "
+                  "text the planner never saw, against the unshared model; savings as shares of the KV cache at "
+                  f"{points[0].savings.get('context_len') if points else '?'} tokens, of the attention projections' FLOPs "
+                  "and of the attention-score FLOPs; measurements: output-damage measurements made so far (shared by "
+                  "every budget).", highlight=False)
+    if texts:
+        console.print("healed vs control: the healed shared model's perplexity against the unshared model fine-tuned "
+                      "with the same data, steps, adapters and seed.", highlight=False)
+    within = frontier.within()
+    line = f"Within +{100 * frontier.tolerance:g}%: {_budget(within['before'])} before healing"
+    for text, budget in within["after"].items():
+        line += f"; {_budget(budget)} after healing ({text}, against the control)"
+    console.print(f"[bold]{line}[/] (of {frontier.model.get('n_layers')} layers).", highlight=False)
+    if frontier.heal and frontier.heal.get("control") is None:
+        console.print("note: no control heal: recovery is not measured.", highlight=False)
+
+
+def _budget(value) -> str:
+    return "no budget" if value is None else f"up to {value} layers"
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def _healed(values) -> str:
+    """Healed shared against the control, with its paired 95 % interval over sequences."""
+    text = _signed(values.get("change"))
+    if values.get("after_low") is not None:
+        text += f" [{100 * math.expm1(values['after_low']):+.1f}, {100 * math.expm1(values['after_high']):+.1f}]"
+    return text
+
+
+def _fraction(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _nll_interval(values) -> str:
+    mid, low, high = (100 * math.expm1(values[f"nll_change{s}"]) for s in ("", "_low", "_high"))
+    return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def _ppl_interval(values, base: float) -> str:
+    mid, low, high = (100 * (values[f"perplexity{s}"] / base - 1) for s in ("", "_low", "_high"))
+    return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"

@@ -1,0 +1,157 @@
+"""The frontier job: the recommended plan at each budget, predicted, measured on held-out text, what it saves; with a
+heal recipe, each plan healed and judged against the control; frontier.json and frontier.png.
+
+The state (every damage measurement, every point, every heal) is saved under the output folder as it is made
+(`frontier_state.json`); `resume=True` goes on from it, so a stopped run loses nothing it had measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import defaults
+from ..artefact import provenance
+from ..errors import UserError
+from ..io import json_safe, read_json, write_json
+from ..planner import PlanConstraints, SharePlan
+from ..prechecks import check_before_loading, parse_budgets
+from ..shapes import peek_shape
+from ..validate.frontier import Frontier, FrontierState, measure_frontier
+from .heatmap import report_or_measure
+from .inputs import ModelSpec, Status, TextSpec
+from .plan import damage_batch
+
+STATE_FILE = "frontier_state.json"
+Say = Callable[[str], None]
+
+
+@dataclass
+class FrontierResult:
+    frontier: Frontier
+    out: Path
+    files: list[Path]
+
+
+def run_frontier(source: ModelSpec, text: TextSpec, *, report: str | Path | None = None, budgets: str | None = None,
+                 constraints: PlanConstraints = PlanConstraints(), tolerance: float = defaults.TOLERANCE,
+                 heal_config: Any = None, heal_data: str | Path | None = None, other_text: str | Path | None = None,
+                 control: bool = True, out: Path | None = None, resume: bool = False, progress: Say | None = None,
+                 status: Status | None = None, **capture: Any) -> FrontierResult:
+    """The sharing frontier of `source` over `budgets` ("1-15", "3,8,15"; default 1 up to half the layers).
+
+    Plans are chosen by measured output damage on calibration tokens of `text` and measured on its held-out part
+    (`text.n_seqs` sequences of the report's length; `text.seq_len` None: the analysis default). `heal_config` (a `heal.HealConfig`): each plan is also healed on
+    `heal_data` (default: the calibration part of the default text) and judged against the control on the held-out
+    part of that data and on `other_text` (`pipeline.heal.heal_evals`). `capture`: the options of a fresh attention
+    report when `report` is None (`run_heatmap`'s).
+    """
+    say = progress or (lambda _m: None)
+    shape = peek_shape(source.model) if report is None else None
+    wanted = parse_budgets(budgets, shape.n_layers if shape else None)
+    check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
+    started = time.perf_counter()
+    att, out_dir, spec, loaded = report_or_measure(report, source.model if report is None else None, out,
+                                                   device=source.device, dtype=source.dtype, text=text.text,
+                                                   n_seqs=text.n_seqs, seq_len=text.seq_len,
+                                                   random_init=source.random_init, device_map=source.device_map,
+                                                   status=status, **capture)
+    placed = ModelSpec(spec, source.device, source.dtype, source.random_init, source.device_map)
+    loaded = loaded or placed.load(status)
+    wanted = wanted or parse_budgets(budgets, loaded.info.n_layers)
+    if max(wanted) >= loaded.info.n_layers:
+        parse_budgets(budgets, loaded.info.n_layers)  # says what is wrong
+    seq_len = int((att.meta.get("data") or {}).get("seq_len") or text.seq_len or defaults.SEQ_LEN)
+    calibration = damage_batch(loaded, text.text, seq_len)
+    heldout = TextSpec(text.text, text.n_seqs, seq_len).batch(loaded, "heldout")
+    state_path = out_dir / STATE_FILE
+    key = _state_key(loaded, calibration, heldout, constraints, heal_config, heal_data, other_text)
+    state = _resumed(state_path, key, resume, say)
+    save = lambda s: write_json(state_path, {"key": key, **s.to_dict()})  # noqa: E731
+    state, held = measure_frontier(loaded, att, calibration, heldout, wanted, constraints=constraints, state=state,
+                                   progress=say, on_measured=save)
+    baseline = {"nll": held.baseline_nll, "perplexity": math.exp(held.baseline_nll)}
+    healing = None
+    if heal_config is not None:
+        healing = heal_frontier(placed, loaded, state, heal_data, other_text, text, heal_config, control=control,
+                                save=save, progress=say, status=status)
+    frontier = Frontier(model=loaded.info.shape(), points=[state.points[b] for b in wanted], baseline=baseline,
+                        tolerance=tolerance, calibration=calibration.describe(), heldout=heldout.describe(), heal=healing,
+                        seconds=round(time.perf_counter() - started, 1), meta=provenance(loaded.info.device))
+    return FrontierResult(frontier, out_dir, write_frontier(frontier, out_dir))
+
+
+def heal_frontier(placed: ModelSpec, loaded: Any, state: FrontierState, data: str | Path | None,
+                  other_text: str | Path | None, text: TextSpec, config: Any, *, control: bool, save: Callable,
+                  progress: Say, status: Status | None = None) -> dict[str, Any]:
+    """Heal each point's plan from the untouched weights with `config`, judged against the control (cached: one for
+    the model and recipe); the results go into each point's `healed` (saved after each heal)."""
+    from ..heal import heal, load_heal_data, run_control
+    from .heal import heal_evals
+
+    train = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
+                           vocab_size=None if loaded.tokenizer else loaded.info.vocab_size,
+                           max_examples=config.steps * config.batch_size * config.grad_accum)
+    evals = heal_evals(loaded, data, TextSpec(other_text, defaults.HEAL_N_SEQS, config.seq_len))
+    found = None
+    if control:
+        progress("control heal: the unshared model, the same recipe")
+        found = run_control(loaded, train, evals, config)
+        progress(f"control: {found['status']}")
+    todo = [p for p in state.points.values() if p.healed is None]
+    for i, point in enumerate(todo):
+        progress(f"healing the plan of budget {point.budget} ({i + 1} of {len(todo)})")
+        fresh = placed.load(None)  # the untouched weights: every plan heals from the same start
+        report = heal(fresh, SharePlan.from_dict(point.plan), train, evals, config, export=False, control=found)
+        point.healed = {name: {**e["perplexity"], **report.gaps(name),
+                               "change": _change(e["perplexity"])} for name, e in report.evals.items()}
+        save(state)
+    return {"config": config.to_dict(), "data": train.describe(),
+            "evals": {name: batch.describe() for name, batch in evals.items()},
+            "control": None if found is None else {k: found.get(k) for k in ("status", "key", "seconds", "perplexity")}}
+
+
+def _change(perplexity: dict[str, float]) -> float | None:
+    """Healed shared model against the control (relative perplexity change), None without a control."""
+    return perplexity["healed"] / perplexity["control"] - 1 if "control" in perplexity else None
+
+
+def write_frontier(frontier: Frontier, out: Path) -> list[Path]:
+    """frontier.json and frontier.png under `out`."""
+    from ..plots import plot_frontier
+
+    return [frontier.save(out / "frontier.json")] + plot_frontier(frontier, out / "frontier")
+
+
+def _state_key(loaded: Any, calibration: Any, heldout: Any, constraints: PlanConstraints, heal_config: Any,
+               heal_data: Any, other_text: Any) -> str:
+    """What a saved state must have been made with to be resumed: the weights, the tokens, the constraints, the heal."""
+    from ..heal import weights_fingerprint
+
+    made = {"weights": weights_fingerprint(loaded.model), "calibration": calibration.describe(),
+            "heldout": heldout.describe(), "constraints": constraints.as_kwargs(),
+            "heal": None if heal_config is None else heal_config.to_dict(), "heal_data": str(heal_data),
+            "other_text": str(other_text)}
+    return hashlib.sha1(json.dumps(json_safe(made), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _resumed(path: Path, key: str, resume: bool, say: Say) -> FrontierState | None:
+    """The saved state to go on from (None: start afresh); one made with other inputs is refused."""
+    if not resume:
+        return None
+    if not path.is_file():
+        say("resume asked but no saved state was found; starting afresh")
+        return None
+    saved = read_json(path, "frontier state")
+    if saved.get("key") != key:
+        raise UserError(f"The saved frontier in {path} was made with another model, text, constraints or heal recipe; "
+                        f"resume with the same options, or start afresh without --resume (or in another --out).")
+    state = FrontierState.from_dict(saved)
+    say(f"resumed: {len(state.table.pairs)} pair and {len(state.table.spans)} span measurements, "
+        f"{len(state.points)} budget(s) done")
+    return state

@@ -1,0 +1,204 @@
+"""The sharing frontier: one damage table serves every budget, held-out perplexity equals an independent whole-model
+computation, a stopped run resumes without measuring again, the baselines are what they say, the tolerance is read
+right, the figure is drawn; and the command end to end on a tiny model (heals judged against the control)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from sa_analysis.data import TokenBatch
+from sa_analysis.errors import UserError
+from sa_analysis.loading import LoadedModel, describe
+from sa_analysis.planner import PlanConstraints, SharePlan
+from sa_analysis.report import AttentionReport
+from sa_analysis.validate import (Frontier, FrontierState, PrefixRun, best_contiguous_plan, greedy_plans,
+                                  last_layers_plan, measure_frontier, plan_from_damage)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+OFF = PlanConstraints(align_heads="off")
+
+
+def _ids(seed, n_seqs=3, seq_len=12, vocab=128):
+    return torch.randint(3, vocab, (n_seqs, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def _loaded(n_layers=6, device="cpu"):
+    model = tiny_model("llama", n_layers=n_layers, device=device)
+    return LoadedModel(model=model, tokenizer=None, info=describe(model, "tiny-llama", "tiny", "random-init"))
+
+
+def _report(n_layers=6):
+    kl = np.random.default_rng(0).uniform(0.1, 1.0, (n_layers, n_layers))
+    model = {"name": "tiny-llama", "n_layers": n_layers, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "hidden_size": 64}
+    return AttentionReport(meta={"model": model}, arrays={"kl_layers": kl[None]})
+
+
+def _batches(device="cpu"):
+    return (TokenBatch(_ids(1).to(device), "test", "calibration", 1), TokenBatch(_ids(2).to(device), "test", "heldout", 1))
+
+
+def _held_out_perplexity(model, ids, plan: SharePlan) -> float:
+    """Independent: a whole patched forward, float64 log-softmax, every next token."""
+    from sa_analysis.patch import share_attention
+
+    with torch.no_grad(), share_attention(model, plan.anchor_of, head_map=plan.head_map):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].double()
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).mean()
+    return math.exp(float(nll))
+
+
+def test_one_table_serves_every_budget_and_held_out_perplexity_is_the_whole_models(device):
+    loaded, report = _loaded(device=device), _report()
+    calibration, heldout = _batches(device)
+    state, _held = measure_frontier(loaded, report, calibration, heldout, [3, 1, 2], constraints=OFF)
+    assert sorted(state.points) == [1, 2, 3]
+    counts = [state.points[k].measurements for k in (1, 2, 3)]
+    assert counts == sorted(counts)  # one running count: later budgets add only what they need
+    alone = plan_from_damage(loaded, report, calibration, budget=3, constraints=OFF)  # the largest budget by itself
+    assert state.points[3].plan["followers"] == alone.plan.followers
+    assert counts[-1] <= alone.meter.count + 2 * 3  # the frontier costs little more than its largest budget alone
+    for k, point in state.points.items():
+        plan = SharePlan.from_dict(point.plan)
+        assert plan.n_shared == k
+        expected = _held_out_perplexity(loaded.model, heldout.input_ids, plan)
+        assert point.heldout["perplexity"] == pytest.approx(expected, rel=1e-9), k
+        assert point.heldout["perplexity_low"] <= point.heldout["perplexity"] <= point.heldout["perplexity_high"]
+        assert point.savings["n_shared"] == k and point.savings["kv_cache_fraction_saved"] == pytest.approx(k / 12)
+
+
+def test_a_stopped_frontier_resumes_without_measuring_again(tmp_path):
+    loaded, report = _loaded(), _report()
+    calibration, heldout = _batches()
+    saved = tmp_path / "state.json"
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(state):
+        saved.write_text(json.dumps(state.to_dict()))
+        if len(state.points) == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        measure_frontier(loaded, report, calibration, heldout, [1, 2], constraints=OFF, on_measured=save_then_stop)
+    resumed = FrontierState.from_dict(json.loads(saved.read_text()))
+    assert list(resumed.points) == [1] and resumed.table.pairs
+    pairs_before = len(resumed.table.pairs)
+    said: list[str] = []
+    state, _ = measure_frontier(loaded, report, calibration, heldout, [1, 2], constraints=OFF, state=resumed,
+                                progress=said.append)
+    assert len(state.table.pairs) >= pairs_before and not any("layer 1 reads 0" in line for line in said)
+    fresh, _ = measure_frontier(loaded, report, calibration, heldout, [1, 2], constraints=OFF)
+    # the resumed run measured exactly what the uninterrupted one measured after budget 1
+    assert state.points[2].measurements == fresh.points[2].measurements - fresh.points[1].measurements
+    assert state.points[2].plan["followers"] == fresh.points[2].plan["followers"]
+    assert state.points[2].heldout == pytest.approx(fresh.points[2].heldout)
+
+
+def test_the_baselines_are_what_they_say():
+    loaded = _loaded()
+    run = PrefixRun.record(loaded.model, _ids(1))
+    assert last_layers_plan(6, 2).followers == [4, 5] and last_layers_plan(6, 2).anchor_of == {4: 3, 5: 3}
+    plan, damage = best_contiguous_plan(run, 2)
+    every = {first: run.damage(SharePlan(n_layers=6, followers=[first, first + 1]).anchor_of).kl_mean for first in range(1, 5)}
+    assert plan.followers[0] == min(every, key=every.get) and damage["kl"] == pytest.approx(min(every.values()))
+    greedy = greedy_plans(run, 3)
+    assert [len(p.followers) for p, _ in greedy.values()] == [1, 2, 3]
+    assert set(greedy[1][0].followers) < set(greedy[2][0].followers) < set(greedy[3][0].followers)  # nested
+    singles = {m: run.damage({m: m - 1}).kl_mean for m in range(1, 6)}
+    assert greedy[1][0].followers == [min(singles, key=singles.get)]  # step 1: the least damaging layer alone
+    first = greedy[1][0].followers[0]
+    pairs = {m: run.damage(SharePlan(n_layers=6, followers=sorted({first, m})).anchor_of).kl_mean
+             for m in range(1, 6) if m != first}
+    assert set(greedy[2][0].followers) == {first, min(pairs, key=pairs.get)}
+
+
+def _point(budget, ppl, healed=None):
+    from sa_analysis.validate import FrontierPoint
+
+    return FrontierPoint(budget=budget, plan={"followers": list(range(1, budget + 1))},
+                         predicted={"kl": 0.1, "kl_low": 0.0, "kl_high": 0.2, "nll_change": 0.01,
+                                    "nll_change_low": 0.0, "nll_change_high": 0.02},
+                         heldout={"perplexity": ppl, "perplexity_low": ppl * 0.98, "perplexity_high": ppl * 1.02,
+                                  "nll_change": math.log(ppl / 10)},
+                         savings={"kv_cache_fraction_saved": budget / 20, "context_len": 4096},
+                         measurements=budget, seconds=1.0, healed=healed)
+
+
+def test_the_largest_budget_within_the_tolerance_before_and_after_healing(tmp_path):
+    from sa_analysis.plots import plot_frontier
+
+    healed = lambda change: {"heal data, held out": {"change": change}, "other text": {"change": change / 2}}  # noqa: E731
+    points = [_point(1, 10.2, healed(0.01)), _point(2, 10.4, healed(0.03)), _point(3, 10.8, healed(0.06)),
+              _point(4, 10.3, healed(0.2))]  # a later budget back within: still the largest that is
+    frontier = Frontier(model={"name": "m", "n_layers": 10}, points=points, baseline={"perplexity": 10.0, "nll": math.log(10)},
+                        tolerance=0.05, calibration={}, heldout={}, heal={"config": {"steps": 3}})
+    assert frontier.within() == {"before": 4, "after": {"heal data, held out": 2, "other text": 3}}
+    again = Frontier.load(frontier.save(tmp_path / "frontier.json"))
+    assert again.within() == frontier.within() and again.points[2].heldout == points[2].heldout
+    baselines = {"last k": {"saved": [5, 10, 15, 20], "before": [3, 8, 12, 30], "after": {"heal data, held out": [1, 4, 7, 9]}}}
+    [png] = plot_frontier(again, tmp_path / "frontier", baselines=baselines)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    frontier.tolerance = 0.0
+    assert frontier.within()["before"] is None
+
+
+def test_budgets_are_parsed_before_anything_loads():
+    from sa_analysis.prechecks import parse_budgets
+
+    assert parse_budgets("1-3,8", 30) == [1, 2, 3, 8] and parse_budgets(None, 30) == list(range(1, 16))
+    assert parse_budgets("3, 8,15", None) == [3, 8, 15]
+    for bad in ("0-3", "3-1", "x", "1-", ""):
+        with pytest.raises(UserError, match="--budgets"):
+            parse_budgets(bad, 30)
+    with pytest.raises(UserError, match="the most is 29"):
+        parse_budgets("1-30", 30)
+
+
+def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, monkeypatch):
+    from cli.main import app
+
+    monkeypatch.setattr("sa_analysis.heal.control.cache_root", lambda: tmp_path / "cache")
+    folder = tmp_path / "tiny"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["frontier", "--model", folder, "--budgets", "1-2", "--n-seqs", 2, "--seq-len", 32, "--heal-steps", 2,
+            "--batch-size", 2, "--out", out]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "Sharing frontier" in result.output and "healed vs control: other text" in result.output
+    assert "about" in result.output and "left" in result.output  # progress with a time estimate, as plain lines
+    frontier = Frontier.load(out / "frontier.json")
+    assert [p.budget for p in frontier.points] == [1, 2] and all(p.healed for p in frontier.points)
+    assert frontier.heal["control"]["status"] == "run"
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for point in frontier.points:
+        for values in point.healed.values():
+            assert values["change"] == pytest.approx(values["healed"] / values["control"] - 1)
+    controls = {p.healed["other text"]["control"] for p in frontier.points}
+    assert len(controls) == 1  # one control serves every plan
+    again = CliRunner().invoke(app, [str(a) for a in args + ["--resume"]])
+    assert again.exit_code == 0 and "resumed:" in again.output and "damage 1:" not in again.output, again.output
+    assert Frontier.load(out / "frontier.json").points[1].healed == frontier.points[1].healed
+    other = CliRunner().invoke(app, [str(a) for a in args[:-2] + ["--first-shareable", 2, "--out", out, "--resume"]])
+    assert other.exit_code == 1 and "another model, text, constraints" in other.output
+
+
+def test_frontier_mistakes_are_answered_before_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from cli.main import app; "
+            "r = CliRunner().invoke(app, ['frontier', '--budgets', '3-1']); "
+            "print(r.exit_code, 'torch' in sys.modules); print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    first = done.stdout.splitlines()[0]
+    assert first == "1 False", done.stdout + done.stderr
+    assert "--budgets" in done.stdout and "Traceback" not in done.stdout
