@@ -45,7 +45,10 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--no-greedy", action="store_true", help="leave greedy selection out (its cost grows as L x k)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--replot", action="store_true", help="redraw OUT/frontier_baselines.png from its JSON")
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.out)
     started = time.perf_counter()
     spec = ModelSpec(args.model, args.device, args.dtype)
     config = HealConfig(method="lora", steps=args.heal_steps, seq_len=defaults.SEQ_LEN) if args.heal_steps else None
@@ -66,7 +69,7 @@ def main() -> None:
     assert abs(math.exp(held.baseline_nll) - frontier.baseline["perplexity"]) < 1e-6 * frontier.baseline["perplexity"]
     n_layers, shape = loaded.info.n_layers, loaded.info.shape()
     plans: dict[tuple[int, str], SharePlan] = {}
-    seconds: dict[str, float] = {"frontier (recommended, before healing)": frontier_seconds}
+    seconds: dict[str, float] = {"frontier (recommended plans; with --heal-steps their heals and the control)": frontier_seconds}
     for point in frontier.points:
         plans[(point.budget, "recommended")] = SharePlan.from_dict(point.plan)
         plans[(point.budget, "last k layers")] = last_layers_plan(n_layers, point.budget, shape)
@@ -97,6 +100,16 @@ def main() -> None:
     print_table(rows, frontier.baseline["perplexity"], seconds)
     plot_frontier(frontier, args.out / "frontier_baselines", baselines=series(rows, frontier))
     say(f"wrote {args.out / 'frontier_baselines.json'} and .png")
+
+
+def replot(out: Path) -> None:
+    """Print the table and redraw the figure of a finished run from its JSON."""
+    from sa_analysis.validate import Frontier
+
+    saved = json.loads((out / "frontier_baselines.json").read_text())
+    frontier = Frontier.from_dict(saved["frontier"])
+    print_table(saved["rows"], saved["baseline"]["perplexity"], saved["seconds"])
+    print(plot_frontier(frontier, out / "frontier_baselines", baselines=series(saved["rows"], frontier)))
 
 
 def heal_all(spec, loaded, frontier, plans, rows, config, say) -> None:

@@ -178,7 +178,9 @@ def _load_gguf(path: Path, dtype, device, device_map):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     save_atomically(model, cached, marker="config.json")
-    model = model.to(dtype)
+    del model  # the first use loads what every later one loads: the cached floats (a model loaded from the GGUF itself
+    # still says it is quantized, and transformers' Trainer refuses to fine-tune it)
+    model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
     return model, tokenizer
 
 

@@ -111,6 +111,23 @@ def test_default_model_from_its_packaged_gguf(default_model):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
+def test_the_first_load_of_a_gguf_is_the_cached_floats_that_the_trainer_accepts(tmp_path, monkeypatch, default_model):
+    """The first use dequantises into an empty cache; the model it returns must be what later loads return (a model
+    loaded from the GGUF itself still says it is quantized, and the Trainer refuses to fine-tune it)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from sa_analysis.loading import load_model
+
+    monkeypatch.setenv("SA_ANALYSIS_CACHE", str(tmp_path))
+    first = load_model("smollm2-135m", device="cpu", dtype="float32")
+    assert not getattr(first.model, "is_quantized", False)
+    validate_quantization_for_training(first.model)  # raises for a model that says it is quantized
+    again = load_model("smollm2-135m", device="cpu", dtype="float32")
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_the_gguf_cache_key_follows_the_content_not_the_path(tmp_path):
     """Another virtual environment's copy of the same packaged file finds the same dequantised cache."""
     from sa_analysis.gguf_files import _file_key

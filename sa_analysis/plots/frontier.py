@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from .style import PALETTE, new_figure, paper_style, save_figure
 
 MARKERS = ("s", "^", "v", "D", "P", "X")
+BASELINE_COLOURS = (PALETTE[3], PALETTE[4], PALETTE[6], PALETTE[5])
 TEXT_STYLE = {0: ("o", "-"), 1: ("D", ":")}  # the held-out texts after healing: heal data, other text
 
 
@@ -30,7 +31,7 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
     points = sorted(frontier.points, key=lambda p: p.budget)
     healed = [p for p in points if p.healed]
     with paper_style():
-        fig = new_figure(7.0 if healed else 4.2, 3.3)
+        fig = new_figure(7.2 if healed else 4.2, 3.4)
         axes = fig.subplots(1, 2 if healed else 1, sharey=bool(healed), squeeze=False)[0]
         _before(axes[0], frontier, points, baselines or {})
         if healed:
@@ -40,8 +41,9 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
             axis.axhline(100 * frontier.tolerance, color=PALETTE[6], linewidth=0.8, linestyle="--", zorder=0)
             axis.axhline(0, color="black", linewidth=0.5, zorder=0)
             axis.set_xlabel(f"KV cache saved at {context} tokens (%)")
-            axis.legend(frameon=False, loc="upper left")
+            axis.legend(frameon=False, loc="best")
         axes[0].set_ylabel("held-out perplexity change (%)")
+        axes[0].set_xlabel(f"KV cache saved at {context} tokens (%); points labelled by layers shared")
         axes[0].annotate(f"tolerance {100 * frontier.tolerance:g}%", (0.99, 100 * frontier.tolerance), fontsize=6,
                          xycoords=("axes fraction", "data"), ha="right", va="bottom", color=PALETTE[6])
         return save_figure(fig, path_stem, formats)
@@ -55,12 +57,12 @@ def _before(axis: Any, frontier: Any, points: list, baselines: Mapping[str, Mapp
     _with_interval(axis, x, predicted, PALETTE[1], "predicted (calibration)", "o", "--", filled=False)
     _with_interval(axis, x, measured, PALETTE[0], "measured (held-out)", "o", "-")
     for i, (name, series) in enumerate(baselines.items()):
-        axis.plot(series["saved"], series["before"], marker=MARKERS[i % len(MARKERS)], color=PALETTE[3 + i % 4],
-                  linewidth=0.9, markersize=3, label=name, alpha=0.85)
+        axis.plot(series["saved"], series["before"], marker=MARKERS[i % len(MARKERS)],
+                  color=BASELINE_COLOURS[i % len(BASELINE_COLOURS)], linewidth=0.9, markersize=3, label=name, alpha=0.85)
     for p, xi, (y, _low, _high) in zip(points, x, measured):
-        axis.annotate(str(p.budget), (xi, y), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=5.5,
+        axis.annotate(f"{p.budget}", (xi, y), textcoords="offset points", xytext=(4, -7), ha="left", fontsize=5.5,
                       color=PALETTE[0])
-    axis.set_title(f"before healing: against the unshared model (perplexity {frontier.baseline['perplexity']:.3g})")
+    axis.set_title(f"before healing\nagainst the unshared model (held-out perplexity {frontier.baseline['perplexity']:.3g})")
 
 
 def _after(axis: Any, frontier: Any, healed: list, baselines: Mapping[str, Mapping[str, Any]]) -> None:
@@ -77,10 +79,11 @@ def _after(axis: Any, frontier: Any, healed: list, baselines: Mapping[str, Mappi
     for i, (name, series) in enumerate(baselines.items()):
         for j, (text, values) in enumerate((series.get("after") or {}).items()):
             if j == 0:
-                axis.plot(series.get("saved_after", series["saved"]), values, marker=MARKERS[i % len(MARKERS)],
-                          color=PALETTE[3 + i % 4], linewidth=0.9, markersize=3, label=f"{name}, {text}", alpha=0.85)
+                axis.plot(series["saved"], values, marker=MARKERS[i % len(MARKERS)],
+                          color=BASELINE_COLOURS[i % len(BASELINE_COLOURS)], linewidth=0.9, markersize=3,
+                          label=f"{name}, {text}", alpha=0.85)
     steps = ((frontier.heal or {}).get("config") or {}).get("steps")
-    axis.set_title(f"after healing ({steps} steps): against the control (unshared, healed alike)")
+    axis.set_title(f"after healing ({steps} LoRA steps)\nagainst the control (the unshared model healed alike)")
 
 
 def _with_interval(axis: Any, x: list[float], values: list[tuple[float, float, float]], colour: str, label: str,
