@@ -54,6 +54,13 @@ RowsOpt = Annotated[str, typer.Option("--rows", help=(
     f"per entry), or auto: all unless that is predicted to take over {defaults.SAMPLE_ABOVE_SECONDS:.0f} s per "
     "sequence on this device."))]
 
+# ----- which layers a plan may share (recommend-spans, frontier) ------------------------------------------------
+FirstShareableOpt = Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")]
+MaxSpanOpt = Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")]
+AlignHeadsOpt = Annotated[str, typer.Option("--align-heads", help="auto: a follower reuses its anchor's heads through the best head map where that predicts (and, with --validate, measures) less than sharing by index; on: wherever it predicts less; off: by index.")]
+AllowMaskChangeOpt = Annotated[bool, typer.Option("--allow-mask-change", help="Let a follower take an anchor whose attention mask differs (sliding window vs global); forbidden by default.")]
+
 DEFAULT_MODEL = defaults.MODEL  # every default the CLI shows comes from the library (sa_analysis/defaults.py)
 DEFAULT_N_SEQS = defaults.N_SEQS
 DEFAULT_SEQ_LEN = defaults.SEQ_LEN

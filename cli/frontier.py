@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, AnalysisSeqLenOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt,
-                     OptionalModelOpt, OutOpt, RandomInitOpt, TextOpt, app, console, loading_status, spinner,
-                     user_errors, wrote)
+from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, AlignHeadsOpt, AllowMaskChangeOpt, AnalysisSeqLenOpt, DeviceMapOpt,
+                     DeviceOpt, DtypeOpt, FirstShareableOpt, KeepOpt, MaxSpanOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
+                     RandomInitOpt, TextOpt, app, console, loading_status, spinner, user_errors, wrote)
 from sa_analysis import defaults
 
 
@@ -31,11 +31,11 @@ def frontier(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the heals. Default: 1e-3.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per heal step.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Heal data order and adapter initialisation.")] = 0,
-    first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared.")] = 1,
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
-    max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
-    align_heads: Annotated[str, typer.Option("--align-heads", help="auto, on or off: whether followers may reuse their anchor's heads through a head map.")] = "auto",
-    allow_mask_change: Annotated[bool, typer.Option("--allow-mask-change", help="Let a follower take an anchor whose attention mask differs.")] = False,
+    first_shareable: FirstShareableOpt = 1,
+    keep: KeepOpt = None,
+    max_span: MaxSpanOpt = None,
+    align_heads: AlignHeadsOpt = "auto",
+    allow_mask_change: AllowMaskChangeOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Go on from the measurements a stopped run saved under --out (frontier_state.json).")] = False,
     out: OutOpt = None,
     device: DeviceOpt = None,
@@ -50,13 +50,14 @@ def frontier(
     damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
-    from sa_analysis.prechecks import check_before_loading, parse_budgets
+    from sa_analysis.prechecks import check_before_loading, check_data_file, parse_budgets
+    from sa_analysis.shapes import peek_shape
 
-    parse_budgets(budgets, None)  # the syntax, before torch
+    shape = peek_shape(model or DEFAULT_MODEL) if report is None else None
+    parse_budgets(budgets, shape.n_layers if shape else None)  # the syntax, and the range where the config says it
     if report is None:
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
-    if heal_data is not None:
-        check_before_loading(None, text=heal_data)
+    check_data_file(heal_data, "--heal-data")
     if other_text is not None:
         check_before_loading(None, text=other_text)
     from sa_analysis.heal import HealConfig

@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.app import (DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt, TextOpt,
+from cli.app import (DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt,
                      PlainStatus, app, console, default_out, spinner, user_errors, wrote)
 from sa_analysis import defaults
 
@@ -55,7 +55,7 @@ def heal(
     device_map: DeviceMapOpt = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights' dtype. Default: float32 on CPU; on GPU bfloat16 for LoRA, float32 master weights (bf16 autocast) for --full.")] = None,
     random_init: RandomInitOpt = False,
-    text: TextOpt = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="The second held-out text the heal is judged on, of another kind than --data: a plain-text or JSONL file, python-source or pydoc_data.topics. Default: python-source (the standard library's code) when healing on the default text, else the default text.")] = None,
     n_seqs: NSeqsOpt = defaults.HEAL_N_SEQS,
     out: OutOpt = None,
 ) -> None:
@@ -71,10 +71,11 @@ def heal(
     (one process, LoRA), or `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data
     parallel; with --full --fsdp, sharded).
     """
-    from sa_analysis.prechecks import check_before_loading
+    from sa_analysis.prechecks import check_before_loading, check_data_file
 
     # mistakes that need no model are answered before torch is imported
     check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
+    check_data_file(data)
     from sa_analysis.heal import HealConfig
     from sa_analysis.pipeline import ModelSpec, TextSpec, run_heal
 

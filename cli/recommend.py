@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.app import (
-    AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
+    AlignHeadsOpt, AllowMaskChangeOpt, FirstShareableOpt, KeepOpt, MaxSpanOpt, AnalysisSeqLenOpt, DEFAULT_MODEL, DEFAULT_N_SEQS, DeviceMapOpt, DeviceOpt, DtypeOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
     RandomInitOpt, RowsOpt, TextOpt, app, console, format_bytes, loading_status, print_note, sequence_progress, spinner,
     user_errors, wrote,
 )
@@ -26,11 +26,11 @@ def recommend_spans(
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Layers to share: a count (8) or a fraction of all layers (0.25). Default: 25%.")] = None,
     max_cost: Annotated[Optional[float], typer.Option("--max-cost", help="Instead of a budget: share as many layers as possible with total predicted cost <= this (nats of next-token KL when priced by measured damage, the --cost's units by similarity).")] = None,
     cost: Annotated[str, typer.Option("--cost", help="The attention cost of similarity pricing (and of the baselines' table): kl (KL(follower||anchor)), cosine, cosine_row (1 - cosine), or js (adjacent layers only).")] = "kl",
-    first_shareable: Annotated[int, typer.Option("--first-shareable", help="No layer below this one is shared (shallow layers are fragile).")] = 1,
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Layers never shared, e.g. 0,1,31 or 28-31.")] = None,
-    max_span: Annotated[Optional[int], typer.Option("--max-span", help="At most this many consecutive followers per anchor.")] = None,
-    align_heads: Annotated[str, typer.Option("--align-heads", help="auto: a follower reuses its anchor's heads through the best head map where that predicts (and, with --validate, measures) less than sharing by index; on: wherever it predicts less; off: by index.")] = "auto",
-    allow_mask_change: Annotated[bool, typer.Option("--allow-mask-change", help="Let a follower take an anchor whose attention mask differs (sliding window vs global); forbidden by default.")] = False,
+    first_shareable: FirstShareableOpt = 1,
+    keep: KeepOpt = None,
+    max_span: MaxSpanOpt = None,
+    align_heads: AlignHeadsOpt = "auto",
+    allow_mask_change: AllowMaskChangeOpt = False,
     context_len: Annotated[int, typer.Option("--context-len", min=1, help="Context length for the predicted score-FLOP and K-cache savings.")] = defaults.CONTEXT_LEN,
     out: OutOpt = None,
     device: DeviceOpt = None,

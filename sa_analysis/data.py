@@ -88,8 +88,8 @@ def _unknown_builtin(name: str) -> None:
     import difflib
 
     near = difflib.get_close_matches(name, list(BUILTIN_TEXTS), n=1)
-    hint = f"did you mean {near[0]}? " if near else ""
-    raise UserError(f"The text {name} is neither a file nor a built-in text; {hint}pass a plain-text or JSONL file, or "
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise UserError(f"The text {name} is neither a file nor a built-in text{hint}; pass a plain-text or JSONL file, or "
                     f"one of {', '.join(BUILTIN_TEXTS)}.")
 
 

@@ -97,3 +97,9 @@ def parse_budgets(spec: str | None, n_layers: int | None) -> list[int] | None:
         raise UserError(f"--budgets asks to share {max(budgets)} layers but the model has {n_layers} (layer 0 is never "
                         f"shared); the most is {n_layers - 1}.")
     return sorted(budgets)
+
+
+def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
+    """A heal's training data must be a file that exists (its rows are read once the tokenizer is loaded)."""
+    if path is not None and not Path(path).expanduser().is_file():
+        raise UserError(f"The data file {path} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to {flag}.")

@@ -211,7 +211,11 @@ def test_mistakes_that_need_no_model_are_answered_without_torch(tmp_path):
                                      "head_map": {"24": [0, 1]}}))
     for args in (["heatmap", "--seq-len", "9000"], ["validate", "--spans", "28-31"], ["heal", "--spans", "abc"],
                  ["heatmap", "--text", str(tmp_path / "missing.txt")], ["validate", "--plan", str(wrong_map)],
-                 ["heatmap", "--rows", "lots"], ["recommend-spans", "--rows", "200", "--seq-len", "256"]):
+                 ["heatmap", "--rows", "lots"], ["recommend-spans", "--rows", "200", "--seq-len", "256"],
+                 ["frontier", "--budgets", "1-40"], ["frontier", "--other-text", "pythn-source"],
+                 ["frontier", "--heal-steps", "3", "--heal-data", str(tmp_path / "missing.jsonl")],
+                 ["heal", "--spans", "3-4", "--data", str(tmp_path / "missing.jsonl")],
+                 ["heal", "--spans", "3-4", "--text", "pythn-source"]):
         done = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "o")], cwd=root,
                               capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["1", "False"], (args, done.stdout, done.stderr)

@@ -16,7 +16,7 @@ from ..heal.config import FSDP_NEEDS_PROCESSES
 from ..io import default_out_dir
 from ..loading import resolve_device
 from ..planner import SharePlan
-from ..prechecks import check_before_loading
+from ..prechecks import check_before_loading, check_data_file
 from ..shapes import check_seq_len
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
@@ -59,8 +59,7 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     out_dir = default_out_dir(out, source.model)
     share_plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=max(text.seq_len, config.seq_len),
                                       spans=spans, plan_file=plan_file)
-    if data is not None and not Path(data).expanduser().is_file():
-        raise UserError(f"The data file {data} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to --data.")
+    check_data_file(data)
     device = resolve_device(source.device)
     processes = _processes(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
     if config.shard == "fsdp" and (processes.num_processes < 2 or device.type != "cuda"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import numpy as np
 from typing import Any, Mapping, Sequence
 
 from .style import PALETTE, new_figure, paper_style, save_figure
@@ -41,12 +43,29 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
             axis.axhline(100 * frontier.tolerance, color=PALETTE[6], linewidth=0.8, linestyle="--", zorder=0)
             axis.axhline(0, color="black", linewidth=0.5, zorder=0)
             axis.set_xlabel(f"KV cache saved at {context} tokens (%)")
-            axis.legend(frameon=False, loc="best")
-        axes[0].set_ylabel("held-out perplexity change (%)")
+            axis.legend(frameon=False, loc="upper left")
+            _log_change_axis(axis)
+        axes[0].set_ylabel("held-out perplexity change (%, log scale of the ratio)")
         axes[0].set_xlabel(f"KV cache saved at {context} tokens (%); points labelled by layers shared")
         axes[0].annotate(f"tolerance {100 * frontier.tolerance:g}%", (0.99, 100 * frontier.tolerance), fontsize=6,
                          xycoords=("axes fraction", "data"), ha="right", va="bottom", color=PALETTE[6])
         return save_figure(fig, path_stem, formats)
+
+
+def _log_change_axis(axis: Any) -> None:
+    """The y axis as a log scale of the perplexity ratio, labelled in % change: small costs stay readable beside
+    large ones. Values are % changes; the axis maps them through log(1 + change)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    axis.set_yscale("function", functions=(lambda y: np.log1p(np.asarray(y) / 100.0),
+                                           lambda v: 100.0 * np.expm1(np.asarray(v))))
+    low, high = axis.get_ylim()
+    low = max(low, min(-5.0, min((min(line.get_ydata(), default=0) for line in axis.get_lines()), default=0) - 5))
+    axis.set_ylim(low, high)
+    ticks = [t for t in (-50, -20, -10, 0, 10, 25, 50, 100, 200, 400, 800, 1600) if low <= t <= high]
+    axis.yaxis.set_major_locator(FixedLocator(ticks))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:+.0f}%" if v else "0"))
+    axis.yaxis.set_minor_locator(FixedLocator([]))
 
 
 def _before(axis: Any, frontier: Any, points: list, baselines: Mapping[str, Mapping[str, Any]]) -> None:
