@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--no-greedy", action="store_true", help="leave greedy selection out (its cost grows as L x k)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replot", action="store_true", help="redraw OUT/frontier_baselines.png from its JSON")
+    parser.add_argument("--resume", action="store_true", help="go on from the frontier's saved measurements under OUT")
     args = parser.parse_args()
     if args.replot:
         return replot(args.out)
@@ -56,7 +57,7 @@ def main() -> None:
 
     frontier_started = time.perf_counter()
     result = run_frontier(spec, TextSpec(None, defaults.N_SEQS, None), budgets=args.budgets, heal_config=config,
-                          out=args.out / "frontier", progress=say)
+                          out=args.out / "frontier", progress=say, resume=args.resume)
     frontier = result.frontier
     frontier_seconds = time.perf_counter() - frontier_started
     budgets = [p.budget for p in frontier.points]

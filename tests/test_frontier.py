@@ -175,6 +175,7 @@ def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, m
     assert result.exit_code == 0, result.output
     assert "Sharing frontier" in result.output and "healed vs control: other text" in result.output
     assert "about" in result.output and "left" in result.output  # progress with a time estimate, as plain lines
+    assert "control: step 2/2" in result.output and "heal 2 of 2: step 2/2" in result.output  # and through the heals
     frontier = Frontier.load(out / "frontier.json")
     assert [p.budget for p in frontier.points] == [1, 2] and all(p.healed for p in frontier.points)
     assert frontier.heal["control"]["status"] == "run"

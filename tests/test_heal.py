@@ -338,6 +338,9 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path, monkeypatch):
     cached = HealReport.load(tmp_path / "again" / "heal_report.json")
     assert cached.control["status"] == "cached" and cached.control["key"] == judged.control["key"]
     assert cached.evals["other text"]["perplexity"]["control"] == judged.evals["other text"]["perplexity"]["control"]
+    skipped = runner.invoke(app, [str(a) for a in args[:-1] + [tmp_path / "skipped", "--no-control"]])
+    assert skipped.exit_code == 0 and "recovery not measured" in skipped.output, skipped.output
+    assert HealReport.load(tmp_path / "skipped" / "heal_report.json").control == {"status": "skipped"}
     assert "healing: step 3/3, loss" in result.output  # not a terminal: progress as plain lines
     healed = load_with_plan(str(out / "healed-model"), device="cpu")
     assert healed.share.active and healed.info.source == "shared-folder"

@@ -101,19 +101,32 @@ def heal_frontier(placed: ModelSpec, loaded: Any, state: FrontierState, data: st
     found = None
     if control:
         progress("control heal: the unshared model, the same recipe")
-        found = run_control(loaded, train, evals, config)
+        found = run_control(loaded, train, evals, config, on_step=_steps(progress, "control", config.steps))
         progress(f"control: {found['status']}")
     todo = [p for p in state.points.values() if p.healed is None]
     for i, point in enumerate(todo):
         progress(f"healing the plan of budget {point.budget} ({i + 1} of {len(todo)})")
         fresh = placed.load(None)  # the untouched weights: every plan heals from the same start
-        report = heal(fresh, SharePlan.from_dict(point.plan), train, evals, config, export=False, control=found)
+        report = heal(fresh, SharePlan.from_dict(point.plan), train, evals, config, export=False, control=found,
+                      on_step=_steps(progress, f"heal {i + 1} of {len(todo)}", config.steps))
         point.healed = {name: {**e["perplexity"], **report.gaps(name),
                                "change": _change(e["perplexity"])} for name, e in report.evals.items()}
         save(state)
     return {"config": config.to_dict(), "data": train.describe(),
             "evals": {name: batch.describe() for name, batch in evals.items()},
             "control": None if found is None else {k: found.get(k) for k in ("status", "key", "seconds", "perplexity")}}
+
+
+def _steps(progress: Say, what: str, total: int) -> Callable[[int, float], None]:
+    """A heal's on_step that says every tenth of the steps how far it is, the loss and the time left of this heal."""
+    started = time.perf_counter()
+
+    def say(step: int, loss: float) -> None:
+        if step % max(1, total // 10) == 0 or step == total:
+            left = (time.perf_counter() - started) / step * (total - step)
+            progress(f"{what}: step {step}/{total}, loss {loss:.3f}, about {left:.0f} s left of it")
+
+    return say
 
 
 def _change(perplexity: dict[str, float]) -> float | None:
