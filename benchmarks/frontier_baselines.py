@@ -28,7 +28,7 @@ from sa_analysis.io import json_safe  # noqa: E402
 from sa_analysis.pipeline import ModelSpec, TextSpec, run_frontier  # noqa: E402
 from sa_analysis.pipeline.heal import heal_evals  # noqa: E402
 from sa_analysis.pipeline.plan import damage_batch  # noqa: E402
-from sa_analysis.planner import PlanConstraints, SharePlan  # noqa: E402
+from sa_analysis.planner import SharePlan  # noqa: E402
 from sa_analysis.plots import plot_frontier  # noqa: E402
 from sa_analysis.validate import PrefixRun, best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
 from sa_analysis.validate.frontier import heldout_summary  # noqa: E402

@@ -53,7 +53,7 @@ def run_frontier(source: ModelSpec, text: TextSpec, *, report: str | Path | None
     """
     say = progress or (lambda _m: None)
     shape = peek_shape(source.model) if report is None else None
-    wanted = parse_budgets(budgets, shape.n_layers if shape else None)
+    parse_budgets(budgets, shape.n_layers if shape else None)  # fails fast, before the model loads
     check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
     started = time.perf_counter()
     att, out_dir, spec, loaded = report_or_measure(report, source.model if report is None else None, out,
@@ -63,9 +63,7 @@ def run_frontier(source: ModelSpec, text: TextSpec, *, report: str | Path | None
                                                    status=status, **capture)
     placed = ModelSpec(spec, source.device, source.dtype, source.random_init, source.device_map)
     loaded = loaded or placed.load(status)
-    wanted = wanted or parse_budgets(budgets, loaded.info.n_layers)
-    if max(wanted) >= loaded.info.n_layers:
-        parse_budgets(budgets, loaded.info.n_layers)  # says what is wrong
+    wanted = parse_budgets(budgets, loaded.info.n_layers)  # the range against the loaded model (a report's, too)
     seq_len = int((att.meta.get("data") or {}).get("seq_len") or text.seq_len or defaults.SEQ_LEN)
     calibration = damage_batch(loaded, text.text, seq_len)
     heldout = TextSpec(text.text, text.n_seqs, seq_len).batch(loaded, "heldout")
