@@ -17,9 +17,9 @@ import torch
 
 from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
-from sa_analysis.pipeline import analyse
-from sa_analysis.pipeline.plan import damage_batch
-from sa_analysis.validate import PrefixRun, plan_from_damage
+from sa_analysis.pipeline import TextSpec, analyse
+from sa_analysis.damage.measure import plan_from_damage
+from sa_analysis.damage.prefix import PrefixRun
 
 
 def timed(work, repeats: int = 5, warmup: int = 2) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(args.model, random_init=True)
     model, n_layers = loaded.model, loaded.info.n_layers
-    batch = damage_batch(loaded, None, args.seq_len)
+    batch = TextSpec(seq_len=args.seq_len).damage_batch(loaded)
     ids = batch.input_ids.to(model.device)
     with torch.inference_mode():
         forward = timed(lambda: model(input_ids=ids, use_cache=False).logits[:, -1].sum().item())

@@ -2,10 +2,10 @@
 
 For one model:
 1. A report on 8 x 256 calibration tokens (the attention similarity the old planner priced), and measured damage on
-   the calibration tokens `recommend-spans` uses (`validate.damage`: each follower alone with each anchor it needs).
+   the calibration tokens `recommend-spans` uses (`damage.measure`: each follower alone with each anchor it needs).
 2. Every contiguous 3-layer span, by head index and head-aligned, and a sample of non-contiguous 3-layer plans (each
    follower the better of its two ways, as `--align-heads auto` measures it): the predicted damage of the span model
-   the planner optimises (`planner.damage.predict`: each span of two or more followers measured whole, single
+   the planner optimises (`damage.table.predict`: each span of two or more followers measured whole, single
    followers alone, summed; for a contiguous 3-span that is its own measurement on calibration tokens), the sum of
    the followers alone (the additive model), the summed attention KL, the whole plan's damage on calibration
    tokens, and the measured perplexity and next-token KL on held-out text (`measure_quality`, 8 x 256 tokens, in two
@@ -35,13 +35,13 @@ from scipy.stats import spearmanr
 from sa_analysis import defaults
 from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
-from sa_analysis.pipeline import analyse
-from sa_analysis.pipeline.plan import damage_batch
+from sa_analysis.pipeline import TextSpec, analyse
 from sa_analysis.planner import anchors_for, price_pairs
-from sa_analysis.planner.damage import DamageTable, plan_spans_ways, predict
-from sa_analysis.validate import PrefixRun, baseline, measure_quality, plan_from_damage, search_plans
-from sa_analysis.validate.damage import Meter, measure_pairs, measure_spans
-from sa_analysis.validate.quality import token_ids
+from sa_analysis.damage.compare import token_ids
+from sa_analysis.damage.measure import Meter, measure_pairs, measure_spans, plan_from_damage
+from sa_analysis.damage.prefix import PrefixRun
+from sa_analysis.damage.table import DamageTable, plan_spans_ways, predict
+from sa_analysis.validate import baseline, measure_quality, search_plans
 
 
 def span_plans(n_layers: int, length: int = 3) -> list[list[int]]:
@@ -87,7 +87,7 @@ def main() -> None:
     heldout = baseline(model, heldout_ids)
     half = args.heldout_seqs // 2
     halves = [baseline(model, heldout_ids[:half]), baseline(model, heldout_ids[half:])]
-    calibration = damage_batch(loaded, None, 256)
+    calibration = TextSpec(seq_len=256).damage_batch(loaded)
 
     timing = {}
     clock = time.time()
@@ -181,7 +181,7 @@ def plans_only(args, loaded, report, heldout, recommended, timing: dict, started
     result = {"model": loaded.info.name, "device": args.device, "dtype": args.dtype, "plans_only": True,
               "heldout_tokens": heldout.input_ids.numel(),
               "baseline_ppl": math.exp(measure_quality(model, {}, heldout)["nll_baseline"]),
-              "calibration_tokens": recommended.damage["n_tokens"], "recommended_damage": recommended.damage,
+              "calibration_tokens": recommended.damage.n_tokens, "recommended_damage": recommended.damage.to_dict(),
               "plans": {"recommended (defaults)": {"followers": recommended.followers, "aligned": recommended.aligned_followers,
                                                    "heldout_ppl": got},
                         "best contiguous span, head-aligned": {"followers": best["followers"], "aligned": best["followers"],

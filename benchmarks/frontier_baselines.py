@@ -27,10 +27,10 @@ from sa_analysis.heal import HealConfig, heal, load_heal_data, run_control  # no
 from sa_analysis.io import json_safe  # noqa: E402
 from sa_analysis.pipeline import ModelSpec, TextSpec, run_frontier  # noqa: E402
 from sa_analysis.pipeline.heal import heal_evals  # noqa: E402
-from sa_analysis.pipeline.plan import damage_batch  # noqa: E402
 from sa_analysis.planner import SharePlan  # noqa: E402
 from sa_analysis.plots import plot_frontier  # noqa: E402
-from sa_analysis.validate import PrefixRun, best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
+from sa_analysis.damage.baselines import best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
+from sa_analysis.damage.prefix import PrefixRun  # noqa: E402
 from sa_analysis.validate.frontier import heldout_summary  # noqa: E402
 
 METHODS = ("recommended", "last k layers", "best contiguous span", "greedy (SLEB)")
@@ -65,7 +65,7 @@ def main() -> None:
 
     loaded = spec.load()
     seq_len = frontier.heldout["seq_len"]
-    run = PrefixRun.record(loaded.model, damage_batch(loaded, None, seq_len))
+    run = PrefixRun.record(loaded.model, TextSpec(seq_len=seq_len).damage_batch(loaded))
     held = PrefixRun.record(loaded.model, TextSpec(None, defaults.N_SEQS, seq_len).batch(loaded, "heldout"))
     assert abs(math.exp(held.baseline_nll) - frontier.baseline["perplexity"]) < 1e-6 * frontier.baseline["perplexity"]
     n_layers, shape = loaded.info.n_layers, loaded.info.shape()

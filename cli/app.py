@@ -68,9 +68,9 @@ DEFAULT_SEQ_LEN = defaults.SEQ_LEN
 
 def default_out(out: Optional[Path], model: str) -> Path:
     """The output folder: `--out` when given, else sa-output/<model name made path-safe>/ (the library's default)."""
-    from sa_analysis.io import default_out_dir
+    from sa_analysis.prechecks import output_folder
 
-    return default_out_dir(out, model)
+    return output_folder(out, model)
 
 
 def user_errors(command: Callable) -> Callable:

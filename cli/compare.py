@@ -58,15 +58,16 @@ def compare(
     from sa_analysis.prechecks import parse_rows
 
     rows = parse_rows(rows, seq_len)
-    from sa_analysis.pipeline import run_compare
+    from sa_analysis.pipeline import CaptureSpec, ModelSpec, TextSpec, run_compare
 
     def measuring(name: str, spec: str) -> None:
         console.print(f"[bold]{escape(name)}[/]: {escape(spec)}", highlight=False)
 
-    result = run_compare(model or (), report or (), label, metric=metric, span_len=span_len, out=out,
-                         formats=("png", "pdf") if pdf else ("png",), on_model=measuring, device=device, dtype=dtype,
-                         device_map=device_map, random_init=random_init, text=text, n_seqs=n_seqs, seq_len=seq_len, exclude_first=exclude_first,
-                         rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
+    result = run_compare(model or (), report or (), label, placement=ModelSpec(None, device, dtype, random_init, device_map),
+                         text=TextSpec(text, n_seqs, seq_len),
+                         capture=CaptureSpec(exclude_first, rows=rows, formats=("png", "pdf") if pdf else ("png",)),
+                         metric=metric, span_len=span_len, out=out, on_model=measuring, progress=sequence_progress,
+                         status=loading_status, notice=print_note)
     rows, out_dir, written = result.rows, result.out, result.files
     _print_table(rows, metric, span_len)
     if len({r["token_sha1"] for r in rows}) > 1:
@@ -81,9 +82,9 @@ def _fmt(value: float) -> str:
 
 
 def _print_table(rows: list[dict], metric: str, span_len: int) -> None:
-    from sa_analysis.report import metric as lookup_metric
+    from sa_analysis.prechecks import check_metric
 
-    info = lookup_metric(metric)
+    info = check_metric(metric)
     short = {"cosine_flat": "cos", "cosine_row": "row cos", "kl": "KL"}[metric]
     best = "highest" if info.similarity else "lowest"
     table = Table(title=escape(f"Layer similarity per checkpoint ({info.label}, head mean)"), title_justify="left")

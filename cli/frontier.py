@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, AlignHeadsOpt, AllowMaskChangeOpt, AnalysisSeqLenOpt, DeviceMapOpt,
                      DeviceOpt, DtypeOpt, FirstShareableOpt, KeepOpt, MaxSpanOpt, NSeqsOpt, OptionalModelOpt, OutOpt,
                      RandomInitOpt, TextOpt, app, console, loading_status, spinner, user_errors, wrote)
+from cli.tables import signed_percent
 from sa_analysis import defaults
 
 
@@ -50,18 +51,15 @@ def frontier(
     damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
-    from sa_analysis.prechecks import check_before_loading, check_data_file, parse_budgets
-    from sa_analysis.shapes import peek_shape
+    from sa_analysis.prechecks import check_before_loading, check_budgets, check_data_file
 
-    shape = peek_shape(model or DEFAULT_MODEL) if report is None else None
-    parse_budgets(budgets, shape.n_layers if shape else None)  # the syntax, and the range where the config says it
+    check_budgets(budgets, (model or DEFAULT_MODEL) if report is None else None)  # the syntax, and the range
     if report is None:
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     check_data_file(heal_data, "--heal-data")
     if other_text is not None:
         check_before_loading(None, text=other_text)
-    from sa_analysis.heal import HealConfig
-    from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_frontier
+    from sa_analysis.pipeline import HealConfig, ModelSpec, PlanConstraints, TextSpec, run_frontier
 
     constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
     config = None
@@ -69,7 +67,8 @@ def frontier(
         config = HealConfig(method="lora", lora_rank=lora_rank, lr=lr, steps=heal_steps, batch_size=batch_size,
                             seq_len=seq_len or defaults.SEQ_LEN, seed=seed)
     with spinner("sharing frontier") as shown:
-        result = run_frontier(ModelSpec(model or DEFAULT_MODEL, device, dtype, random_init, device_map),
+        result = run_frontier(ModelSpec(model or (None if report is not None else DEFAULT_MODEL), device, dtype,
+                                        random_init, device_map),
                               TextSpec(text, n_seqs, seq_len), report=report, budgets=budgets, constraints=constraints,
                               tolerance=tolerance, heal_config=config, heal_data=heal_data, other_text=other_text,
                               control=control, out=out, resume=resume, status=loading_status,
@@ -95,7 +94,7 @@ def print_frontier(frontier) -> None:
         followers = ", ".join(f"{m}{'ᵃ' if str(m) in aligned else ''}" for m in p.plan["followers"])
         s = p.savings
         healed = [_healed(p.healed[t]) if p.healed else "" for t in texts]
-        table.add_row(str(p.budget), followers, _nll_interval(p.predicted), _ppl_interval(p.heldout, base),
+        table.add_row(str(p.budget), followers, signed_percent(p.predicted), _ppl_interval(p.heldout, base),
                       f"{s['kv_cache_fraction_saved']:.1%}", _fraction(s.get("attn_proj_fraction_saved")),
                       f"{s['score_fraction_saved']:.1%}", *healed, str(p.measurements))
     console.print(table)
@@ -120,25 +119,16 @@ def _budget(value) -> str:
     return "no budget" if value is None else f"up to {value} layers"
 
 
-def _signed(value) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}%"
-
-
 def _healed(values) -> str:
-    """Healed shared against the control, with its paired 95 % interval over sequences."""
-    text = _signed(values.get("change"))
-    if values.get("after_low") is not None:
-        text += f" [{100 * math.expm1(values['after_low']):+.1f}, {100 * math.expm1(values['after_high']):+.1f}]"
-    return text
+    """Healed shared against the control (perplexity ratio), with its paired 95 % interval over sequences (nats)."""
+    if values.get("change") is None:
+        return "n/a"
+    return signed_percent({"after": math.log1p(values["change"]), "after_low": values.get("after_low"),
+                           "after_high": values.get("after_high")}, "after")
 
 
 def _fraction(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
-
-
-def _nll_interval(values) -> str:
-    mid, low, high = (100 * math.expm1(values[f"nll_change{s}"]) for s in ("", "_low", "_high"))
-    return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"
 
 
 def _ppl_interval(values, base: float) -> str:

@@ -33,21 +33,18 @@ def heads(
     rows: RowsOpt = "auto",
 ) -> None:
     """Cluster every (layer, head) by how alike they attend: head_families.png (a clustermap) and head_families.json."""
-    from sa_analysis.planner.families import check_family_options
-    from sa_analysis.prechecks import check_before_loading, parse_rows
+    from sa_analysis.prechecks import check_before_loading, check_family_options, parse_rows
 
     check_family_options(metric, threshold)
     if report is None:  # mistakes that need no model are answered before torch is imported
         rows = parse_rows(rows, seq_len)
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
-    from sa_analysis.pipeline import run_heads
+    from sa_analysis.pipeline import CaptureSpec, ModelSpec, TextSpec, run_heads
 
-    capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
-                   device_map=device_map)
-    if report is None:
-        capture.update(rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
-    result = run_heads(report, model or (None if report is not None else DEFAULT_MODEL), metric=metric,
-                       threshold=threshold, out=out, **capture)
+    source = ModelSpec(model or (None if report is not None else DEFAULT_MODEL), device, dtype, random_init, device_map)
+    shown_while_measuring = dict(progress=sequence_progress, status=loading_status, notice=print_note) if report is None else {}
+    result = run_heads(report, source, TextSpec(text, n_seqs, seq_len), CaptureSpec(rows=rows), metric=metric,
+                       threshold=threshold, out=out, **shown_while_measuring)
     print_families(result.families)
     wrote(result.files)
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cli.app import (DEFAULT_MODEL, DeviceMapOpt, DeviceOpt, ModelOpt, NSeqsOpt, OutOpt, RandomInitOpt, SeqLenOpt,
                      PlainStatus, app, console, default_out, spinner, user_errors, wrote)
+from cli.tables import signed_percent
 from sa_analysis import defaults
 
 PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
@@ -76,8 +77,7 @@ def heal(
     # mistakes that need no model are answered before torch is imported
     check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
     check_data_file(data)
-    from sa_analysis.heal import HealConfig
-    from sa_analysis.pipeline import ModelSpec, TextSpec, run_heal
+    from sa_analysis.pipeline import HealConfig, ModelSpec, TextSpec, run_heal
 
     method = "lora" if lora else "full"
     config = HealConfig(method=method, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
@@ -144,7 +144,7 @@ def print_report(report) -> None:
         closed = "not measured" if g["after"] is None else "n/a" if g["closed"] is None else f"{100 * g['closed']:.0f}%"
         table.add_row(f"{name}: {text.get('source', '?')} ({text.get('n_seqs', '?')} x {text.get('seq_len', '?')})",
                       f"{p['baseline']:.4g}", f"{p['control']:.4g}" if "control" in p else "-", f"{p['patched']:.4g}",
-                      f"{p['healed']:.4g}", _gap(g, "before"), _gap(g, "after"), closed)
+                      f"{p['healed']:.4g}", signed_percent(g, "before"), signed_percent(g, "after"), closed)
     console.print(table)
     console.print("gap = perplexity of the shared model / the unshared one - 1 [95 % interval over sequences, paired]: "
                   "before healing against the untouched model, after healing against the control; closed = 1 - gap "
@@ -159,19 +159,6 @@ def print_report(report) -> None:
             "skipped": "no control (--no-control): recovery is not measured"}.get(control.get("status"), "")
     console.print(f"[bold]{report.summary()}[/]", highlight=False)
     console.print(f"{run['steps_run']} steps in {run['seconds']:.0f} s{speed}{resumed}; {loss}; {said}.", highlight=False)
-
-
-def _gap(gaps: dict, which: str) -> str:
-    """A gap in nats as the perplexity change it means, with its interval where there is one: "+7.1% [+4.0, +10.3]"."""
-    import math
-
-    nats = gaps.get(which)
-    if nats is None:
-        return "-"
-    text = f"{100 * math.expm1(nats):+.1f}%"
-    if gaps.get(f"{which}_low") is not None:
-        text += f" [{100 * math.expm1(gaps[which + '_low']):+.1f}, {100 * math.expm1(gaps[which + '_high']):+.1f}]"
-    return text
 
 
 def _skipped(described: dict) -> str:

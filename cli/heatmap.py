@@ -43,7 +43,7 @@ def heatmap(
         model = model or DEFAULT_MODEL
         rows = parse_rows(rows, seq_len, path)
         check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len)
-    from sa_analysis.pipeline import redraw_heatmap, run_heatmap
+    from sa_analysis.pipeline import CaptureSpec, ModelSpec, TextSpec, redraw_heatmap, run_heatmap
 
     if report is not None:
         loaded, written = redraw_heatmap(report, out, formats, model)
@@ -52,9 +52,8 @@ def heatmap(
         wrote(written)
         return
     out_dir = default_out(out, model)
-    result, written = run_heatmap(model, device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len,
-                                  out=out_dir, random_init=random_init, device_map=device_map,
-                                  exclude_first=exclude_first, path=path, rows=rows, formats=formats,
+    result, written = run_heatmap(ModelSpec(model, device, dtype, random_init, device_map), TextSpec(text, n_seqs, seq_len),
+                                  CaptureSpec(exclude_first, path, rows, formats), out=out_dir,
                                   progress=sequence_progress, status=loading_status, notice=print_note)
     print_summary(result)
     settings = result.meta.get("settings", {})
@@ -68,7 +67,7 @@ def heatmap(
 def print_summary(report) -> None:
     """A per-layer table: similarity and divergence to the next layer, head alignment, entropy, Block Influence."""
     meta = report.meta
-    data = meta.get("data", {})
+    data = report.data
     n_layers = report.n_layers
     cos = report.layer_matrix("cosine_flat")
     kl = report.layer_matrix("kl")

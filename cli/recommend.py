@@ -55,17 +55,15 @@ def recommend_spans(
     if report is None:  # mistakes that need no model are answered before torch is imported
         rows = parse_rows(rows, seq_len)
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
-    from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
+    from sa_analysis.pipeline import CaptureSpec, ModelSpec, PlanConstraints, TextSpec, run_plan, run_search
 
     constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
-    capture = dict(device=device, dtype=dtype, text=text, n_seqs=n_seqs, seq_len=seq_len, random_init=random_init,
-                   device_map=device_map, exclude_first=exclude_first)
-    if report is None:
-        capture.update(rows=rows, progress=sequence_progress, status=loading_status, notice=print_note)
+    source = ModelSpec(model or (None if report is not None else DEFAULT_MODEL), device, dtype, random_init, device_map)
+    shown_while_measuring = dict(progress=sequence_progress, status=loading_status, notice=print_note) if report is None else {}
     with spinner("measuring output damage") as shown:
-        result = run_plan(report, model or (None if report is not None else DEFAULT_MODEL), budget=budget,
-                          max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len, out=out,
-                          predict=predict, damage_progress=lambda message: shown.update(message), **capture)
+        result = run_plan(report, source, TextSpec(text, n_seqs, seq_len), CaptureSpec(exclude_first, rows=rows),
+                          budget=budget, max_cost=max_cost, cost=cost, constraints=constraints, context_len=context_len,
+                          out=out, predict=predict, say=lambda message: shown.update(message), **shown_while_measuring)
     plan = result.plan
     _print_plan(plan)
     if result.damage is not None:
@@ -82,8 +80,8 @@ def recommend_spans(
 
         with spinner("measuring plans") as shown:
             search, paths = run_search(
-                result.report, ModelSpec(result.model_spec, device, dtype, random_init, device_map),
-                TextSpec(text, n_seqs, seq_len or result.report.meta.get("data", {}).get("seq_len") or defaults.SEQ_LEN),
+                result.report, result.source,
+                TextSpec(text, n_seqs, seq_len or result.report.seq_len or defaults.SEQ_LEN),
                 out=result.out, max_budget=plan.n_shared, tolerance=tolerance, loaded=result.loaded, damage=result.damage,
                 cost=cost, constraints=PlanConstraints(first_shareable, constraints.keep, plan.constraints.get("max_span"),
                                                        constraints.align_heads, constraints.mask_change),
@@ -128,14 +126,14 @@ def _print_plan(plan) -> None:
     stability = (plan.stability or {}).get("followers", {})
     for follower, anchor in plan.anchor_of.items():
         aligned = follower in plan.head_map
-        alone = (damage or {}).get("followers", {}).get(follower)
+        alone = damage.followers.get(follower) if damage else None
         cost_text = _kl_interval(alone) if alone else _fmt(costs.get(follower))
         last = signed_percent(alone, "nll_change") if alone else _share(stability.get(follower))
         table.add_row(str(follower), str(anchor), "aligned" if aligned else "index", cost_text,
                       _fmt(plan.index_costs.get(follower)) if aligned else "", last, plan.mask_notes.get(follower, "same"))
     table.add_section()
     if damage:
-        predicted, whole = damage.get("predicted") or {}, damage["plan"]
+        predicted, whole = damage.predicted, damage.plan
         for name, span in (predicted.get("spans") or {}).items():
             table.add_row(f"span {name}", str(span["anchor"]), "whole", _kl_interval(span), "",
                           signed_percent(span, "nll_change"), "")
@@ -149,7 +147,7 @@ def _print_plan(plan) -> None:
                       f"{_share(same)} same plan" if same is not None else "", "")
     console.print(table)
     if damage:
-        console.print(f"Predicted on {damage['n_tokens']} calibration tokens ({damage['n_seqs']} sequences): each follower "
+        console.print(f"Predicted on {damage.n_tokens} calibration tokens ({damage.n_seqs} sequences): each follower "
                       f"shared alone; each span of two or more followers measured whole (followers of one anchor "
                       f"interact); the prediction, its spans summed (the model the planner optimises); and the whole "
                       f"plan measured as it is (spans interact little); perplexity = exp(NLL change) - 1. "
@@ -172,9 +170,9 @@ def _share(value: float | None) -> str:
 def _print_comparison(plans: dict, cost: str, plan) -> None:
     """The recommendation beside the baselines with as many shared layers: their attention cost (what similarity
     planners minimise) and, when the plan was chosen by measured damage, each measured whole on the same tokens."""
-    measured = dict((plan.damage or {}).get("baselines") or {})
+    measured = dict(plan.damage.baselines) if plan.damage else {}
     if plan.damage:
-        measured["optimal"] = plan.damage["plan"]
+        measured["optimal"] = plan.damage.plan
     title = "Alternatives with the same number of shared layers"
     title += (": next-token KL measured whole on the calibration tokens, and the attention cost similarity planners "
               f"minimise ({cost})") if measured else f" (predicted {cost} cost, same cost matrix)"

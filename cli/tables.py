@@ -12,7 +12,8 @@ from cli.app import console, format_bytes
 def print_validation(report) -> None:
     """Rich tables: quality (baseline, patched, change), speed and memory, tasks; then the verdict."""
     q = report.quality
-    predicted = (report.plan.get("damage") or {}).get("plan")  # the plan's damage measured on calibration tokens
+    damage = report.plan_damage
+    predicted = None if damage is None else damage.plan  # the plan measured whole on calibration tokens
     table = Table(title="Quality on held-out text", title_justify="left")
     for column in ("", "baseline", "patched", "change") + (("predicted [95 %]",) if predicted else ()):
         table.add_column(column, justify="right" if column else "left")
@@ -110,12 +111,17 @@ def print_search(search) -> None:
         console.print(f"[bold]Best within tolerance:[/] {best.summary()} (spans {best.spans_spec()})", highlight=False)
 
 
-def signed_percent(values: dict, key: str = "nll_change") -> str:
-    """The relative perplexity change an NLL change implies, with its interval: '+7.2% [+2.9, +11.6]'."""
+def signed_percent(values: dict, key: str = "nll_change", missing: str = "-") -> str:
+    """The relative perplexity change an NLL change in nats implies, with its interval where there is one:
+    '+7.2% [+2.9, +11.6]' ('+7.2%' without one; `missing` when there is no value). Every table prints gaps so."""
     import math
 
-    low, mid, high = (100 * math.expm1(values[k]) for k in (f"{key}_low", key, f"{key}_high"))
-    return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"
+    if values.get(key) is None:
+        return missing
+    text = f"{100 * math.expm1(values[key]):+.1f}%"
+    if values.get(f"{key}_low") is not None and values.get(f"{key}_high") is not None:
+        text += f" [{100 * math.expm1(values[key + '_low']):+.1f}, {100 * math.expm1(values[key + '_high']):+.1f}]"
+    return text
 
 
 def print_checked(checked: list, plan) -> None:

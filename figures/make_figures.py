@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from sa_analysis import planner, plots, validate
+from sa_analysis.damage.measure import plan_from_damage
 from sa_analysis.capture import AttentionMaps, capture_attention
 from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
-from sa_analysis.pipeline import analyse
-from sa_analysis.pipeline.plan import damage_batch
+from sa_analysis.pipeline import TextSpec, analyse
 from sa_analysis.planner.families import head_families
 from sa_analysis.plots import plot_plan_over_heatmap
 from sa_analysis.report import AttentionReport
@@ -90,7 +90,7 @@ def measure(args, work: Path):
     torch.save({f"{layer}/{head}": maps.probs(layer)[0, head].cpu() for layer, head in MAP_HEADS}, work / "maps.pt")
 
     say("the recommended plan: measured output damage, recommend-spans' default budget")
-    recommended = validate.plan_from_damage(loaded, report, damage_batch(loaded, None, args.seq_len), progress=say).plan
+    recommended = plan_from_damage(loaded, report, TextSpec(seq_len=args.seq_len).damage_batch(loaded), progress=say).plan
     recommended.save(work / "plan.json")
 
     say("plan search (damage of each layer, then candidate plans measured whole), measured quality")

@@ -5,7 +5,7 @@ Heavy modules (torch, transformers) are imported by the submodules that need the
 stay usable without a model.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .compat import check_versions as _check_versions
 

@@ -67,7 +67,7 @@ def provenance(device: Any = None) -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     made = {"sa_analysis": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(), "threads": str(torch.get_num_threads()),

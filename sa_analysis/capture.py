@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from . import compat
+from . import compat, parts
 
 CAPTURE_PREFIX = "sa_capture_"
 
@@ -173,20 +173,6 @@ def original_attention(module: torch.nn.Module, base: str) -> Callable:
     return compat.base_attention_function(module, base)
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, indexed by `layer_idx` (checked complete)."""
-    found = {}
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
-            if module.layer_idx in found:
-                raise ValueError(f"two attention modules claim layer {module.layer_idx} ({name}); this model layout is not supported")
-            found[module.layer_idx] = module
-    n_layers = model.config.get_text_config().num_hidden_layers
-    if sorted(found) != list(range(n_layers)):
-        raise ValueError(f"expected one attention module per layer 0..{n_layers - 1}, found layers {sorted(found)}")
-    return [found[i] for i in range(n_layers)]
-
-
 @contextmanager
 def capture_attention(model: torch.nn.Module, recorder: Recorder) -> Iterator[Recorder]:
     """Within the block, every forward of `model` reports the chosen layers' attention inputs to `recorder`.
@@ -194,7 +180,7 @@ def capture_attention(model: torch.nn.Module, recorder: Recorder) -> Iterator[Re
     The model's attention implementation is restored and every per-module attribute removed on exit, also
     when the block raises.
     """
-    modules = attention_modules(model)
+    modules = parts.attention_modules(model)
     layers = set(range(len(modules))) if recorder.layers is None else set(recorder.layers)
     bad = sorted(l for l in layers if not 0 <= l < len(modules))
     if bad:
@@ -223,9 +209,9 @@ class BlockInfluence:
         self.counts = torch.zeros(n_layers, dtype=torch.float64)
 
     def hook(self, layer: int):
-        def on_forward(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
-            hidden_out = output[0] if isinstance(output, tuple) else output  # [B, T, hidden]
+        def on_forward(args, kwargs, output):
+            hidden_in = parts.layer_input(args, kwargs)  # [B, T, hidden]
+            hidden_out = parts.layer_output(output)  # [B, T, hidden]
             hidden_in = hidden_in.to(hidden_out.device)  # spread over GPUs, a layer's input and output may differ
             dtype = torch.float64 if hidden_in.dtype == torch.float64 else torch.float32
             cos = torch.nn.functional.cosine_similarity(hidden_in.to(dtype), hidden_out.to(dtype), dim=-1)  # [B, T]
@@ -238,27 +224,9 @@ class BlockInfluence:
         return self.sums / self.counts.clamp_min(1)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers (blocks) in order: the parents of the attention modules."""
-    attn = {id(m): m.layer_idx for m in attention_modules(model)}
-    layers = {}
-    for module in model.modules():
-        for child in module.children():
-            if id(child) in attn and module is not model:
-                layers[attn[id(child)]] = module
-    return [layers[i] for i in range(len(attn))]
-
-
 @contextmanager
 def measure_block_influence(model: torch.nn.Module) -> Iterator[BlockInfluence]:
-    """Hooks on every decoder layer that accumulate Block Influence; removed on exit."""
-    blocks = decoder_layers(model)
-    stats = BlockInfluence(len(blocks))
-    handles = []
-    try:
-        for idx, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(stats.hook(idx), with_kwargs=True))
+    """Hooks on every decoder layer that accumulate Block Influence; removed on exit (`parts.layer_hooks`)."""
+    stats = BlockInfluence(parts.n_layers(model))
+    with parts.layer_hooks(model, after={i: stats.hook(i) for i in range(parts.n_layers(model))}):
         yield stats
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -2,7 +2,7 @@
 
 Everything else in the library goes through the public interfaces of transformers (`AttentionInterface`,
 `AttentionMaskInterface`, `set_attn_implementation`, `DynamicCache` and the cache's `update`) or through the
-functions below. Each function says which internal it reads and why no public interface serves.
+functions below; where a model keeps its layers, attention modules and output head is `parts`' one job. Each function says which internal it reads and why no public interface serves.
 
 Checked on transformers 5.17.0 (the lowest release in range, also the GPU device's) and 5.24.0 (the newest), with
 accelerate 1.3.0 / 1.15.0 and peft 0.18.0 / 0.21.2 (heal runs on transformers' Trainer, which calls
@@ -180,37 +180,8 @@ def set_layer_types(model: Any, types: list[str]) -> None:
     model.config.get_text_config().layer_types = list(types)
 
 
-# ----- running the model from a layer on (measured damage) ---------------------------------------------------
-def decoder_layer_list(model: Any) -> Any:
-    """The `nn.ModuleList` of decoder layers that the model's forward iterates (`model.get_decoder().layers`).
-
-    Replaying a forward from layer s (`validate.prefix`) swaps the entries below s for stand-ins. That relies on the
-    decoder calling each entry in turn with the hidden states first and taking its return value (a tensor) as the
-    next hidden states, which is how every supported model's forward reads on 5.17 and 5.24.
-    """
-    layers = getattr(model.get_decoder(), "layers", None)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    if layers is None or len(layers) != n_layers:
-        raise TypeError(f"{type(model).__name__} keeps no list of {n_layers} decoder layers at get_decoder().layers; "
-                        f"this model layout is not supported")
-    return layers
-
-
-def next_token_logits(model: Any, hidden: Any) -> Any:
-    """[..., V] logits from the decoder's final hidden states [..., hidden], as the model's own forward makes them:
-    the output embedding, then the final logit softcapping that Gemma 2 and 3 apply (`config.final_logit_softcapping`,
-    a public config field; the forward applies it inline, so no public function does both)."""
-    import torch
-
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 __all__ = [
-    "CACHE_KEYWORDS", "decoder_layer_list", "next_token_logits", "TESTED_RANGES", "attention_implementation", "no_gguf_progress_bar", "base_attention_function", "cache_from_kwargs",
+    "CACHE_KEYWORDS", "TESTED_RANGES", "attention_implementation", "no_gguf_progress_bar", "base_attention_function", "cache_from_kwargs",
     "cache_keyword", "cache_kwargs", "cache_layer_tensors", "check_versions", "in_range", "layer_types",
     "new_cache", "register_attention", "set_layer_types", "untested_versions",
 ]

@@ -13,9 +13,11 @@ from pathlib import Path
 from . import defaults
 from .data import load_documents
 from .errors import UserError
-from .io import ensure_writable_dir
+from .io import default_out_dir, ensure_writable_dir
 from .planner import COSTS, SharePlan, parse_budget
+from .planner.families import check_family_options
 from .planner.plan import check_head_map
+from .report import Metric, metric
 from .shapes import peek_shape
 
 
@@ -103,3 +105,24 @@ def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
     """A heal's training data must be a file that exists (its rows are read once the tokenizer is loaded)."""
     if path is not None and not Path(path).expanduser().is_file():
         raise UserError(f"The data file {path} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to {flag}.")
+
+
+def check_budgets(spec: str | None, model: str | None) -> None:
+    """`--budgets` checked before loading: its syntax, and its range where the model's config says its layer count
+    (`model` None: a saved report's model, checked once it is read)."""
+    shape = peek_shape(model) if model is not None else None
+    parse_budgets(spec, shape.n_layers if shape else None)
+
+
+def check_metric(name: str) -> Metric:
+    """A known similarity metric (what it measures, whether higher is more alike); 'did you mean' otherwise."""
+    return metric(name)
+
+
+def output_folder(out: str | Path | None, model: str) -> Path:
+    """The output folder: `out` when given, else sa-output/<model name made path-safe>/ (not created here)."""
+    return default_out_dir(out, model)
+
+
+__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_family_options", "check_metric",
+           "check_plan_options", "output_folder", "parse_budgets", "parse_rows"]

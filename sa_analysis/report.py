@@ -89,6 +89,17 @@ class AttentionReport:
         return int(self.meta["model"]["n_heads"])
 
     @property
+    def data(self) -> dict[str, Any]:
+        """What the report measured: {"source", "n_seqs", "seq_len", ...} (empty for a report that does not say)."""
+        return dict(self.meta.get("data") or {})
+
+    @property
+    def seq_len(self) -> int | None:
+        """Tokens per measured sequence (None when the report does not say)."""
+        value = self.data.get("seq_len")
+        return None if value is None else int(value)
+
+    @property
     def model_name(self) -> str:
         return str(self.meta["model"]["name"])
 
@@ -288,7 +299,7 @@ def compare_summary(reports: list[AttentionReport], labels: list[str] | None = N
         adjacent = report.isotropy_curve(name, 1)[:-1]
         finite = adjacent[np.isfinite(adjacent)]
         first, last, score = report.most_isotropic_span(name, span_len)
-        data = report.meta.get("data") or {}
+        data = report.data
         rows.append({"label": label, "model": report.model_name, "n_layers": report.n_layers,
                      "off_diagonal_mean": report.off_diagonal_mean(name),
                      "adjacent_mean": float(finite.mean()) if finite.size else float("nan"),

@@ -13,13 +13,12 @@ from sa_analysis.pipeline import ModelSpec, PlanConstraints, TextSpec, run_plan,
 BUDGET = "2"
 CONSTRAINTS = PlanConstraints(first_shareable=25)  # 5 shareable layers: a dozen measurements, not sixty
 N_SEQS, SEQ_LEN = 2, 128
-PLAN_FILES = ("plan.json", "plan.png", "report.json", "report.npz")  # the rest are the heatmap's figures
 
 
 def make(out: Path) -> list[Path]:
     """Plan on the default model (measured damage), then validate that plan on held-out text; returns the files."""
-    result = run_plan(None, ModelSpec().model, budget=BUDGET, constraints=CONSTRAINTS, out=out / "plan",
-                      n_seqs=N_SEQS, seq_len=SEQ_LEN)
+    result = run_plan(None, ModelSpec(), TextSpec(None, N_SEQS, SEQ_LEN), budget=BUDGET, constraints=CONSTRAINTS,
+                      out=out / "plan")
     _report, path = run_validate(ModelSpec(), TextSpec(None, N_SEQS, SEQ_LEN), plan_file=out / "plan" / "plan.json",
                                  measure_speed=False, out=out / "validate")
     return result.files + [path]

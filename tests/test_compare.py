@@ -188,8 +188,8 @@ def test_compare_random_init_checkpoints_of_an_alias(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_heatmap(spec, *, out, random_init=False, **kwargs):
-        seen.append((spec, random_init))
+    def fake_heatmap(source, text, capture, *, out, **shown):
+        seen.append((source.model, source.random_init))
         raise UserError("stop here")  # the flag reached the measurement; nothing else to test
 
     monkeypatch.setattr(compare_job, "run_heatmap", fake_heatmap)

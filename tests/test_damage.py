@@ -10,16 +10,19 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sa_analysis import compat
+from sa_analysis import parts
 from sa_analysis.data import TokenBatch
 from sa_analysis.errors import UserError
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.patch import share_attention
 from sa_analysis.planner import PlanConstraints, SharePlan, anchors_for, plan_spans, price_pairs
-from sa_analysis.planner.damage import DamageTable, damage_prices, mean_and_interval, plan_spans_ways, predict
+from sa_analysis.damage.measure import plan_from_damage
+from sa_analysis.damage.prefix import PrefixRun
+from sa_analysis.damage.table import DamageTable, damage_prices, plan_spans_ways, predict
+from sa_analysis.parts import replay_from
 from sa_analysis.planner.optimal import SpanPrices, optimal_followers
 from sa_analysis.report import AttentionReport
-from sa_analysis.validate import PrefixRun, plan_from_damage, replay_from
+from sa_analysis.stats import mean_and_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,10 +50,10 @@ def test_replay_from_any_layer_equals_the_whole_forward(arch, device):
             with replay_from(model, start, run.layer_inputs[start]):
                 replayed = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             assert torch.equal(replayed, whole), start
-    layers = compat.decoder_layer_list(model)
+    layers = parts.decoder_layers(model)
     assert all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)  # every layer put back
     logits = model(input_ids=ids, use_cache=False).logits
-    assert torch.allclose(compat.next_token_logits(model, whole), logits, atol=1e-12)  # Gemma 2's final softcap too
+    assert torch.allclose(parts.next_token_logits(model, whole), logits, atol=1e-12)  # Gemma 2's final softcap too
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,14 +88,14 @@ def test_a_probe_reads_an_earlier_anchor_and_only_a_probe_may():
 
 
 def test_a_large_vocabulary_recomputes_the_baseline_from_the_head_with_the_same_numbers(monkeypatch):
-    from sa_analysis.validate import prefix
+    from sa_analysis.damage import compare
 
     model = tiny_model("llama", dtype=torch.float32, vocab_size=4096)
     ids = _ids(seq_len=40, vocab=4096)
     kept = PrefixRun.record(model, ids)
     recomputed = PrefixRun.record(model, ids, keep_bytes=0)
     assert kept.base_log_probs is not None and recomputed.base_log_probs is None
-    monkeypatch.setattr(prefix, "POSITION_CHUNK", 7)
+    monkeypatch.setattr(compare, "POSITION_CHUNK", 7)
     a, b = kept.damage({2: 1, 3: 1}), recomputed.damage({2: 1, 3: 1})
     assert np.allclose(a.kl, b.kl, rtol=1e-4) and np.allclose(a.nll_change, b.nll_change, rtol=1e-4, atol=1e-6)
     assert kept.baseline_nll == pytest.approx(recomputed.baseline_nll, rel=1e-6)
@@ -228,22 +231,22 @@ def test_plan_from_damage_rests_on_measurements_and_checks_interactions(tmp_path
     assert chosen["measured"]["kl"] == min(measured)
     run = PrefixRun.record(loaded.model, batch)
     assert chosen["measured"]["kl"] == pytest.approx(run.damage(plan.anchor_of).kl_mean, rel=1e-12)  # measured whole
-    assert plan.damage["plan"]["kl"] == chosen["measured"]["kl"]
+    assert plan.damage.plan["kl"] == chosen["measured"]["kl"]
     for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5):  # every span of two or more measured whole
         assert len(ways) == 1 or (a, ways) in table.spans
     run_spans = {a: len(ways) for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5)}
     if len(run_spans) == 1:  # one span: the span model's prediction is the whole plan's measurement
-        assert plan.damage["predicted"]["kl"] == pytest.approx(chosen["measured"]["kl"], rel=1e-12)
+        assert plan.damage.predicted["kl"] == pytest.approx(chosen["measured"]["kl"], rel=1e-12)
     else:
-        assert plan.damage["predicted"]["kl"] == pytest.approx(sum(plan.damage["followers"][m]["kl"] for m in plan.followers))
+        assert plan.damage.predicted["kl"] == pytest.approx(sum(plan.damage.followers[m]["kl"] for m in plan.followers))
     assert any("about" in line and "left" in line for line in said)  # progress with a time estimate
     again = SharePlan.load(plan.save(tmp_path / "plan.json"))
-    assert again.damage["followers"].keys() == plan.damage["followers"].keys() and again.damage["plan"] == plan.damage["plan"]
+    assert again.damage.followers.keys() == plan.damage.followers.keys() and again.damage.plan == plan.damage.plan
 
 
 def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     from sa_analysis.planner import compare_plans, evaluate_plan
-    from sa_analysis.validate.damage import measure_baselines
+    from sa_analysis.damage.measure import measure_baselines
 
     loaded = _loaded(6)
     report = _report(n_layers=6, kl=np.random.default_rng(0).uniform(0.1, 1.0, (6, 6)))
@@ -252,7 +255,7 @@ def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     plans = compare_plans(report, evaluate_plan(found.plan, report, "kl"), cost="kl")
     count = found.meter.count
     measured = measure_baselines(found, plans)
-    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage["plan"]}
+    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage.plan}
     run = PrefixRun.record(loaded.model, batch)  # an independent record of the same tokens
     for name, plan in plans.items():
         if isinstance(plan, str):
@@ -261,9 +264,9 @@ def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
         assert measured[name]["kl"] == pytest.approx(run.damage(plan.anchor_of, plan.head_map).kl_mean, rel=1e-9), name
     new = {tuple(p.followers) for n, p in plans.items() if not isinstance(p, str)} - {tuple(r["followers"]) for r in found.checked}
     assert found.meter.count - count == len(new)  # a plan measured before is not measured again
-    assert set(found.plan.damage["baselines"]) == set(measured) - {"optimal"}
+    assert set(found.plan.damage.baselines) == set(measured) - {"optimal"}
     again = SharePlan.load(found.plan.save(tmp_path / "plan.json"))
-    assert again.damage["baselines"] == json_round_trip(found.plan.damage["baselines"])
+    assert again.damage.baselines == json_round_trip(found.plan.damage.baselines)
 
 
 def json_round_trip(value):

@@ -107,3 +107,15 @@ def test_cli_heads_from_a_report(planted_report, tmp_path):
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "Traceback" not in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pair_with_no_finite_value_lies_farthest_the_same_way_everywhere():
+    """`head_similarity` and the stability draws share one distance: an infinite KL (disjoint supports) lies twice
+    as far as the farthest finite pair, a negative drawn KL at 0, and the diagonal at 0."""
+    from sa_analysis.planner.families import distance_of
+
+    kl = np.array([[0.0, 0.4, np.inf], [0.4, 0.0, -0.1], [np.inf, -0.1, 0.0]])
+    assert distance_of(kl, "kl").tolist() == [[0.0, 0.4, 0.8], [0.4, 0.0, 0.0], [0.8, 0.0, 0.0]]
+    cosine = np.array([[1.0, 0.75, np.nan], [0.75, 1.0, 0.5], [np.nan, 0.5, 1.0]])
+    assert distance_of(cosine, "cosine_flat").tolist() == [[0.0, 0.25, 1.0], [0.25, 0.0, 0.5], [1.0, 0.5, 0.0]]
+    assert distance_of(np.full((2, 2), np.inf), "kl").tolist() == [[0.0, 1.0], [1.0, 0.0]]

@@ -18,8 +18,10 @@ from sa_analysis.errors import UserError
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.planner import PlanConstraints, SharePlan
 from sa_analysis.report import AttentionReport
-from sa_analysis.validate import (Frontier, FrontierState, PrefixRun, best_contiguous_plan, greedy_plans,
-                                  last_layers_plan, measure_frontier, plan_from_damage)
+from sa_analysis.damage.baselines import best_contiguous_plan, greedy_plans, last_layers_plan
+from sa_analysis.damage.measure import plan_from_damage
+from sa_analysis.damage.prefix import PrefixRun
+from sa_analysis.validate import Frontier, FrontierState, measure_frontier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OFF = PlanConstraints(align_heads="off")

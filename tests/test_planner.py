@@ -537,8 +537,8 @@ def test_cli_model_matching_report_is_accepted(cli_app, saved_report, tmp_path):
 def test_cli_captures_when_no_report(cli_app, tmp_path, monkeypatch):
     calls = {}
 
-    def measure_heatmap(model, *, out, console=None, **kwargs):
-        calls.update(model=model, out=out, **kwargs)
+    def measure_heatmap(source, text, capture, *, out, **shown):
+        calls.update(source=source, text=text, capture=capture, out=out)
         return None, fake_report(identical_block_kl(12, (5, 7))), []  # no model at hand: planned by similarity
 
     import sa_analysis.pipeline.heatmap as heatmap_job
@@ -546,7 +546,7 @@ def test_cli_captures_when_no_report(cli_app, tmp_path, monkeypatch):
     monkeypatch.setattr(heatmap_job, "measure_heatmap", measure_heatmap)  # where run_plan measures a model it has no report of
     result = _run(cli_app, ["--budget", "2", "--seq-len", "64", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert calls["model"] == "smollm2-135m" and calls["seq_len"] == 64 and calls["out"] == tmp_path / "o"
+    assert calls["source"].model == "smollm2-135m" and calls["text"].seq_len == 64 and calls["out"] == tmp_path / "o"
     assert SharePlan.load(tmp_path / "o" / "plan.json").followers == [6, 7]
     assert "attention similarity alone" in result.output  # the weaker predictor says so
 

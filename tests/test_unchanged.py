@@ -1,7 +1,8 @@
 """The house may move, what it makes may not: the default model's plan (chosen by measured damage) and a validation
 of it, made now by `tests/golden.py`, equal the files the code made before the damage package moved
-(`tests/data/golden/`): the same files written, the same plan, the same numbers (to float rounding: the same CPU
-arithmetic, summed in the same order). Times, dates and versions are left out of the comparison."""
+(`tests/data/golden/`): the same files written, the same plan, the same numbers (to the rounding of float32 sums:
+one comparison of log-probabilities now serves calibration and held-out text, and sums in its own order; any change
+of tokens, positions, plan or formula moves them by far more). Times, dates and versions are left out."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 def differences(made, saved, where: str = "") -> list[str]:
-    """Where `made` differs from `saved` (JSON values): floats to 1e-9 relative, times in text (`38 s`) ignored."""
+    """Where `made` differs from `saved` (JSON values): floats to 1e-5 relative (float32 sums), times in text
+    (`38 s`) ignored."""
     if isinstance(saved, dict) and isinstance(made, dict):
         keys = (set(saved) | set(made)) - NOT_COMPARED
         return [d for k in sorted(keys) for d in differences(made.get(k), saved.get(k), f"{where}.{k}")]
     if isinstance(saved, list) and isinstance(made, list) and len(saved) == len(made):
         return [d for i, (m, s) in enumerate(zip(made, saved)) for d in differences(m, s, f"{where}[{i}]")]
     if isinstance(saved, float) and isinstance(made, (int, float)):
-        return [] if math.isclose(made, saved, rel_tol=1e-9, abs_tol=1e-12) else [f"{where}: {made!r} != {saved!r}"]
+        return [] if math.isclose(made, saved, rel_tol=1e-5, abs_tol=1e-9) else [f"{where}: {made!r} != {saved!r}"]
     if isinstance(saved, str) and isinstance(made, str):
         timeless = lambda text: re.sub(r"\d+ s\b", "N s", text)  # noqa: E731
         return [] if timeless(made) == timeless(saved) else [f"{where}: {made!r} != {saved!r}"]
@@ -55,7 +57,7 @@ def test_the_same_plan_and_numbers(made, name, path):
 def test_the_comparison_sees_a_change():
     saved = json.loads((GOLDEN / "plan.json").read_text())
     changed = json.loads(json.dumps(saved))
-    changed["damage"]["plan"]["kl"] *= 1 + 1e-6
+    changed["damage"]["plan"]["kl"] *= 1 + 1e-4
     changed["followers"] = [26, 29]
     assert len(differences(changed, saved)) == 2
     assert differences(saved, saved) == []

@@ -142,7 +142,9 @@ def test_a_large_vocabulary_recomputes_the_baseline_with_the_same_numbers(monkey
     recomputed = quality.baseline(model, ids, batch_size=4, keep_bytes=0)  # as for a 262k vocabulary at 8 x 256
     assert recomputed.log_probs is None
     monkeypatch.setattr(quality, "MICRO_BATCH_BYTES", 2 * 39 * 4096 * 4)  # room for two sequences at a time
-    monkeypatch.setattr(quality, "POSITION_CHUNK", 7)  # the comparison in chunks of positions
+    from sa_analysis.damage import compare
+
+    monkeypatch.setattr(compare, "POSITION_CHUNK", 7)  # the comparison in chunks of positions
     small = quality.baseline(model, ids, batch_size=4, keep_bytes=0)
     assert small.batch_size == 2
     plan = {2: 1, 3: 1}

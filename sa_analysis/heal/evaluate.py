@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..stats import paired_interval
+
 
 
 @torch.no_grad()
@@ -41,9 +43,7 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int 
 
 def gap_interval(shared_nll: list[float], unshared_nll: list[float]) -> tuple[float, float, float]:
     """(mean, low, high) of the per-sequence NLL difference shared - unshared (paired, 95 % Student-t)."""
-    from ..planner.damage import mean_and_interval
-
-    return mean_and_interval([a - b for a, b in zip(shared_nll, unshared_nll)])
+    return paired_interval(shared_nll, unshared_nll)
 
 
 def gap(shared: float, unshared: float) -> float:

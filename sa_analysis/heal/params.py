@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .. import parts
 from ..errors import UserError
 from .config import GIB, HealConfig
 
@@ -24,11 +25,9 @@ FOLLOWER_UNUSED = ("q_proj", "k_proj", "q_norm", "k_norm")  # out of the module 
 
 def _layer_of_names(model: torch.nn.Module) -> dict[str, int]:
     """{module name: decoder layer index} for every module inside a decoder layer."""
-    from ..capture import decoder_layers
-
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, int] = {}
-    for index, block in enumerate(decoder_layers(model)):
+    for index, block in enumerate(parts.decoder_layers(model)):
         prefix = names[id(block)]
         for sub, _ in block.named_modules():
             out[f"{prefix}.{sub}" if sub else prefix] = index
@@ -77,17 +76,17 @@ def full_parameters(model: torch.nn.Module, anchor_of: Mapping[int, int], config
     chosen = []
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 1)[0]
-        parts = module_name.split(".")
-        layer = next((layer_of[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in layer_of), None)
+        pieces = module_name.split(".")
+        layer = next((layer_of[".".join(pieces[:i])] for i in range(len(pieces), 0, -1) if ".".join(pieces[:i]) in layer_of), None)
         if layer is None:
             if config.full_scope == "all" and config.train_layers == "all":
                 chosen.append((name, param))
             continue
         if layer < lowest:
             continue
-        if layer in anchor_of and any(p in FOLLOWER_UNUSED for p in parts):
+        if layer in anchor_of and any(p in FOLLOWER_UNUSED for p in pieces):
             continue
-        if config.full_scope == "attention" and not any(p in ATTENTION_PROJ for p in parts):
+        if config.full_scope == "attention" and not any(p in ATTENTION_PROJ for p in pieces):
             continue
         chosen.append((name, param))
     return chosen

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..artefact import JsonArtefact
+from ..stats import percent
 from .evaluate import closed_fraction, gap, gap_interval
 
 REPORT_FORMAT = "sa-analysis/heal-report"
@@ -91,6 +92,4 @@ class HealReport(JsonArtefact):
 
 def _percent(nats: float) -> str:
     """A gap in nats as the perplexity change it means ("+7.1%")."""
-    import math
-
-    return f"{100 * math.expm1(nats):+.1f}%"
+    return f"{percent(nats):+.1f}%"

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..artefact import provenance
-from ..capture import decoder_layers
+from .. import parts
 from ..errors import UserError
 from ..io import read_json, write_json
 from ..rng import seeded
@@ -78,7 +78,7 @@ def heal(
     scratch = contextlib.nullcontext(str(Path(out) / "checkpoints")) if keeps_checkpoints else tempfile.TemporaryDirectory()
     with scratch as checkpoints:
         args = config.training_arguments(checkpoints, cpu=device.type == "cpu", bf16=_bf16(device),
-                                         layer_class=type(decoder_layers(model)[0]).__name__)
+                                         layer_class=type(parts.decoder_layers(model)[0]).__name__)
         main = args.process_index == 0
         phase = on_phase if main and on_phase is not None else (lambda _name: None)
         notes: list[str] = []

@@ -11,7 +11,7 @@ How it is wired (no forward method is monkey-patched):
   On every non-follower layer it calls the model's original implementation, so their outputs are unchanged; on an
   anchor it also stashes what the followers need: post-RoPE query, key (after the cache update), mask, scaling and
   the per-call extras (softcap, sliding window), and in exact mode the fp32 softmax.
-* The `self_attn` submodule of each follower's decoder layer is swapped for a small `SharedAttention` module that
+* The attention module of each follower's decoder layer (`parts.swap_attention`) is swapped for a small `SharedAttention` module that
   holds the original `v_proj` and `o_proj`, computes V, reads the anchor's stash and attends:
     - ``mode="fast"``: the model's own attention kernel (SDPA, or eager where the model needs it, e.g. Gemma 2's
       logit softcapping) on `(Q_anchor, K_anchor, V_own)` with the anchor's mask: nothing `[B, H, Q, K]` is

@@ -6,8 +6,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .. import compat
-from ..capture import (CAPTURE_PREFIX, attention_modules, decoder_layers, original_attention, register_attention)
+from .. import compat, parts
+from ..capture import CAPTURE_PREFIX, original_attention, register_attention
 from ..errors import UserError
 from .anchors import check_mode, plan_anchors, plan_head_maps
 from .follower import SharedAttention
@@ -34,7 +34,7 @@ class SharedAttentionHandle:
         self.mode = mode
         self._base: str | None = None
         self._sessions: list[nn.Module] = []
-        self._swapped: list[tuple[nn.Module, nn.Module, SharedAttention]] = []  # (decoder layer, original, follower)
+        self._swapped: list[tuple[int, nn.Module, SharedAttention]] = []  # (layer, original, follower)
         self._layer_types: list[str] | None = None  # the config's own list, while followers take their anchor's
         self.active = False
 
@@ -54,9 +54,9 @@ class SharedAttentionHandle:
             if self._base is not None and compat.attention_implementation(self.model) != self._base:
                 self.model.set_attn_implementation(self._base)
         finally:
-            for block, original, follower in reversed(self._swapped):
-                if block.self_attn is follower:
-                    block.self_attn = original
+            for index, original, follower in reversed(self._swapped):
+                if parts.attention_of(self.model, index) is follower:
+                    parts.swap_attention(self.model, index, original)
             self._swapped.clear()
             for module in self._sessions:
                 module.__dict__.pop("_sa_share", None)
@@ -85,14 +85,13 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: M
     """
     check_mode(mode)
     base = _check_model(model)
-    modules = attention_modules(model)
+    modules = parts.attention_modules(model)
     anchor_of = plan_anchors(plan, len(modules), probe)
     maps = plan_head_maps(plan, anchor_of, int(model.config.get_text_config().num_attention_heads), head_map)
-    blocks = decoder_layers(model)
     followers_of: dict[int, list[int]] = {}
     for follower, anchor in sorted(anchor_of.items()):
         followers_of.setdefault(anchor, []).append(follower)
-        _check_follower(blocks[follower], modules[follower])
+        _check_follower(modules[follower])
     state = ShareState(mode=mode, followers_of=followers_of)
     handle = SharedAttentionHandle(model, anchor_of, mode, maps)
     try:
@@ -101,8 +100,8 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: M
         for idx, module in enumerate(modules):
             if idx in anchor_of:
                 follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base), maps.get(idx))
-                blocks[idx].self_attn = follower
-                handle._swapped.append((blocks[idx], module, follower))
+                parts.swap_attention(model, idx, follower)
+                handle._swapped.append((idx, module, follower))
             else:
                 module._sa_share = LayerSession(original_attention(module, base), state, idx in followers_of)
                 handle._sessions.append(module)
@@ -129,10 +128,8 @@ def _check_model(model: nn.Module) -> str:
     return base
 
 
-def _check_follower(block: nn.Module, module: nn.Module) -> None:
-    """A follower's decoder layer must hold its attention as `self_attn` with the parts SharedAttention needs."""
-    if getattr(block, "self_attn", None) is not module:
-        raise UserError(f"Layer {module.layer_idx}'s attention is not its decoder layer's `self_attn`; this model layout is not supported.")
+def _check_follower(module: nn.Module) -> None:
+    """A follower's attention module (where `parts` finds it) must have the parts SharedAttention needs."""
     missing = [name for name in _FOLLOWER_NEEDS if not hasattr(module, name)]
     if missing:
         raise UserError(f"Layer {module.layer_idx}'s attention has no {', '.join(missing)}; this attention module is not supported.")

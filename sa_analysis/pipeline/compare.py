@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..io import ensure_writable_dir, json_safe, write_json
 from ..report import AttentionReport, compare_summary, metric as lookup_metric
 from .heatmap import run_heatmap
+from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 DEFAULT_OUT = Path(defaults.COMPARE_OUT)
 
@@ -30,11 +31,14 @@ class CompareResult:
 
 
 def run_compare(models: Sequence[str] = (), reports: Sequence[str | Path] = (), labels: Sequence[str] | None = None, *,
-                metric: str = "cosine_flat", span_len: int = 4, out: Path | None = None, formats: Sequence[str] = ("png",),
-                on_model: Callable[[str, str], None] | None = None, **capture: Any) -> CompareResult:
-    """Compare two or more checkpoints, given as models to measure (`capture`: the heatmap options) or as saved
-    reports; writes compare_<metric>.png, compare_adjacent_<metric>.png and compare_<metric>.json under `out`.
-    `on_model(label, spec)` is called before each model is measured."""
+                placement: ModelSpec = ModelSpec(), text: TextSpec = TextSpec(seq_len=None),
+                capture: CaptureSpec = CaptureSpec(), metric: str = "cosine_flat", span_len: int = 4,
+                out: Path | None = None, on_model: Callable[[str, str], None] | None = None,
+                progress: Bar | None = None, status: Status | None = None, notice: Say | None = None) -> CompareResult:
+    """Compare two or more checkpoints, given as models to measure (each as `placement` says, on the same `text`,
+    captured as `capture` says) or as saved reports; writes compare_<metric>.png, compare_adjacent_<metric>.png and
+    compare_<metric>.json under `out` (figures in `capture.formats`). `on_model(label, spec)` is called before each
+    model is measured; `progress`, `status`, `notice` as `run_heatmap`."""
     from ..plots import plot_compare_heatmaps, plot_compare_isotropy, save_figure
 
     lookup_metric(metric)
@@ -57,8 +61,12 @@ def run_compare(models: Sequence[str] = (), reports: Sequence[str | Path] = (), 
         labels = list(labels) if labels else _unique([Path(m).name or m for m in models])
         folders = _folders(labels)
         out_dir = ensure_writable_dir(out if out is not None else DEFAULT_OUT)
-        loaded, written = _measure(models, labels, folders, out_dir, formats, on_model, **capture)
+        sources = [replace(placement, model=m) for m in models]
+        loaded, written = _measure(sources, labels, folders, out_dir, on_model,
+                                   lambda source, folder: run_heatmap(source, text, capture, out=folder, progress=progress,
+                                                                      status=status, notice=notice)[0])
     rows = compare_summary(loaded, labels, metric, span_len)
+    formats = capture.formats
     written += save_figure(plot_compare_heatmaps(loaded, labels, metric), out_dir / f"compare_{metric}", formats)
     written += save_figure(plot_compare_isotropy(loaded, labels, metric), out_dir / f"compare_adjacent_{metric}", formats)
     described = [{"label": l, "input": i, "folder": f if models else None} for l, i, f in zip(labels, inputs, folders)]
@@ -68,18 +76,17 @@ def run_compare(models: Sequence[str] = (), reports: Sequence[str | Path] = (), 
     return CompareResult(loaded, labels, rows, out_dir, written)
 
 
-def _measure(models, labels, folders, out_dir: Path, formats, on_model, **capture) -> tuple[list, list[Path]]:
+def _measure(sources, labels, folders, out_dir: Path, on_model, measure) -> tuple[list, list[Path]]:
     """Measure each model on the same token ids into a hidden work folder; move the results under `out_dir` only once
     every model has been measured and their depths match, so a mistake leaves no partial output."""
     out_dir.mkdir(parents=True, exist_ok=True)  # the first thing written here: the work folder
     work = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
     try:
         reports, written = [], []
-        for spec, label, folder in zip(models, labels, folders):
+        for source, label, folder in zip(sources, labels, folders):
             if on_model:
-                on_model(label, spec)
-            report, _paths = run_heatmap(spec, out=work / folder, formats=formats, **capture)
-            reports.append(report)
+                on_model(label, source.model)
+            reports.append(measure(source, work / folder))
             compare_summary(reports, labels[: len(reports)])  # stop at the first checkpoint of another depth
         for folder in folders:
             target = out_dir / folder

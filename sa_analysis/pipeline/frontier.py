@@ -20,12 +20,10 @@ from ..artefact import provenance
 from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 from ..planner import PlanConstraints, SharePlan
-from ..prechecks import check_before_loading, parse_budgets
-from ..shapes import peek_shape
+from ..prechecks import check_before_loading, check_budgets, parse_budgets
 from ..validate.frontier import Frontier, FrontierState, measure_frontier
 from .heatmap import report_or_measure
-from .inputs import ModelSpec, Status, TextSpec
-from .plan import damage_batch
+from .inputs import CaptureSpec, ModelSpec, Status, TextSpec
 
 STATE_FILE = "frontier_state.json"
 Say = Callable[[str], None]
@@ -38,34 +36,29 @@ class FrontierResult:
     files: list[Path]
 
 
-def run_frontier(source: ModelSpec, text: TextSpec, *, report: str | Path | None = None, budgets: str | None = None,
+def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = CaptureSpec(), *,
+                 report: str | Path | None = None, budgets: str | None = None,
                  constraints: PlanConstraints = PlanConstraints(), tolerance: float = defaults.TOLERANCE,
                  heal_config: Any = None, heal_data: str | Path | None = None, other_text: str | Path | None = None,
                  control: bool = True, out: Path | None = None, resume: bool = False, progress: Say | None = None,
-                 status: Status | None = None, **capture: Any) -> FrontierResult:
+                 status: Status | None = None) -> FrontierResult:
     """The sharing frontier of `source` over `budgets` ("1-15", "3,8,15"; default 1 up to half the layers).
 
     Plans are chosen by measured output damage on calibration tokens of `text` and measured on its held-out part
     (`text.n_seqs` sequences of the report's length; `text.seq_len` None: the analysis default). `heal_config` (a `heal.HealConfig`): each plan is also healed on
     `heal_data` (default: the calibration part of the default text) and judged against the control on the held-out
-    part of that data and on `other_text` (`pipeline.heal.heal_evals`). `capture`: the options of a fresh attention
-    report when `report` is None (`run_heatmap`'s).
+    part of that data and on `other_text` (`pipeline.heal.heal_evals`). `capture`: how a fresh attention report is
+    measured when `report` is None. `progress(message)` hears one line per measurement, heal step and budget.
     """
     say = progress or (lambda _m: None)
-    shape = peek_shape(source.model) if report is None else None
-    parse_budgets(budgets, shape.n_layers if shape else None)  # fails fast, before the model loads
+    check_budgets(budgets, source.model if report is None else None)  # fails fast, before the model loads
     check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
     started = time.perf_counter()
-    att, out_dir, spec, loaded = report_or_measure(report, source.model if report is None else None, out,
-                                                   device=source.device, dtype=source.dtype, text=text.text,
-                                                   n_seqs=text.n_seqs, seq_len=text.seq_len,
-                                                   random_init=source.random_init, device_map=source.device_map,
-                                                   status=status, **capture)
-    placed = ModelSpec(spec, source.device, source.dtype, source.random_init, source.device_map)
+    att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, status=status)
     loaded = loaded or placed.load(status)
     wanted = parse_budgets(budgets, loaded.info.n_layers)  # the range against the loaded model (a report's, too)
-    seq_len = int((att.meta.get("data") or {}).get("seq_len") or text.seq_len or defaults.SEQ_LEN)
-    calibration = damage_batch(loaded, text.text, seq_len)
+    seq_len = att.seq_len or text.seq_len or defaults.SEQ_LEN
+    calibration = TextSpec(text.text, text.n_seqs, seq_len).damage_batch(loaded)
     heldout = TextSpec(text.text, text.n_seqs, seq_len).batch(loaded, "heldout")
     state_path = out_dir / STATE_FILE
     key = _state_key(loaded, calibration, heldout, constraints, heal_config, heal_data, other_text)

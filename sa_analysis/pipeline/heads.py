@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..io import write_json
 from ..planner.families import DRAWS, HeadFamilies, head_families
 from ..report import AttentionReport
 from .heatmap import report_or_measure
+from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 
 @dataclass
@@ -20,12 +20,15 @@ class HeadsResult:
     files: list[Path]
 
 
-def run_heads(report: str | Path | None, model: str | None, *, metric: str = "cosine_flat",
-              threshold: float | None = None, out: Path | None = None, **capture: Any) -> HeadsResult:
-    """Cluster the heads of a saved report (or of `model`, measured now) and write the table and the figure."""
+def run_heads(report: str | Path | None, source: ModelSpec | None, text: TextSpec = TextSpec(seq_len=None),
+              capture: CaptureSpec = CaptureSpec(), *, metric: str = "cosine_flat", threshold: float | None = None,
+              out: Path | None = None, progress: Bar | None = None, status: Status | None = None,
+              notice: Say | None = None) -> HeadsResult:
+    """Cluster the heads of a saved report (or of `source`, measured now on `text`) and write the table and the
+    figure; `progress`, `status`, `notice` as `run_heatmap`."""
     from ..plots.families import plot_head_families
 
-    att, out_dir, _spec, _loaded = report_or_measure(report, model, out, **capture)
+    att, out_dir, _source, _loaded = report_or_measure(report, source, text, capture, out, progress, status, notice)
     families = head_families(att, metric, threshold, draws=DRAWS)
     table = out_dir / "head_families.json"
     write_json(table, {"model": att.model_name, "metric": metric, "threshold": families.threshold,

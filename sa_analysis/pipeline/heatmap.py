@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -14,15 +15,15 @@ import torch
 from .. import defaults
 from ..artefact import provenance
 from ..capture import AttentionMaps, capture_attention, measure_block_influence
-from ..data import TokenBatch, token_batch
+from ..data import TokenBatch
 from ..errors import UserError
 from ..io import default_out_dir, ensure_writable_dir
 from ..loading import LoadedModel
 from ..prechecks import check_before_loading, parse_rows
 from ..shapes import analysis_length
-from ..shared_model import load_with_plan
 from ..metrics import SequenceStats, sequence_stats_from_maps
 from ..report import AttentionReport, check_report_model
+from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 MAPS_LIMIT_BYTES = 2 * 1024**3  # beyond this the maps of one sequence would be too large: stream instead
 PATHS = ("auto", "maps", "stream")
@@ -222,72 +223,62 @@ def _standard_errors(per_sequence: list[dict[str, np.ndarray]]) -> dict[str, np.
     return out
 
 
-def run_heatmap(model: str, **options) -> tuple[AttentionReport, list[Path]]:
-    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `options["out"]`; returns
-    (report, paths). The options are `measure_heatmap`'s."""
-    _loaded, report, paths = measure_heatmap(model, **options)
+def run_heatmap(source: ModelSpec, text: TextSpec = TextSpec(seq_len=None), capture: CaptureSpec = CaptureSpec(), *,
+                out: Path, progress: Bar | None = None, status: Status | None = None,
+                notice: Say | None = None) -> tuple[AttentionReport, list[Path]]:
+    """Load the model, measure the calibration text, save `report.json/.npz` and the figures under `out`; returns
+    (report, paths). `progress(total)` may return a context manager yielding `advance(i)` (a bar over sequences);
+    `status(message)` a context manager shown while the model loads; `notice(message)` hears a choice the user should
+    know of before the work (sampled rows, see `analyse`)."""
+    _loaded, report, paths = measure_heatmap(source, text, capture, out=out, progress=progress, status=status,
+                                             notice=notice)
     return report, paths
 
 
-def measure_heatmap(
-    model: str,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    text: str | Path | None = None,
-    n_seqs: int = defaults.N_SEQS,
-    seq_len: int | None = None,
-    out: Path,
-    random_init: bool = False,
-    device_map: str | None = None,
-    exclude_first: int = 0,
-    path: str = "auto",
-    rows: str | int = defaults.ROWS,
-    formats: Iterable[str] = ("png",),
-    progress: Callable | None = None,
-    status: Callable | None = None,
-    notice: Callable[[str], None] | None = None,
-) -> tuple[LoadedModel, AttentionReport, list[Path]]:
-    """Load `model`, measure calibration text, save `report.json/.npz` and the figures under `out`; returns the loaded
-    model too (a plan measured on it next need not load it again).
+def measure_heatmap(source: ModelSpec, text: TextSpec, capture: CaptureSpec = CaptureSpec(), *, out: Path,
+                    progress: Bar | None = None, status: Status | None = None, notice: Say | None = None,
+                    ) -> tuple[LoadedModel, AttentionReport, list[Path]]:
+    """`run_heatmap`, returning the loaded model too (a plan measured on it next need not load it again).
 
-    `progress(total)` may return a context manager yielding a callback `advance(i)`; the CLI passes a rich bar.
-    `status(message)` may return a context manager shown while the model loads (the CLI passes a spinner);
-    `notice(message)` hears a choice the user should know of before the work (sampled rows, see `analyse`).
-    `seq_len` None: `defaults.SEQ_LEN`, or twice the sliding window of a model that mixes windowed and global layers
-    (`shapes.analysis_length`; the report's settings say why, under "length_note").
+    `text.seq_len` None: `defaults.SEQ_LEN`, or twice the sliding window of a model that mixes windowed and global
+    layers (`shapes.analysis_length`; the report's settings say why, under "length_note").
     """
-    check_before_loading(model, out=out, text=text, seq_len=seq_len)
-    rows = parse_rows(rows, seq_len, path)
-    with status(f"loading {model}") if status else nullcontext():
-        loaded = load_with_plan(model, device=device, dtype=dtype, random_init=random_init, device_map=device_map)
+    check_before_loading(source.model, out=out, text=text.text, seq_len=text.seq_len)
+    rows = parse_rows(capture.rows, text.seq_len, capture.path)
+    loaded = source.load(status)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
     info = loaded.info
-    seq_len, length_note = analysis_length(seq_len, info.layer_types, info.sliding_window, info.max_positions,
+    seq_len, length_note = analysis_length(text.seq_len, info.layer_types, info.sliding_window, info.max_positions,
                                            "cuda" in info.device, defaults.SEQ_LEN)
-    batch = token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
-                        max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
+    batch = replace(text, seq_len=seq_len).batch(loaded, "calibration")
     bar = progress(batch.n_seqs) if progress else nullcontext(None)
     with bar as advance:
-        report = analyse(loaded, batch, exclude_first=exclude_first, path=path, rows=rows, on_sequence=advance,
-                         notice=notice)
+        report = analyse(loaded, batch, exclude_first=capture.exclude_first, path=capture.path, rows=rows,
+                         on_sequence=advance, notice=notice)
     if length_note:
         report.meta["settings"]["length_note"] = length_note
-    return loaded, report, write_outputs(report, out, formats)
+    return loaded, report, write_outputs(report, out, capture.formats)
 
 
-def report_or_measure(report: str | Path | None, model: str | None, out: Path | None, **capture: Any
-                    ) -> tuple[AttentionReport, Path, str, LoadedModel | None]:
-    """(report, output folder, model spec, loaded model or None): load `report` (checking `model` against it) or
-    measure `model` now (what the jobs that start from a report do: plan, heads)."""
+def report_or_measure(report: str | Path | None, source: ModelSpec | None, text: TextSpec, capture: CaptureSpec,
+                      out: Path | None, progress: Bar | None = None, status: Status | None = None,
+                      notice: Say | None = None) -> tuple[AttentionReport, Path, ModelSpec, LoadedModel | None]:
+    """(report, output folder, the model to measure plans on, loaded model or None): load `report` (checking the
+    model against it; that model is the report's own unless `source` names one) or measure `source` now (what the
+    jobs that start from a report do: plan, heads, frontier)."""
     if report is not None:
         att = AttentionReport.load(report)
-        check_report_model(att, model)
-        spec = model or att.meta.get("model", {}).get("spec") or att.model_name
-        return att, ensure_writable_dir(default_out_dir(out, att.model_name)), spec, None
-    out_dir = ensure_writable_dir(default_out_dir(out, model))
-    loaded, att, _paths = measure_heatmap(model, out=out_dir, **capture)
-    return att, out_dir, model, loaded
+        named = None if source is None else source.model
+        check_report_model(att, named)
+        spec = named or att.meta.get("model", {}).get("spec") or att.model_name
+        placed = replace(source, model=spec) if source is not None else ModelSpec(spec)
+        return att, ensure_writable_dir(default_out_dir(out, att.model_name)), placed, None
+    if source is None:
+        raise UserError("Give a model to measure or a saved report.")
+    out_dir = ensure_writable_dir(default_out_dir(out, source.model))
+    loaded, att, _paths = measure_heatmap(source, text, capture, out=out_dir, progress=progress, status=status,
+                                          notice=notice)
+    return att, out_dir, source, loaded
 
 
 def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",),

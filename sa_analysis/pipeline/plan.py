@@ -1,22 +1,23 @@
 """The plan job: a report (saved, or measured now) -> the optimal SharePlan, its baselines, plan.json and plan.png.
 
 With a model at hand (the default when the report is measured now) the plan is chosen by measured output damage
-(`validate.damage`: each follower's next-token KL on calibration tokens, interactions checked on whole plans);
+(`damage.measure`: each follower's next-token KL on calibration tokens, interactions checked on whole plans);
 from a saved report alone it is chosen by attention similarity, the weaker predictor, and says so."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import defaults
+from ..damage.measure import DamageSearch, measure_baselines, plan_from_damage
 from ..loading import LoadedModel
 from ..planner import PlanConstraints, SharePlan, compare_plans, evaluate_plan, plan_spans
 from ..prechecks import check_plan_options
 from ..report import AttentionReport
 from .heatmap import report_or_measure
-from .inputs import ModelSpec
+from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 SIMILARITY_NOTE = ("chosen by attention similarity alone (summed head-mean KL), which ranks the measured perplexity of "
                    "spans poorly (Spearman about 0.6 on the default model, BENCHMARKS.md); with the model at hand, "
@@ -32,33 +33,32 @@ class PlanResult:
     alternatives: dict[str, Any]
     out: Path
     files: list[Path]
-    model_spec: str  # the model to measure the plan on (the report's own, unless --model was given)
+    source: ModelSpec  # the model to measure the plan on (the report's own, unless a model was given)
     loaded: LoadedModel | None = None  # the model, when the plan was measured on it (a search reuses it)
-    damage: Any = None  # validate.damage.DamageSearch when the plan was chosen by measured damage
+    damage: DamageSearch | None = None  # when the plan was chosen by measured damage
 
 
-def run_plan(report: str | Path | None, model: str | None, *, budget: str | None = None,
-             max_cost: float | None = None, cost: str = "kl", constraints: PlanConstraints = PlanConstraints(),
-             context_len: int | None = None, out: Path | None = None, predict: str = "auto",
-             damage_progress: Callable[[str], None] | None = None, **capture: Any) -> PlanResult:
-    """Plan from a saved report or a fresh capture: the least-cost plan under the budget (or cost cap), the baselines
-    with the same number of shared layers (measured whole too, when the plan was chosen by measured damage), and
-    plan.json + plan.png under the output folder.
+def run_plan(report: str | Path | None, source: ModelSpec | None, text: TextSpec = TextSpec(seq_len=None),
+             capture: CaptureSpec = CaptureSpec(), *, budget: str | None = None, max_cost: float | None = None,
+             cost: str = "kl", constraints: PlanConstraints = PlanConstraints(), context_len: int | None = None,
+             out: Path | None = None, predict: str = "auto", progress: Bar | None = None, status: Status | None = None,
+             notice: Say | None = None, say: Say | None = None) -> PlanResult:
+    """Plan from a saved report or a fresh capture of `source` on `text`: the least-cost plan under the budget (or
+    cost cap), the baselines with the same number of shared layers (measured whole too, when the plan was chosen by
+    measured damage), and plan.json + plan.png under the output folder.
 
     `predict`: "output" chooses by measured output damage (loading the model when only a report was given),
     "similarity" by the report's attention cost alone, "auto" by output damage whenever the model is loaded anyway
-    (no `report`). `damage_progress(message)` hears of each damage measurement."""
+    (no `report`). `say(message)` hears of each damage measurement; `progress`, `status`, `notice` as `run_heatmap`."""
     from ..planner import DEFAULT_CONTEXT_LEN
     from ..plots import heatmap_metric_for, plot_plan_over_heatmap
 
     parsed_budget = check_plan_options(budget, max_cost, cost, predict)
-    att, out_dir, spec, loaded = report_or_measure(report, model, out, **capture)
+    att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, progress, status, notice)
     damage = None
     if predict == "output" or (predict == "auto" and loaded is not None):
-        loaded = loaded or ModelSpec(spec, capture.get("device"), capture.get("dtype"), bool(capture.get("random_init")),
-                                     capture.get("device_map")).load(capture.get("status"))
-        damage = measure_damage_plan(loaded, att, parsed_budget, max_cost, constraints, capture.get("text"),
-                                     damage_progress)
+        loaded = loaded or placed.load(status)
+        damage = measure_damage_plan(loaded, att, parsed_budget, max_cost, constraints, text.text, say)
         plan = damage.plan
     else:
         plan = plan_spans(att, budget=parsed_budget, max_cost=max_cost, cost=cost, **constraints.as_kwargs())
@@ -68,33 +68,18 @@ def run_plan(report: str | Path | None, model: str | None, *, budget: str | None
     alternatives = compare_plans(att, priced, cost=cost, first_shareable=constraints.first_shareable,
                                  keep=list(constraints.keep), max_span=plan.constraints.get("max_span"))
     if damage is not None:
-        from ..validate.damage import measure_baselines
-
-        measure_baselines(damage, alternatives)  # the baselines in output units, into plan.damage["baselines"]
+        measure_baselines(damage, alternatives)  # the baselines in output units, into plan.damage.baselines
         damage.run = None  # the recorded layer inputs are not needed any more
     figure = out_dir / "plan.png"
     files = [plan.save(out_dir / "plan.json")]
     plot_plan_over_heatmap(att, plan, heatmap_metric_for(att, cost), figure)
-    return PlanResult(att, plan, alternatives, out_dir, files + [figure], spec, loaded, damage)
-
-
-def damage_batch(loaded: LoadedModel, text: Any, seq_len: int):
-    """The calibration tokens damage is measured on: whole sequences of the analysis length, `defaults.DAMAGE_TOKENS`
-    in all and at least two (their spread gives the intervals)."""
-    from ..data import token_batch
-
-    n_seqs = max(2, -(-defaults.DAMAGE_TOKENS // seq_len))
-    return token_batch(loaded.tokenizer, text=text, split="calibration", n_seqs=n_seqs, seq_len=seq_len,
-                       max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size)
+    return PlanResult(att, plan, alternatives, out_dir, files + [figure], placed, loaded, damage)
 
 
 def measure_damage_plan(loaded: LoadedModel, report: AttentionReport, budget: Any, max_cost: float | None,
-                        constraints: PlanConstraints, text: Any = None, progress: Callable[[str], None] | None = None):
-    """The plan of least measured output damage (`validate.damage.plan_from_damage`) on calibration tokens of the
+                        constraints: PlanConstraints, text: Any = None, progress: Say | None = None) -> DamageSearch:
+    """The plan of least measured output damage (`damage.measure.plan_from_damage`) on calibration tokens of the
     report's length."""
-    from ..validate.damage import plan_from_damage
-
-    seq_len = int((report.meta.get("data") or {}).get("seq_len") or defaults.SEQ_LEN)
-    batch = damage_batch(loaded, text, seq_len)
+    batch = TextSpec(text, seq_len=report.seq_len or defaults.SEQ_LEN).damage_batch(loaded)
     return plan_from_damage(loaded, report, batch, budget=budget, max_cost=max_cost, constraints=constraints,
                             progress=progress)

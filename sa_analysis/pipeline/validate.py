@@ -84,10 +84,8 @@ def run_search(report: Any, source: ModelSpec, text: TextSpec, *, out: Path, max
 
     if max_budget < 1:
         raise UserError("--validate needs a plan that shares at least one layer; raise --budget or --max-cost.")
-    from .plan import damage_batch
-
     loaded = loaded or source.load(status)
-    calibration = damage_batch(loaded, text.text, text.seq_len)
+    calibration = text.damage_batch(loaded)
     search = search_plans(loaded, report, calibration, text.batch(loaded, "heldout"), budgets=range(1, max_budget + 1),
                           tolerance=tolerance, mode=mode, cost=cost, constraints=constraints, progress=progress,
                           table=None if damage is None else damage.table)

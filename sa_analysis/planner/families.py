@@ -65,15 +65,19 @@ def head_similarity(report: AttentionReport, metric: str = "cosine_flat") -> tup
     full = np.asarray(report.array(f"{metric}_mean"), dtype=float)  # [L, H, L, H]
     n = full.shape[0] * full.shape[1]
     flat = full.reshape(n, n)
-    if metric == "kl":
-        values = (flat + flat.T) / 2
-        distance = np.where(np.isfinite(values), values, np.nan)
-        distance = np.where(np.isnan(distance), np.nanmax(distance) * 2 if np.isfinite(distance).any() else 1.0, distance)
-    else:
-        values = (flat + flat.T) / 2  # flat cosine is symmetric already; row cosine nearly so
-        distance = np.clip(1.0 - values, 0.0, None)
+    values = (flat + flat.T) / 2  # KL symmetrised; flat cosine is symmetric already, row cosine nearly so
+    return values, distance_of(values, metric)
+
+
+def distance_of(values: np.ndarray, metric: str) -> np.ndarray:
+    """[N, N] distances between rows from symmetrised `values`: the divergence itself (KL, at least 0) or
+    1 - similarity. A pair with no finite value (a KL of inf: disjoint supports) lies twice as far as the farthest
+    finite pair (1 where none is finite), so it joins a family last; the diagonal is 0."""
+    distance = np.clip(values, 0.0, None) if metric == "kl" else np.clip(1.0 - values, 0.0, None)
+    finite = np.isfinite(distance)
+    distance = np.where(finite, distance, 2 * distance[finite].max() if finite.any() else 1.0)
     np.fill_diagonal(distance, 0.0)
-    return values, distance
+    return distance
 
 
 def head_families(report: AttentionReport, metric: str = "cosine_flat", threshold: float | None = None,
@@ -158,10 +162,7 @@ def _stability(report: AttentionReport, metric: str, threshold: float, draws: in
     for _ in range(draws):
         noisy = full + rng.standard_normal(full.shape) * np.nan_to_num(se)
         flat = noisy.reshape(n, n)
-        values = (flat + flat.T) / 2
-        distance = np.clip(values, 0, None) if metric == "kl" else np.clip(1.0 - values, 0.0, None)
-        distance = np.nan_to_num(distance, nan=1.0, posinf=1e6)
-        np.fill_diagonal(distance, 0.0)
+        distance = distance_of((flat + flat.T) / 2, metric)
         labels = fcluster(linkage(squareform(distance, checks=False), method="average"), t=threshold, criterion="distance")
         together += labels[:, None] == labels[None, :]
     return together / draws

@@ -19,7 +19,7 @@ _TOL = 1e-9  # relative tolerance when comparing a plan's cost with --max-cost
 class SpanPrices:
     """Prices of whole spans (an anchor and its n >= 2 consecutive followers), where the sum of the followers' pair
     prices is not the span's cost: `whole[(a, n)]` where the span was measured as a whole; any other span costs its
-    sum times `interaction` (how much measured spans exceeded their sums, `planner.damage.damage_prices`)."""
+    sum times `interaction` (how much measured spans exceeded their sums, `damage.table.damage_prices`)."""
 
     whole: dict[tuple[int, int], float] = field(default_factory=dict)
     interaction: float = 1.0

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 from .. import defaults
 from ..artefact import JsonArtefact
+from ..damage.record import PlanDamage
 from ..errors import UserError
 from ..report import AttentionReport
 from .layers import anchors_for, as_layers, spans_for
@@ -40,9 +41,9 @@ class SharePlan(JsonArtefact):
     to it; `notes` what the planner did that the user should know (pairs it forbade, and why). `stability`: the
     planner rerun on bootstrap resamples of the analysed sequences, `{"resamples": N, "same_plan": share of reruns
     giving exactly this plan, "followers": {m: share of reruns choosing m}}` (None: not measured). `damage`: the
-    predicted change of the model's output, measured on calibration tokens (`validate.damage`): per follower alone
-    and their sum (next-token KL and NLL change, nats, with 95 % intervals over sequences), and the whole plan as
-    measured there (`"plan"`), which includes how followers interact; None for a plan made from similarity alone.
+    change of the model's output measured on calibration tokens (`damage.record.PlanDamage`: per follower alone
+    and their sum, next-token KL and NLL change in nats with 95 % intervals over sequences, and the whole plan as
+    measured there, which includes how followers interact); None for a plan made from similarity alone.
     """
 
     FORMAT: ClassVar[str] = PLAN_FORMAT
@@ -64,7 +65,7 @@ class SharePlan(JsonArtefact):
     mask_notes: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     stability: dict[str, Any] | None = None
-    damage: dict[str, Any] | None = None
+    damage: PlanDamage | None = None
 
     def __post_init__(self) -> None:
         self.n_layers = int(self.n_layers)
@@ -88,7 +89,8 @@ class SharePlan(JsonArtefact):
         self.mask_notes = {int(m): str(n) for m, n in (self.mask_notes or {}).items() if int(m) in set(followers)}
         self.notes = [str(n) for n in self.notes or []]
         if self.damage is not None:
-            self.damage = _read_damage(self.damage, followers)
+            self.damage = self.damage if isinstance(self.damage, PlanDamage) else PlanDamage.from_dict(self.damage)
+            self.damage.check_followers(followers)
         if self.stability is not None:
             chosen = {int(m): float(v) for m, v in dict(self.stability.get("followers") or {}).items()}
             self.stability = {"resamples": int(self.stability.get("resamples", 0)), "same_plan": float(self.stability.get("same_plan", 0.0)),
@@ -157,10 +159,9 @@ class SharePlan(JsonArtefact):
     def summary(self) -> str:
         """One line: how many layers are shared, in which spans, at what predicted cost."""
         spans = ", ".join(f"{a}->{f}-{l}" if l > f else f"{a}->{f}" for a, f, l in self.spans) or "none"
-        measured = (self.damage or {}).get("plan")
         cost = "" if self.total_cost is None else f", predicted {self.cost_name} {self.total_cost:.4g}"
-        if measured:  # chosen by measured damage: the whole plan's next-token KL on calibration tokens
-            cost = f", next-token KL {measured['kl']:.4g} nats measured whole"
+        if self.damage is not None:  # chosen by measured damage: the whole plan's next-token KL on calibration tokens
+            cost = f", next-token KL {self.damage.kl:.4g} nats measured whole"
         aligned = f", head-aligned: {_layers_text(self.aligned_followers)}" if self.head_map else ""
         return f"{self.n_shared}/{self.n_layers} layers shared (anchor->followers: {spans}){aligned}{cost}"
 
@@ -224,7 +225,7 @@ class SharePlan(JsonArtefact):
             "notes": self.notes,
             "stability": None if self.stability is None else {
                 **self.stability, "followers": {str(m): v for m, v in self.stability["followers"].items()}},
-            "damage": self.damage,
+            "damage": None if self.damage is None else self.damage.to_dict(),
             "constraints": self.constraints,
             "context_len": self.context_len,
             "savings": self.savings(),
@@ -318,17 +319,6 @@ def check_head_map(raw: Mapping[Any, Any] | None, followers: Iterable[int], n_he
         if bad:
             raise UserError(f"Follower {m}'s head map names anchor head {bad[0]}, outside 0..{expected - 1}.")
     return dict(sorted(maps.items()))
-
-
-def _read_damage(raw: Mapping[str, Any], followers: list[int]) -> dict[str, Any]:
-    """The plan's predicted output damage with integer follower keys (JSON writes them as strings), checked against
-    the followers."""
-    damage = dict(raw)
-    per = {int(m): dict(v) for m, v in dict(damage.get("followers") or {}).items()}
-    if per and set(per) != set(followers):
-        raise UserError("The plan's predicted damage names other layers than its followers; re-create the plan with `sa-analyze recommend-spans`.")
-    damage["followers"] = per
-    return damage
 
 
 def _whole(value: Any) -> int:

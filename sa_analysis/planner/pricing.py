@@ -8,7 +8,7 @@ is scored with the same prices. Measured sensitivity is applied on top (`apply_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from .costs import cost_matrix
 from .heads import HeadAlignment, can_align, check_align_mode, head_alignment
 from .masks import analysis_note, layer_windows, mask_note, masks_differ
 from .optimal import SpanPrices
+
+OUTPUT_COST = "output-kl"  # the cost name of a plan priced by measured output damage
 
 
 @dataclass
@@ -79,9 +81,16 @@ def price_pairs(report: AttentionReport, cost: str = "kl", align_heads: str = "a
                 "not allowed: a global layer following a windowed anchor becomes windowed at long context "
                 "(and a windowed one following a global anchor attends beyond its window); --allow-mask-change permits them")
         notes.append(f"layer pairs whose attention masks differ (sliding window vs global) were {what}")
-        seen = analysis_note(windows, (report.meta.get("data") or {}).get("seq_len"))
+        seen = analysis_note(windows, report.seq_len)
         if seen:
             notes.append(seen)
     costs = np.where(forbidden, np.inf, costs)
     return PairPrices(costs=costs, by_index=by_index, use_map=use_map & ~forbidden, alignment=alignment,
                       windows=windows, mask_forbidden=forbidden, align_heads=align_heads, notes=notes)
+
+
+class OutputDamage(Protocol):
+    """Measured output damage the planner can price plans by (`damage.table.DamageTable`): given the similarity
+    prices (for the mask rules, head maps and estimates), the prices in nats of next-token KL."""
+
+    def prices(self, similarity: PairPrices, align: str) -> PairPrices: ...

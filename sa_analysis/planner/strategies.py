@@ -10,12 +10,11 @@ import numpy as np
 from ..errors import UserError
 from ..report import AttentionReport
 from .costs import Budget, Sensitivity, apply_sensitivity
-from .damage import OUTPUT_COST, DamageTable, damage_prices
 from .heads import mapped_cost
 from .layers import DEFAULT_BUDGET_FRACTION, as_layers, check_max_span, resolve_budget, shareable_mask
 from .optimal import budget_target, optimal_followers
 from .plan import SharePlan, model_shape
-from .pricing import PairPrices, price_pairs
+from .pricing import OUTPUT_COST, OutputDamage, PairPrices, price_pairs
 from .stability import DEFAULT_RESAMPLES, plan_stability
 
 
@@ -71,7 +70,7 @@ def plan_spans(
     aligned_layers: Iterable[int] | None = None,
     mask_change: bool = False,
     stability_resamples: int = DEFAULT_RESAMPLES,
-    damage: DamageTable | None = None,
+    damage: OutputDamage | None = None,
 ) -> SharePlan:
     """The optimal plan: least total predicted cost for the budget, or most layers within `max_cost`.
 
@@ -82,8 +81,8 @@ def plan_spans(
     align_heads / aligned_layers / mask_change: how pairs are priced (`price_pairs`): each follower takes its best
     head map where that predicts less than sharing by index; pairs whose masks differ are forbidden unless allowed.
     stability_resamples: bootstrap reruns of the planner for `plan.stability` (0: none).
-    damage: measured output damage (`validate.damage`); the plan then minimises the predicted next-token KL in the
-    model's output (cost "output-kl", `planner.damage`), `max_cost` is in those units, and no bootstrap is run
+    damage: measured output damage (`damage.table.DamageTable`); the plan then minimises the predicted next-token KL
+    in the model's output (cost "output-kl", priced by `damage.prices`), `max_cost` is in those units, and no bootstrap is run
     (the report's resamples say nothing about measured damage).
     """
     if cost == "js":
@@ -92,7 +91,7 @@ def plan_spans(
         max_span = 1
     prices = price_pairs(report, cost, align_heads, aligned_layers, mask_change)
     if damage is not None:
-        prices = damage_prices(damage, prices, align_heads)
+        prices = damage.prices(prices, align_heads)
         cost, stability_resamples = OUTPUT_COST, 0
     sensitive = lambda raw: apply_sensitivity(raw, sensitivity, sensitivity_weight, sensitivity_mode)  # noqa: E731
     solve = lambda raw: optimal_followers(sensitive(raw), budget, max_cost, first_shareable, keep, max_span, prices.spans)  # noqa: E731

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from typing import Any, Mapping, Sequence
 
+from ..stats import percent
 from .style import PALETTE, new_figure, paper_style, save_figure
 
 MARKERS = ("s", "^", "v", "D", "P", "X")
@@ -121,12 +122,12 @@ def _healed_percent(values: Mapping[str, float]) -> tuple[float, float, float]:
     mid = 100 * values["change"]
     if values.get("after_low") is None:
         return (mid, mid, mid)
-    return (mid, 100 * math.expm1(values["after_low"]), 100 * math.expm1(values["after_high"]))
+    return (mid, percent(values["after_low"]), percent(values["after_high"]))
 
 
 def _percent(values: Mapping[str, float], name: str) -> tuple[float, float, float]:
     """(mid, low, high) of exp(NLL change) - 1 in %."""
-    return tuple(100 * math.expm1(values[f"{name}{s}"]) for s in ("", "_low", "_high"))  # type: ignore[return-value]
+    return tuple(percent(values[f"{name}{s}"]) for s in ("", "_low", "_high"))  # type: ignore[return-value]
 
 
 def _percent_ppl(values: Mapping[str, float], baseline: float) -> tuple[float, float, float]:

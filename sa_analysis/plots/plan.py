@@ -128,9 +128,8 @@ def _axes(ax, n: int) -> None:
 
 def _title(report: AttentionReport, plan: "SharePlan", metric: str) -> str:
     spans = ", ".join(f"{a}\u2192{f}-{l}" if l > f else f"{a}\u2192{f}" for a, f, l in plan.spans) or "nothing shared"
-    whole = (plan.damage or {}).get("plan")
-    if whole:  # chosen by measured damage: the whole plan's measurement is its prediction for held-out text
-        cost = f", next-token KL {whole['kl']:.3g} nats measured whole"
+    if plan.damage is not None:  # chosen by measured damage: the whole plan's measurement is its prediction
+        cost = f", next-token KL {plan.damage.kl:.3g} nats measured whole"
     else:
         cost = "" if plan.total_cost is None else f", predicted {plan.cost_name} cost {plan.total_cost:.3g}"
     if plan.head_map:

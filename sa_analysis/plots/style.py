@@ -160,8 +160,7 @@ def available_metrics(report: AttentionReport) -> list[str]:
 
 def run_note(report: AttentionReport) -> str:
     """'model, 8 × 256 tokens' (what the statistics were measured on), and how many rows when they were sampled."""
-    data = report.meta.get("data") or {}
-    n_seqs, seq_len = data.get("n_seqs"), data.get("seq_len")
+    n_seqs, seq_len = report.data.get("n_seqs"), report.seq_len
     note = f"{report.model_name}, {n_seqs} × {seq_len} tokens" if n_seqs and seq_len else report.model_name
     sampling = report.sampling
     if sampling:
@@ -196,7 +195,7 @@ def draw_standard_error(fig: Figure, ax, se: np.ndarray, metric: str, vmax: floa
 
 
 def compare_note(reports: Sequence[AttentionReport]) -> str:
-    notes = {(r.meta.get("data") or {}).get("n_seqs"): (r.meta.get("data") or {}).get("seq_len") for r in reports}
+    notes = {r.data.get("n_seqs"): r.seq_len for r in reports}
     if len(notes) == 1:
         (n_seqs, seq_len), = notes.items()
         if n_seqs and seq_len:

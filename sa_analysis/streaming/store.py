@@ -7,7 +7,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..capture import AttentionInputs, attention_modules, causal_allowed
+from .. import parts
+from ..capture import AttentionInputs, causal_allowed
 
 # ----- recorder: keep post-RoPE queries and keys --------------------------------------------------------------
 @dataclass
@@ -70,7 +71,7 @@ class QKStore:
     @classmethod
     def for_model(cls, model: torch.nn.Module, rows: torch.Tensor | None = None) -> "QKStore":
         """A store whose groups follow the devices of the model's attention modules (one group per device run)."""
-        modules = attention_modules(model)
+        modules = parts.attention_modules(model)
         by_name = dict(model.named_modules())
         name_of = {id(m): n for n, m in by_name.items()}
         devices = [_execution_device(m, name_of[id(m)], by_name) for m in modules]

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 from ..artefact import JsonArtefact
-
+from ..damage.measure import Meter, plan_from_damage
+from ..damage.prefix import PrefixRun
+from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
-from ..planner.damage import DamageTable
-from .damage import Meter, plan_from_damage
-from .prefix import PrefixRun
 
 Say = Callable[[str], None]
 
@@ -97,7 +96,7 @@ def measure_frontier(loaded: Any, report: Any, calibration: Any, heldout: Any, b
         plan = search.plan
         plan.constraints.setdefault("budget", budget)
         state.points[budget] = FrontierPoint(
-            budget=budget, plan=plan.to_dict(), predicted={k: v for k, v in plan.damage["plan"].items()},
+            budget=budget, plan=plan.to_dict(), predicted=dict(plan.damage.plan),
             heldout=heldout_summary(held, plan), savings=plan.savings(), measurements=meter.count,
             seconds=round(time.perf_counter() - started, 1))
         if on_measured is not None:

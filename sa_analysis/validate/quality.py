@@ -8,17 +8,13 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..damage.compare import KEEP_BYTES, Sums, compare, log_softmax, token_ids
+from ..parts import model_device
+from ..stats import ppl_change
 from ..patch import share_attention
 
 
-KEEP_BYTES = 512 * 2**20  # the baseline's log-probabilities are kept when they take at most this; else recomputed
-
-
 MICRO_BATCH_BYTES = 1 << 30  # one micro-batch's [b, T-1, V] float32 log-probabilities stay under this
-
-
-POSITION_CHUNK = 256  # positions compared at a time (the comparison's temporaries are [b, chunk, V])
 
 
 @dataclass
@@ -39,23 +35,10 @@ class Baseline:
             yield start // self.batch_size, self.input_ids[start:start + self.batch_size]  # [b, T]
 
 
-def token_ids(batch: Any) -> torch.Tensor:
-    """[S, T] token ids from a TokenBatch or a tensor."""
-    ids = batch.input_ids if hasattr(batch, "input_ids") else batch
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
-        raise UserError("Validation needs token ids of shape [sequences, tokens] with at least 2 tokens per sequence.")
-    return ids
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return getattr(model, "device", None) or next(model.parameters()).device
-
-
 @torch.inference_mode()
 def _next_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """[b, T-1, V] float32 log-probabilities of the next token at every position but the last."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # [b, T-1, V]
-    return torch.log_softmax(logits.float(), dim=-1)
+    return log_softmax(model(input_ids=input_ids, use_cache=False).logits[:, :-1])  # [b, T-1, V]
 
 
 def baseline(model: torch.nn.Module, batch: Any, batch_size: int = 4, keep_bytes: int = KEEP_BYTES) -> Baseline:
@@ -70,40 +53,22 @@ def baseline(model: torch.nn.Module, batch: Any, batch_size: int = 4, keep_bytes
     return base
 
 
-def compare_log_probs(base: torch.Tensor, patched: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Sums over tokens: NLL of both, KL(base || patched), top-1 agreement. `base`/`patched` [b, T-1, V], `targets` [b, T-1].
-
-    Works through `POSITION_CHUNK` positions at a time, so its temporaries stay [b, chunk, V]."""
-    sums = {"nll_baseline": 0.0, "nll_patched": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0.0}
-    for start in range(0, targets.shape[1], POSITION_CHUNK):
-        part = slice(start, start + POSITION_CHUNK)
-        b, p, t = base[:, part], patched[:, part], targets[:, part, None]  # [b, c, V], [b, c, V], [b, c, 1]
-        kl = (b.exp() * (b - p)).sum(-1)  # [b, c]
-        sums["nll_baseline"] -= float(b.gather(-1, t).sum())
-        sums["nll_patched"] -= float(p.gather(-1, t).sum())
-        sums["kl"] += float(kl.sum())
-        sums["kl_max"] = max(sums["kl_max"], float(kl.max()))
-        sums["agree"] += float((b.argmax(-1) == p.argmax(-1)).sum())
-    return {**sums, "n_tokens": int(targets.numel())}
-
-
 def measure_quality(model: torch.nn.Module, plan: Any, base: Baseline, mode: str = "fast",
                     head_map: Any = None) -> dict[str, float]:
     """Patched vs baseline on the baseline's tokens: perplexities, relative change, mean KL, top-1 agreement.
 
     `head_map` ({follower: [anchor head per query head]}) for a mapping plan; a SharePlan brings its own."""
-    totals: dict[str, float] = {}
+    sums: list[Sums] = []
     for i, ids in base.micro_batches():
         base_lp = base.log_probs[i] if base.log_probs is not None else _next_token_log_probs(model, ids)  # [b, T-1, V]
         with share_attention(model, plan, mode=mode, head_map=head_map):
             patched_lp = _next_token_log_probs(model, ids)  # [b, T-1, V]
-        sums = compare_log_probs(base_lp, patched_lp, ids[:, 1:])
+        sums.append(compare(base_lp, patched_lp, ids[:, 1:]))  # per sequence of the micro-batch
         del base_lp, patched_lp
-        kl_max = max(totals.get("kl_max", 0.0), sums.pop("kl_max"))
-        totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
-        totals["kl_max"] = kl_max
-    n = totals["n_tokens"]
-    nll_b, nll_p = totals["nll_baseline"] / n, totals["nll_patched"] / n
-    return {"ppl_baseline": math.exp(nll_b), "ppl_patched": math.exp(nll_p), "ppl_change": math.expm1(nll_p - nll_b),
-            "nll_baseline": nll_b, "nll_patched": nll_p, "kl_mean": totals["kl"] / n, "kl_max": totals["kl_max"],
-            "top1_agreement": totals["agree"] / n, "n_tokens": int(n)}
+    total = lambda name: float(sum(float(getattr(s, name).sum()) for s in sums))  # noqa: E731
+    n = sum(s.positions * len(s.kl) for s in sums)
+    nll_b = total("nll_baseline") / n
+    nll_p = nll_b + total("nll_change") / n
+    return {"ppl_baseline": math.exp(nll_b), "ppl_patched": math.exp(nll_p), "ppl_change": ppl_change(nll_p - nll_b),
+            "nll_baseline": nll_b, "nll_patched": nll_p, "kl_mean": total("kl") / n,
+            "kl_max": max(s.kl_max for s in sums), "top1_agreement": total("agree") / n, "n_tokens": int(n)}

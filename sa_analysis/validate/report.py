@@ -8,6 +8,7 @@ from typing import ClassVar, Any
 
 from .. import defaults
 from ..artefact import JsonArtefact
+from ..damage.record import PlanDamage
 
 REPORT_FORMAT = "sa-analysis/validation-report"
 FORMAT_VERSION = 1
@@ -38,6 +39,13 @@ class ValidationReport(JsonArtefact):
     @property
     def ppl_change(self) -> float:
         return float(self.quality["ppl_change"])
+
+    @property
+    def plan_damage(self) -> PlanDamage | None:
+        """The validated plan's damage as measured on the calibration tokens it was chosen on (its prediction for
+        this held-out text); None for a plan not chosen by measured damage."""
+        raw = self.plan.get("damage")
+        return None if raw is None else PlanDamage.from_dict(raw)
 
     def summary(self) -> str:
         """One line: the verdict and the numbers behind it."""

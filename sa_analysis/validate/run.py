@@ -11,7 +11,9 @@ from ..artefact import provenance
 from ..errors import UserError
 from ..patch import check_mode
 from .plans import as_plan, check_plan_for_model, predicted_savings
-from .quality import Baseline, baseline, measure_quality, model_device, token_ids
+from ..damage.compare import token_ids
+from ..parts import model_device
+from .quality import Baseline, baseline, measure_quality
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .speed import compare_speed
 from .tasks import check_tasks, compare_tasks

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Any, Callable, Mapping, Sequence
 
 
 from ..artefact import JsonArtefact
+from ..damage.compare import token_ids
+from ..damage.measure import Meter, check_report_fits, plan_from_damage
+from ..damage.prefix import PrefixRun
+from ..damage.record import SEARCH_BASIS, Damage, PlanDamage
+from ..damage.table import DamageTable
 from ..planner import PlanConstraints
-from ..planner.damage import DamageTable
-from ..errors import UserError
-from .prefix import Damage, PrefixRun
-from .quality import token_ids
+from ..stats import ppl_change as ppl_change_of
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .run import check_options, validate_plan
 
@@ -87,10 +88,8 @@ def search_plans(
     text and checked on held-out text, so the final numbers are not selected on.
     """
     from .. import planner
-    from .damage import Meter, plan_from_damage
 
-    if report.n_layers != loaded.info.n_layers:
-        raise UserError(f"The report is for a {report.n_layers}-layer model but {loaded.info.name} has {loaded.info.n_layers} layers; use this model's report.")
+    check_report_fits(report, loaded)
     check_options(mode, tolerance)
     say = progress or (lambda _msg: None)
     run = PrefixRun.record(loaded.model, calibration)
@@ -188,10 +187,7 @@ def _row_key(row: Mapping[str, Any]) -> tuple:
 def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: Any, table: DamageTable):
     """The chosen plan as measured (its head maps included), for this model's shape, with its damage on calibration
     text as the prediction `validate` prints next to its held-out measurement."""
-    predicted = row.get("predicted") or {}
-    damage = {"followers": predicted.get("followers", {}), "predicted": {k: v for k, v in predicted.items() if k != "followers"},
-              "plan": row["measured"], "n_tokens": table.n_tokens, "n_seqs": table.n_seqs,
-              "baseline_nll": table.baseline_nll, "basis": "measured whole on calibration tokens by the plan search"}
+    damage = PlanDamage.of_checked(row, table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)
     return replace(proposed, model={**proposed.model, **info.shape()}, damage=damage,
                    method="validated: " + ", ".join(row.get("methods", [row["method"]])), stability=None)
 
@@ -200,14 +196,14 @@ def _row(stage: str, method: str, plan: Any, measured: Mapping[str, float], tole
          predicted: Mapping[str, Any] | None) -> dict[str, Any]:
     """A measured plan: its perplexity change and KL on calibration text (with intervals), and the additive
     prediction from its followers alone where the planner made one."""
-    ppl_change = math.expm1(measured["nll_change"])
+    ppl_change = ppl_change_of(measured["nll_change"])
     return {"stage": stage, "method": method, "methods": [method], "n_shared": plan.n_shared, "spans": plan.spans_spec(),
             "measured": dict(measured), "predicted": None if predicted is None else _json_keys(predicted),
             "followers": list(plan.followers), "aligned": list(plan.aligned_followers),
             "predicted_kl": None if predicted is None else predicted["kl"],
             "predicted_nll_change": None if predicted is None else predicted["nll_change"],
-            "ppl_change": ppl_change, "ppl_change_low": math.expm1(measured["nll_change_low"]),
-            "ppl_change_high": math.expm1(measured["nll_change_high"]), "kl_mean": measured["kl"],
+            "ppl_change": ppl_change, "ppl_change_low": ppl_change_of(measured["nll_change_low"]),
+            "ppl_change_high": ppl_change_of(measured["nll_change_high"]), "kl_mean": measured["kl"],
             "kl_low": measured["kl_low"], "kl_high": measured["kl_high"], "top1_agreement": measured["top1"],
             "passed": bool(ppl_change <= tolerance)}
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import compat, defaults
 from ..patch import cache_bytes, share_attention
-from .quality import model_device
+from ..parts import model_device
 
 
 class Timer:

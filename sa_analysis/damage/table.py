@@ -1,6 +1,6 @@
 """Measured output damage as the planner's cost: what each follower, and each span, costs the next-token distribution.
 
-A `DamageTable` holds measurements made on calibration tokens (`validate.damage` makes them): for a follower `m`
+A `DamageTable` holds measurements made on calibration tokens (`damage.measure` makes them): for a follower `m`
 reusing anchor `a` alone (the layers between keep their own attention), by head index and under the pair's head map,
 the next-token KL(baseline || patched) and the NLL change per sequence; and spans (an anchor with n >= 2 consecutive
 followers) measured whole. The planner prices a plan span by span (`damage_prices`): a one-follower span by its
@@ -9,7 +9,8 @@ alone times the median whole / sum ratio of the spans measured so far. Followers
 Qwen2.5-Coder-0.5B a 3-span measured whole is 1.0-2.3x the sum of its followers alone), separate spans hardly do
 (1.0-1.2x), so summing spans is the model and the whole plan is still checked (BENCHMARKS.md). Pairs not yet
 measured are estimated from the follower's adjacent measurement scaled by the attention similarity, until the plan
-the dynamic programme chooses uses measurements only (`validate.damage.plan_from_damage`). Needs numpy only.
+the dynamic programme chooses uses measurements only (`damage.measure.plan_from_damage`). The planner's
+`plan_spans(report, damage=table)` asks the table for its prices (`DamageTable.prices`). Needs numpy only.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .layers import anchors_for
-from .optimal import SpanPrices
-from .pricing import PairPrices
+from ..planner.layers import anchors_for
+from ..planner.optimal import SpanPrices
+from ..planner.pricing import PairPrices
+from ..stats import interval
 
-OUTPUT_COST = "output-kl"  # the cost name of a plan priced by measured damage
 ESTIMATE_FLOOR = 0.5  # an unmeasured deeper anchor is estimated at no less than this share of the adjacent damage
-LEVEL = 0.95  # the intervals' coverage
 
 
 @dataclass
@@ -73,6 +73,10 @@ class DamageTable:
                   if all(self.has(a + 1 + i, a, way) for i, way in enumerate(ways))
                   and (total := float(np.mean(self.pair_sum(a, ways)))) > 0]
         return float(np.median(ratios)) if ratios else 1.0
+
+    def prices(self, similarity: PairPrices, align: str) -> PairPrices:
+        """The planner's prices in the model's output units (`damage_prices`)."""
+        return damage_prices(self, similarity, align)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_seqs": self.n_seqs, "n_tokens": self.n_tokens,
@@ -183,25 +187,3 @@ def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int,
         kl += whole["kl"] if whole is not None else table.pair_sum(a, ways)
         nll += whole["nll_change"] if whole is not None else table.pair_sum(a, ways, "nll_change")
     return {"followers": per_follower, "spans": spans, "additive": additive, **interval("kl", kl), **interval("nll_change", nll)}
-
-
-def interval(name: str, values: Sequence[float]) -> dict[str, float]:
-    """{name: mean, name_low, name_high} over sequences (`LEVEL` Student-t interval)."""
-    mean, low, high = mean_and_interval(list(map(float, values)), LEVEL)
-    if name == "kl":  # a divergence: the interval stops at 0 (few sequences make the t interval wide)
-        low = max(low, 0.0)
-    return {name: mean, f"{name}_low": low, f"{name}_high": high}
-
-
-def mean_and_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of per-sequence values and its Student-t interval (sequences are independent
-    samples of text; with one sequence the interval is the mean itself)."""
-    n = len(values)
-    mean = float(sum(values) / n)
-    if n < 2:
-        return mean, mean, mean
-    from scipy.stats import t
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half

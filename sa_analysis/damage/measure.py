@@ -2,7 +2,7 @@
 
 1. Every shareable follower with the layer before it as anchor, by head index and under its head map, measured on
    calibration tokens (`PrefixRun`: only the layers from the anchor on are re-run).
-2. The dynamic programme over the measured next-token KL (`planner.damage`), span by span; a pair it wants that has
+2. The dynamic programme over the measured next-token KL (`damage.table` prices it), span by span; a pair it wants that has
    not been measured (a deeper anchor), or a span of two or more followers it has only estimated, is measured (the
    span whole: followers of one anchor interact), and the programme runs again, until its plan rests on
    measurements alone.
@@ -23,8 +23,9 @@ import numpy as np
 
 from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
-from ..planner.damage import DamageTable, predict, unmeasured_pairs, unmeasured_spans
-from .prefix import Damage, PrefixRun
+from .prefix import PrefixRun
+from .record import Damage, PlanDamage
+from .table import DamageTable, predict, unmeasured_pairs, unmeasured_spans
 
 MAX_ROUNDS = 20  # measure-and-replan rounds before the plan is taken with estimates left in it (said in its notes)
 
@@ -92,8 +93,7 @@ def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None
     `batch`: calibration tokens (TokenBatch or ids [S, T]), or their `PrefixRun` already recorded; `table`:
     measurements to start from (reused and extended); `meter`: a running count of measurements to go on with.
     """
-    if report.n_layers != loaded.info.n_layers:
-        raise UserError(f"The report is for a {report.n_layers}-layer model but {loaded.info.name} has {loaded.info.n_layers} layers; use this model's report.")
+    check_report_fits(report, loaded)
     started = time.perf_counter()
     meter = meter or Meter(progress or (lambda _m: None))
     run = batch if isinstance(batch, PrefixRun) else PrefixRun.record(loaded.model, batch)
@@ -111,12 +111,12 @@ def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None
     best_index = min(range(len(checked)), key=lambda i: checked[i]["measured"]["kl"])
     best = next(p for p in candidates if p.followers == checked[best_index]["followers"]
                 and p.aligned_followers == checked[best_index]["aligned"])
-    best.damage = plan_damage(checked[best_index], run)
+    best.damage = PlanDamage.of_checked(checked[best_index], run.n_tokens, run.n_seqs, run.baseline_nll)
     best.method = "optimal (measured damage)"
     plans = f"{len(checked)} whole plan{'s' if len(checked) != 1 else ''}"
     best.notes.append(f"chosen by measured output damage: {meter.count} measurements on {run.n_tokens} calibration tokens "
                       f"({plans} checked for interactions) in {time.perf_counter() - started:.0f} s")
-    whole = best.damage["plan"]["kl"]
+    whole = best.damage.kl
     if max_cost is not None and whole > max_cost:
         best.notes.append(f"measured whole, the plan's next-token KL is {whole:.4g} nats, above --max-cost {max_cost:g}: "
                           f"its followers make each other worse than their sum; lower --max-cost or use --budget")
@@ -126,7 +126,7 @@ def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None
 
 def measure_baselines(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each baseline plan (`planner.compare_plans`: {method: SharePlan, or why not}) measured whole on the calibration
-    tokens the recommendation was measured on; also written into the recommended plan's `damage["baselines"]`.
+    tokens the recommendation was measured on; also written into the recommended plan's `damage.baselines`.
     A plan equal to one already measured (the recommendation, or a neighbour it checked) takes that measurement."""
     if search.run is None or search.meter is None:
         raise ValueError("the damage search's prefix was released; measure the baselines before releasing it")
@@ -141,17 +141,15 @@ def measure_baselines(search: DamageSearch, plans: Mapping[str, Any]) -> dict[st
                                             left=len(candidates) - i - 1).summary()
         measured[name] = {"followers": list(plan.followers), "aligned": plan.aligned_followers, **known[key]}
     if search.plan.damage is not None:
-        search.plan.damage["baselines"] = {name: row for name, row in measured.items() if name != "optimal"}
+        search.plan.damage.baselines = {name: row for name, row in measured.items() if name != "optimal"}
     return measured
 
 
-def plan_damage(checked: dict[str, Any], run: PrefixRun) -> dict[str, Any]:
-    """The plan's `damage` record: each follower alone, the span model's prediction (spans measured whole, summed),
-    the whole plan as measured (interactions between spans included), and what they rest on."""
-    predicted = checked["predicted"] or {"followers": {}}
-    return {"followers": predicted["followers"], "predicted": {k: v for k, v in predicted.items() if k != "followers"},
-            "plan": checked["measured"], "n_tokens": run.n_tokens, "n_seqs": run.n_seqs, "baseline_nll": run.baseline_nll,
-            "basis": "next-token KL(baseline || patched) and NLL change on calibration tokens, 95 % intervals over sequences"}
+def check_report_fits(report: Any, loaded: Any) -> None:
+    """The attention report must be of the loaded model (as many layers), or no plan from it applies."""
+    if report.n_layers != loaded.info.n_layers:
+        raise UserError(f"The report is for a {report.n_layers}-layer model but {loaded.info.name} has "
+                        f"{loaded.info.n_layers} layers; use this model's report.")
 
 
 def _helpful_maps(similarity) -> dict[tuple[int, int], list[int]]:

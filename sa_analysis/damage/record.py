@@ -1,0 +1,107 @@
+"""What measured output damage is, as data: `Damage`, one patched run against the baseline per sequence, and
+`PlanDamage`, the record of a plan's damage that the planner, the plan JSON, the CLI tables, the figures and
+`validate` all read. Needs the standard library only (the planner's `SharePlan` carries a `PlanDamage`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import UserError
+from ..stats import interval, ppl_change
+
+MEASURED_BASIS = "next-token KL(baseline || patched) and NLL change on calibration tokens, 95 % intervals over sequences"
+SEARCH_BASIS = "measured whole on calibration tokens by the plan search"
+
+
+@dataclass
+class Damage:
+    """Per-sequence output damage of one patched run against the baseline, on the same tokens."""
+
+    kl: list[float]  # [S] mean next-token KL(baseline || patched) per sequence, nats
+    nll_change: list[float]  # [S] mean NLL change per sequence (patched - baseline), nats
+    top1: list[float]  # [S] share of positions whose most likely next token is unchanged
+
+    @classmethod
+    def none(cls, n_seqs: int) -> "Damage":
+        """The damage of sharing nothing."""
+        return cls([0.0] * n_seqs, [0.0] * n_seqs, [1.0] * n_seqs)
+
+    @property
+    def kl_mean(self) -> float:
+        return float(sum(self.kl) / len(self.kl))
+
+    @property
+    def nll_mean(self) -> float:
+        return float(sum(self.nll_change) / len(self.nll_change))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"kl": self.kl, "nll_change": self.nll_change, "top1": self.top1}
+
+    def summary(self) -> dict[str, float]:
+        """Means with their 95 % intervals over sequences (KL and NLL change), and the mean top-1 agreement."""
+        return {**interval("kl", self.kl), **interval("nll_change", self.nll_change),
+                "top1": float(sum(self.top1) / len(self.top1))}
+
+
+@dataclass
+class PlanDamage:
+    """A plan's output damage on calibration tokens, and what it rests on.
+
+    `followers[m]`: follower m measured alone with its anchor ({"anchor", "way", "kl", "kl_low", "kl_high",
+    "nll_change", ...}); `predicted`: the span model's sum (each span measured whole where it was, its followers
+    alone summed where not: `spans`, `additive`), with intervals; `plan`: the whole plan as measured (interactions
+    between spans included; the prediction for held-out text); `baselines`: the baseline plans measured whole on
+    the same tokens ({method: {"followers", "aligned", "kl", ...}}). KL and NLL change in nats per token.
+    """
+
+    plan: dict[str, float]
+    followers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    n_tokens: int = 0
+    n_seqs: int = 0
+    baseline_nll: float = 0.0
+    basis: str = MEASURED_BASIS
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of_checked(cls, checked: Mapping[str, Any], n_tokens: int, n_seqs: int, baseline_nll: float,
+                   basis: str = MEASURED_BASIS) -> "PlanDamage":
+        """From a whole plan as the damage search checked it ({"predicted": span model or None, "measured": ...})."""
+        predicted = dict(checked.get("predicted") or {})
+        followers = {int(m): dict(v) for m, v in dict(predicted.pop("followers", {}) or {}).items()}
+        return cls(plan=dict(checked["measured"]), followers=followers, predicted=predicted, n_tokens=int(n_tokens),
+                   n_seqs=int(n_seqs), baseline_nll=float(baseline_nll), basis=basis)
+
+    @property
+    def kl(self) -> float:
+        """The whole plan's mean next-token KL, nats."""
+        return float(self.plan["kl"])
+
+    @property
+    def ppl_change(self) -> float:
+        """The relative perplexity change the whole plan's NLL change means on the calibration tokens."""
+        return ppl_change(self.plan["nll_change"])
+
+    def check_followers(self, followers: list[int]) -> None:
+        if self.followers and set(self.followers) != set(followers):
+            raise UserError("The plan's predicted damage names other layers than its followers; re-create the plan "
+                            "with `sa-analyze recommend-spans`.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"followers": {str(m): v for m, v in self.followers.items()}, "predicted": self.predicted,
+               "plan": self.plan, "n_tokens": self.n_tokens, "n_seqs": self.n_seqs, "baseline_nll": self.baseline_nll,
+               "basis": self.basis}
+        if self.baselines:
+            out["baselines"] = self.baselines
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PlanDamage":
+        if not isinstance(data, Mapping) or not isinstance(data.get("plan"), Mapping):
+            raise UserError("The plan's damage record has no whole-plan measurement; re-create the plan with "
+                            "`sa-analyze recommend-spans`.")
+        return cls(plan=dict(data["plan"]), followers={int(m): dict(v) for m, v in dict(data.get("followers") or {}).items()},
+                   predicted=dict(data.get("predicted") or {}), n_tokens=int(data.get("n_tokens", 0)),
+                   n_seqs=int(data.get("n_seqs", 0)), baseline_nll=float(data.get("baseline_nll", 0.0)),
+                   basis=str(data.get("basis", MEASURED_BASIS)), baselines=dict(data.get("baselines") or {}))
