@@ -57,7 +57,10 @@ def main() -> None:
     table = DamageTable.from_dict(saved)
     report = AttentionReport.load(args.state / "report.json")
     loaded = ModelSpec(args.model).load()
-    recorded = PrefixRun.record(loaded.model, TextSpec(seq_len=report.seq_len).damage_batch(loaded))
+    calibration = TextSpec(None, table.n_seqs, report.seq_len).batch(loaded, "calibration")  # the table's tokens
+    recorded = PrefixRun.record(loaded.model, calibration)
+    if abs(recorded.baseline_nll - table.baseline_nll) > 1e-6 * abs(table.baseline_nll):
+        raise SystemExit("these calibration tokens are not the ones the table was measured on")
     run = recorded if args.objective == "kl" else NllAsDamage(**vars(recorded))
     held = PrefixRun.record(loaded.model, TextSpec(None, defaults.N_SEQS, report.seq_len).batch(loaded, "heldout"))
     rows = []
