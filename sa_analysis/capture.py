@@ -227,6 +227,7 @@ class BlockInfluence:
 @contextmanager
 def measure_block_influence(model: torch.nn.Module) -> Iterator[BlockInfluence]:
     """Hooks on every decoder layer that accumulate Block Influence; removed on exit (`parts.layer_hooks`)."""
-    stats = BlockInfluence(parts.n_layers(model))
-    with parts.layer_hooks(model, after={i: stats.hook(i) for i in range(parts.n_layers(model))}):
+    n_layers = parts.n_layers(model)
+    stats = BlockInfluence(n_layers)
+    with parts.layer_hooks(model, after={i: stats.hook(i) for i in range(n_layers)}):
         yield stats

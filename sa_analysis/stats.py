@@ -49,12 +49,3 @@ def ppl_change(nll_change: float) -> float:
 def percent(nll_change: float) -> float:
     """`ppl_change` in percent."""
     return 100.0 * math.expm1(nll_change)
-
-
-def signed_interval(values: dict, key: str = "nll_change") -> str:
-    """An NLL change and its interval as the perplexity change they mean: '+7.2% [+2.9, +11.6]' ('+7.2%' without
-    an interval)."""
-    text = f"{percent(values[key]):+.1f}%"
-    if values.get(f"{key}_low") is not None and values.get(f"{key}_high") is not None:
-        text += f" [{percent(values[f'{key}_low']):+.1f}, {percent(values[f'{key}_high']):+.1f}]"
-    return text

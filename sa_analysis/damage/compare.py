@@ -46,8 +46,7 @@ def compare(base: torch.Tensor, patched: torch.Tensor, targets: torch.Tensor) ->
     """Per-sequence sums of the baseline's NLL, the NLL change, KL(base || patched) and top-1 agreement. `base`, `patched` [S, P, V]
     log-probabilities at the same positions, `targets` [S, P] the next tokens there."""
     sums = Sums.zeros(base.shape[0])
-    for start in range(0, targets.shape[1], POSITION_CHUNK):
-        part = slice(start, start + POSITION_CHUNK)
+    for part in chunks(targets.shape[1]):
         sums.add(compare_chunk(base[:, part], patched[:, part], targets[:, part]))
     return sums
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import UserError
-from ..stats import interval, ppl_change
+from ..stats import interval
 
 MEASURED_BASIS = "next-token KL(baseline || patched) and NLL change on calibration tokens, 95 % intervals over sequences"
 SEARCH_BASIS = "measured whole on calibration tokens by the plan search"
@@ -77,11 +77,6 @@ class PlanDamage:
     def kl(self) -> float:
         """The whole plan's mean next-token KL, nats."""
         return float(self.plan["kl"])
-
-    @property
-    def ppl_change(self) -> float:
-        """The relative perplexity change the whole plan's NLL change means on the calibration tokens."""
-        return ppl_change(self.plan["nll_change"])
 
     def check_followers(self, followers: list[int]) -> None:
         if self.followers and set(self.followers) != set(followers):

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,8 +58,8 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     loaded = loaded or placed.load(status)
     wanted = parse_budgets(budgets, loaded.info.n_layers)  # the range against the loaded model (a report's, too)
     seq_len = att.seq_len or text.seq_len or defaults.SEQ_LEN
-    calibration = TextSpec(text.text, text.n_seqs, seq_len).damage_batch(loaded)
-    heldout = TextSpec(text.text, text.n_seqs, seq_len).batch(loaded, "heldout")
+    sized = replace(text, seq_len=seq_len)
+    calibration, heldout = sized.damage_batch(loaded), sized.batch(loaded, "heldout")
     state_path = out_dir / STATE_FILE
     key = _state_key(loaded, calibration, heldout, constraints, heal_config, heal_data, other_text)
     state = _resumed(state_path, key, resume, say)

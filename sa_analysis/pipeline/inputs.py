@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 from .. import defaults
 from ..data import token_batch
@@ -66,9 +66,6 @@ class CaptureSpec:
     path: str = "auto"
     rows: str | int = defaults.ROWS
     formats: tuple[str, ...] = ("png",)
-
-    def options(self) -> dict[str, Any]:
-        return {"exclude_first": self.exclude_first, "path": self.path, "rows": self.rows}
 
 
 def status_of(status: Status | None, message: str) -> ContextManager:

@@ -67,8 +67,8 @@ def measure_quality(model: torch.nn.Module, plan: Any, base: Baseline, mode: str
         del base_lp, patched_lp
     total = lambda name: float(sum(float(getattr(s, name).sum()) for s in sums))  # noqa: E731
     n = sum(s.positions * len(s.kl) for s in sums)
-    nll_b = total("nll_baseline") / n
-    nll_p = nll_b + total("nll_change") / n
-    return {"ppl_baseline": math.exp(nll_b), "ppl_patched": math.exp(nll_p), "ppl_change": ppl_change(nll_p - nll_b),
+    nll_b, change = total("nll_baseline") / n, total("nll_change") / n
+    nll_p = nll_b + change
+    return {"ppl_baseline": math.exp(nll_b), "ppl_patched": math.exp(nll_p), "ppl_change": ppl_change(change),
             "nll_baseline": nll_b, "nll_patched": nll_p, "kl_mean": total("kl") / n,
             "kl_max": max(s.kl_max for s in sums), "top1_agreement": total("agree") / n, "n_tokens": int(n)}
