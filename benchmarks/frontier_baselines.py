@@ -31,6 +31,7 @@ from sa_analysis.planner import SharePlan  # noqa: E402
 from sa_analysis.plots import plot_frontier  # noqa: E402
 from sa_analysis.damage.baselines import best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
 from sa_analysis.damage.prefix import PrefixRun  # noqa: E402
+from sa_analysis.stats import paired_interval, ppl_change  # noqa: E402
 from sa_analysis.validate.frontier import heldout_summary  # noqa: E402
 
 METHODS = ("recommended", "last k layers", "best contiguous span", "greedy (SLEB)")
@@ -44,12 +45,15 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--no-greedy", action="store_true", help="leave greedy selection out (its cost grows as L x k)")
+    parser.add_argument("--damage-tokens", type=int, default=defaults.DAMAGE_TOKENS,
+                        help="calibration tokens every method chooses its plans on (the tool's default unless given)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--replot", action="store_true", help="redraw OUT/frontier_baselines.png from its JSON")
     parser.add_argument("--resume", action="store_true", help="go on from the frontier's saved measurements under OUT")
     args = parser.parse_args()
     if args.replot:
         return replot(args.out)
+    defaults.DAMAGE_TOKENS = args.damage_tokens  # read by TextSpec.damage_batch: the frontier and the baselines alike
     started = time.perf_counter()
     spec = ModelSpec(args.model, args.device, args.dtype)
     config = HealConfig(method="lora", steps=args.heal_steps, seq_len=defaults.SEQ_LEN) if args.heal_steps else None
@@ -66,8 +70,10 @@ def main() -> None:
     loaded = spec.load()
     seq_len = frontier.heldout["seq_len"]
     run = PrefixRun.record(loaded.model, TextSpec(seq_len=seq_len).damage_batch(loaded))
-    held = PrefixRun.record(loaded.model, TextSpec(None, defaults.N_SEQS, seq_len).batch(loaded, "heldout"))
-    assert abs(math.exp(held.baseline_nll) - frontier.baseline["perplexity"]) < 1e-6 * frontier.baseline["perplexity"]
+    held_batch = TextSpec(None, defaults.N_SEQS, seq_len).batch(loaded, "heldout")
+    assert held_batch.describe()["token_sha1"] == frontier.heldout["token_sha1"], "not the frontier's held-out tokens"
+    held = PrefixRun.record(loaded.model, held_batch)
+    assert math.isclose(math.exp(held.baseline_nll), frontier.baseline["perplexity"], rel_tol=1e-4)
     n_layers, shape = loaded.info.n_layers, loaded.info.shape()
     plans: dict[tuple[int, str], SharePlan] = {}
     seconds: dict[str, float] = {"frontier (recommended plans; with --heal-steps their heals and the control)": frontier_seconds}
@@ -84,13 +90,7 @@ def main() -> None:
         seconds["greedy (SLEB), nested up to the largest budget"] = time.perf_counter() - t
         for k in budgets:
             plans[(k, "greedy (SLEB)")] = greedy[k][0]
-    rows = []
-    for (k, method), plan in sorted(plans.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]))):
-        measured = heldout_summary(held, plan)
-        rows.append({"budget": k, "method": method, "followers": plan.followers, "aligned": plan.aligned_followers,
-                     "heldout_perplexity": measured["perplexity"],
-                     "heldout_change": measured["perplexity"] / frontier.baseline["perplexity"] - 1,
-                     "heldout_kl": measured["kl"], "calibration_kl": run.damage(plan.anchor_of, plan.head_map).kl_mean})
+    rows = judge(plans, run, held, frontier.baseline["perplexity"])
     if config is not None:
         heal_all(spec, loaded, frontier, plans, rows, config, say)
     report = {"model": loaded.info.to_dict(), "budgets": budgets, "baseline": frontier.baseline, "rows": rows,
@@ -101,6 +101,25 @@ def main() -> None:
     print_table(rows, frontier.baseline["perplexity"], seconds)
     plot_frontier(frontier, args.out / "frontier_baselines", baselines=series(rows, frontier))
     say(f"wrote {args.out / 'frontier_baselines.json'} and .png")
+
+
+def judge(plans: dict[tuple[int, str], SharePlan], run: PrefixRun, held: PrefixRun, baseline: float) -> list[dict]:
+    """Each plan on the held-out tokens, and its difference from the recommended plan of its budget: the held-out
+    NLL change, paired over the same sequences, as a perplexity ratio with its 95 % interval (negative: the baseline
+    has the lower perplexity). The calibration KL and NLL change say what each method saw when it chose."""
+    rows, recommended = [], {}
+    for (k, method), plan in sorted(plans.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]))):
+        measured = heldout_summary(held, plan)
+        per_sequence = held.damage(plan.anchor_of, plan.head_map).nll_change  # [S] held-out NLL change, nats
+        if method == "recommended":
+            recommended[k] = per_sequence
+        mean, low, high = paired_interval(per_sequence, recommended[k])
+        calibration = run.damage(plan.anchor_of, plan.head_map)
+        rows.append({"budget": k, "method": method, "followers": plan.followers, "aligned": plan.aligned_followers,
+                     "heldout_perplexity": measured["perplexity"], "heldout_change": measured["perplexity"] / baseline - 1,
+                     "heldout_kl": measured["kl"], "vs_recommended": [ppl_change(v) for v in (mean, low, high)],
+                     "calibration_kl": calibration.kl_mean, "calibration_nll_change": calibration.nll_mean})
+    return rows
 
 
 def replot(out: Path) -> None:
@@ -153,14 +172,21 @@ def series(rows, frontier) -> dict:
 
 def print_table(rows, baseline: float, seconds: dict) -> None:
     texts = list(rows[0].get("healed") or {})
-    header = ["budget", "method", "followers", "held-out ppl", "vs unshared"] + [f"healed vs control ({t})" for t in texts]
+    header = (["budget", "method", "followers", "held-out ppl", "vs unshared", "vs recommended [95 %]", "calibration KL",
+               "calibration NLL"] + [f"healed vs control ({t})" for t in texts])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         followers = ", ".join(f"{m}{'ᵃ' if m in row['aligned'] else ''}" for m in row["followers"])
-        healed = [f"{100 * row['healed'][t]['change']:+.1f}%" for t in texts] if texts else []
-        print(f"| {row['budget']} | {row['method']} | {followers} | {row['heldout_perplexity']:.2f} | "
-              f"{100 * row['heldout_change']:+.1f}% | " + " | ".join(healed) + (" |" if healed else ""))
+        versus = row.get("vs_recommended")
+        versus = "" if versus is None or row["method"] == "recommended" else "{:+.1f}% [{:+.1f}, {:+.1f}]".format(
+            *(100 * v for v in versus))
+        nll = row.get("calibration_nll_change")
+        cells = [str(row["budget"]), row["method"], followers, f"{row['heldout_perplexity']:.2f}",
+                 f"{100 * row['heldout_change']:+.1f}%", versus, f"{row['calibration_kl']:.3f}",
+                 "" if nll is None else f"{100 * ppl_change(nll):+.1f}%"]
+        cells += [f"{100 * row['healed'][t]['change']:+.1f}%" for t in texts]
+        print("| " + " | ".join(cells) + " |")
     print(f"unshared held-out perplexity {baseline:.3f}; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 
 

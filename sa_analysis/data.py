@@ -29,6 +29,7 @@ DEFAULT_TEXT = "pydoc_data.topics"
 SOURCE_TEXT = "python-source"  # the standard library's top-level modules, one document per file (code, not prose)
 BUILTIN_TEXTS = {DEFAULT_TEXT: "CPython's documentation topics (English prose)",
                  SOURCE_TEXT: "the Python standard library's source files (code)"}
+DOCUMENT_TOKENS = ("<|endoftext|>",)  # GPT-2-style vocabularies' document boundary (GPT-2, Qwen, SmolLM, StarCoder, Phi)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TokenBatch:
     source: str
     split: str
     n_documents: int
+    separator: str | None = None  # the token between joined documents (`document_separator`), as text
 
     @property
     def n_seqs(self) -> int:
@@ -51,7 +53,8 @@ class TokenBatch:
     def describe(self) -> dict:
         digest = hashlib.sha1(self.input_ids.numpy().tobytes()).hexdigest()[:16]
         return {"source": self.source, "split": self.split, "n_seqs": self.n_seqs, "seq_len": self.seq_len,
-                "n_tokens": self.n_seqs * self.seq_len, "n_documents": self.n_documents, "token_sha1": digest}
+                "n_tokens": self.n_seqs * self.seq_len, "n_documents": self.n_documents, "separator": self.separator,
+                "token_sha1": digest}
 
 
 def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]:
@@ -179,7 +182,7 @@ def token_batch(
     """`n_seqs` non-overlapping windows of `seq_len` tokens from one split of the text, same ids every run
     (`allow_fewer`: as many as the split holds when it holds fewer, or one shorter sequence of all of it).
 
-    Documents are joined (separated by the tokenizer's EOS) in their sorted order and cut into windows, so
+    Documents are joined (separated by `document_separator`) in their sorted order and cut into windows, so
     every sequence is full-length and needs no padding. Without a tokenizer (random-init models) the default
     SmolLM2 tokenizer's ids are folded into the model's vocabulary, which is enough for timing work.
     """
@@ -192,7 +195,8 @@ def token_batch(
         tokenizer = default_tokenizer(required=vocab_size is None)
     if tokenizer is None:  # a random-init model where the default tokenizer is not installed: timing work only
         return _random_tokens(n_seqs, seq_len, vocab_size, split)
-    ids = _tokenize_stream(tokenizer, docs, n_seqs * seq_len)
+    separator = document_separator(tokenizer)
+    ids = join_documents(tokenizer, docs, separator, needed=n_seqs * seq_len)
     if allow_fewer and 2 <= len(ids) < n_seqs * seq_len:  # what the split holds: whole windows, or one shorter one
         n_seqs, seq_len = (len(ids) // seq_len, seq_len) if len(ids) >= seq_len else (1, len(ids))
     if len(ids) < n_seqs * seq_len:
@@ -204,18 +208,47 @@ def token_batch(
     input_ids = torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).view(n_seqs, seq_len)
     if vocab_size is not None:
         input_ids = input_ids % vocab_size
-    return TokenBatch(input_ids=input_ids, source=source, split=split, n_documents=len(docs))
+    return TokenBatch(input_ids=input_ids, source=source, split=split, n_documents=len(docs),
+                      separator=_token_text(tokenizer, separator))
 
 
-def _tokenize_stream(tokenizer, docs: list[tuple[str, str]], needed: int) -> list[int]:
-    """Token ids of the documents joined by EOS, stopping once `needed` ids are collected."""
-    eos = getattr(tokenizer, "eos_token_id", None)
+def document_separator(tokenizer: Any) -> int | None:
+    """The token id put between documents joined into one stream: the one the model saw between documents in
+    pretraining, never a chat token. GPT-2-style vocabularies (SmolLM2, Qwen, StarCoder, Phi) end documents with
+    `<|endoftext|>`; the others begin each with BOS (Llama, Mistral, Gemma); failing both, EOS.
+
+    Not simply EOS: an instruct model's EOS is its end-of-turn token (`<|im_end|>`, `<end_of_turn>`), which raw text
+    never holds, and transformers 5.24 reads it from GGUF files where 5.17 gave `<|endoftext|>`, so the text measured
+    changed with the library (Qwen2.5-Coder-0.5B's held-out perplexity 13.7 under 5.17, 15.7 under 5.24; BENCHMARKS.md).
+    """
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for token in DOCUMENT_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _token_text(tokenizer: Any, token_id: int | None) -> str | None:
+    if token_id is None:
+        return None
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return str(convert(token_id)) if convert else str(token_id)
+
+
+def join_documents(tokenizer: Any, docs: list[tuple[str, str]], separator: int | None,
+                   needed: int | None = None) -> list[int]:
+    """Token ids of the documents, each followed by `separator` (`document_separator`; None: nothing), stopping
+    once `needed` ids are collected (None: all)."""
     ids: list[int] = []
     for _, body in docs:
         ids.extend(tokenizer(body, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= needed:
+        if separator is not None:
+            ids.append(separator)
+        if needed is not None and len(ids) >= needed:
             break
     return ids
 

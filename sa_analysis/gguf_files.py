@@ -47,19 +47,50 @@ def gguf_tokenizer(path: Path):
     return cached_gguf_tokenizer(path, gguf_cache(path))
 
 
+PROBE_TEXT = "Shared attention: layer 12 reads the weights of layer 11.\n    def f(x):  # café, 2024 — done\n"
+UNFAITHFUL = "NOT_CACHED"  # marks a release whose saved copy of this tokenizer reloads as another tokenizer
+
+
 def cached_gguf_tokenizer(path: Path, cached: Path):
-    """`gguf_tokenizer` for a GGUF file whose cache folder is `cached` (its key read once per load)."""
+    """`gguf_tokenizer` for a GGUF file whose cache folder is `cached` (its key read once per load).
+
+    The saved copy is kept only if it reloads to the same ids on `PROBE_TEXT` as the tokenizer converted from the
+    GGUF: transformers 5.17 saves Gemma-3's GGUF vocabulary in a form that reloads as one token per character
+    (held-out perplexity 2,857 instead of 19); such a release converts the GGUF at every load instead."""
     import transformers
-    from transformers import AutoTokenizer
 
     folder = cached / f"tokenizer-{transformers.__version__}"
     if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return _from_pretrained(folder, local_files_only=True)
+    tokenizer = _from_pretrained(path.parent, gguf_file=path.name)
+    if not (folder / UNFAITHFUL).is_file():
+        save_atomically(tokenizer, folder, marker="tokenizer_config.json")
+        _keep_if_faithful(tokenizer, folder)
+    return tokenizer
+
+
+def _from_pretrained(*args, **kwargs):
+    from transformers import AutoTokenizer
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    save_atomically(tokenizer, folder, marker="tokenizer_config.json")
-    return tokenizer
+        return AutoTokenizer.from_pretrained(*args, **kwargs)
+
+
+def _keep_if_faithful(tokenizer, folder: Path) -> None:
+    """Drop the saved copy in `folder` (and mark the folder) unless it encodes `PROBE_TEXT` as `tokenizer` does."""
+    marker = folder / "tokenizer_config.json"
+    if not marker.is_file():
+        return
+    encode = lambda t: t(PROBE_TEXT, add_special_tokens=False)["input_ids"]  # noqa: E731
+    try:
+        same = encode(_from_pretrained(folder, local_files_only=True)) == encode(tokenizer)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        marker.unlink()
+        (folder / UNFAITHFUL).write_text("this transformers release reloads its saved copy of the tokenizer as "
+                                         "another tokenizer; the GGUF is converted at every load\n")
 
 
 def save_atomically(obj, folder: Path, marker: str) -> None:

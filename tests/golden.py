@@ -1,7 +1,7 @@
 """The default model's plan and a validation of it, made the way `recommend-spans` and `validate` make them, small
 enough for the suite: the files `tests/test_unchanged.py` compares with those saved in `tests/data/golden/` (made by
-the code before the damage package moved: `python -m tests.golden tests/data/golden`), so a change of the house that
-changes a plan, a number or a file written fails there."""
+`python -m tests.golden DIR` and copied there: before the damage package moved, and again when the document separator
+changed), so a change of the house that changes a plan, a number or a file written fails there."""
 
 from __future__ import annotations
 

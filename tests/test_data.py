@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sa_analysis.data import load_documents, split_documents, token_batch
+from sa_analysis.data import document_separator, load_documents, split_documents, token_batch
 from sa_analysis.errors import UserError
 
 
@@ -68,3 +68,51 @@ def test_bad_inputs(tmp_path):
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(UserError, match="Line 2"):
         token_batch(CharTokenizer(), text=bad)
+
+
+class VocabTokenizer(CharTokenizer):
+    """A character tokenizer with a vocabulary of special tokens (ids above the characters' 1..500) and the ids a
+    chat model's tokenizer sets."""
+
+    def __init__(self, vocab: dict[str, int], bos: int | None = None, eos: int | None = None):
+        self.vocab, self.bos_token_id, self.eos_token_id = vocab, bos, eos
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def convert_ids_to_tokens(self, token_id):
+        return {v: k for k, v in self.vocab.items()}[token_id]
+
+
+@pytest.mark.parametrize("vocab, bos, eos, expected", [
+    ({"<|endoftext|>": 503, "<|im_start|>": 504, "<|im_end|>": 505}, 504, 505, 503),  # SmolLM2-Instruct, Qwen-Instruct: not a chat token
+    ({"<bos>": 502, "<eos>": 501, "<end_of_turn>": 606}, 502, 606, 502),  # Gemma-style: documents begin with BOS
+    ({"</s>": 507}, None, 507, 507),  # neither: EOS
+    ({}, None, None, None),
+])
+def test_document_separator_is_the_pretraining_boundary_not_a_chat_token(vocab, bos, eos, expected):
+    tokenizer = VocabTokenizer(vocab, bos, eos)
+    assert document_separator(tokenizer) == expected
+    batch = token_batch(tokenizer, n_seqs=4, seq_len=400)
+    ids = batch.input_ids.flatten().tolist()
+    specials = set(vocab.values())
+    assert {i for i in ids if i in specials} == ({expected} if expected is not None else set())
+    assert batch.describe()["separator"] == (None if expected is None else tokenizer.convert_ids_to_tokens(expected))
+
+
+def test_heal_text_joins_documents_as_the_measurements_do():
+    from sa_analysis.heal.data import load_heal_data
+
+    tokenizer = VocabTokenizer({"<|endoftext|>": 503, "<|im_end|>": 505}, None, 505)
+    data = load_heal_data(None, tokenizer, seq_len=200, max_examples=40)
+    stream = [int(i) for ids, _labels in data.examples for i in ids]
+    assert 503 in stream and 505 not in stream
+
+
+def test_default_model_joins_documents_with_endoftext(default_tokenizer):
+    """SmolLM2's GGUF (an instruct build) says EOS is `<|im_end|>` under transformers 5.24 and BOS `<|im_start|>`:
+    neither may land in the measured text."""
+    batch = token_batch(default_tokenizer, n_seqs=4, seq_len=256)
+    assert batch.separator == "<|endoftext|>"
+    chat = {default_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    assert not chat & set(batch.input_ids.flatten().tolist())

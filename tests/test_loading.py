@@ -176,3 +176,56 @@ def test_a_folder_without_tokenizer_files_gets_no_empty_tokenizer(tmp_path):
 
     tiny_model("gemma3_text").save_pretrained(tmp_path / "m")
     assert load_model(str(tmp_path / "m"), device="cpu").tokenizer is None
+
+
+def test_a_saved_tokenizer_that_reloads_differently_is_not_kept(tmp_path, monkeypatch, default_tokenizer):
+    """transformers 5.17 saves Gemma-3's GGUF tokenizer in a form that reloads as one token per character: the cache
+    must keep only a copy that encodes as the converted tokenizer does, else convert at every load."""
+    from sa_analysis import gguf_files
+    from sa_analysis.aliases import require_alias
+
+    class PerCharacter:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    real = gguf_files._from_pretrained
+    conversions = []
+
+    def reload_wrongly(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            return PerCharacter()
+        conversions.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_files, "_from_pretrained", reload_wrongly)
+    path = gguf_files.packaged_gguf_path(require_alias("smollm2-135m"))
+    first = gguf_files.cached_gguf_tokenizer(path, tmp_path)
+    second = gguf_files.cached_gguf_tokenizer(path, tmp_path)
+    probe = gguf_files.PROBE_TEXT
+    assert len(conversions) == 2  # nothing faithful was cached: the GGUF was converted both times
+    assert [f for f in tmp_path.rglob(gguf_files.UNFAITHFUL)] and not list(tmp_path.rglob("tokenizer_config.json"))
+    for tokenizer in (first, second):
+        assert tokenizer(probe, add_special_tokens=False)["input_ids"] == default_tokenizer(probe, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(gguf_files, "_from_pretrained", real)  # a faithful reload is cached and used
+    faithful = tmp_path / "faithful"
+    gguf_files.cached_gguf_tokenizer(path, faithful)
+    assert list(faithful.rglob("tokenizer_config.json")) and not list(faithful.rglob(gguf_files.UNFAITHFUL))
+
+
+@pytest.mark.parametrize("class_name, version, refused", [
+    ("GemmaTokenizer", "5.17.0", True), ("GemmaTokenizerFast", "5.23.1", True), ("GemmaTokenizer", "5.24.0", False),
+    ("Qwen2Tokenizer", "5.17.0", False),
+])
+def test_gguf_tokenizers_a_release_converts_wrongly_are_refused(monkeypatch, class_name, version, refused):
+    from importlib import metadata
+
+    from sa_analysis import compat
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: version if name == "transformers" else real(name))
+    tokenizer = type(class_name, (), {})()
+    if refused:
+        with pytest.raises(UserError, match=r"install transformers>=5\.24\.0"):
+            compat.check_gguf_tokenizer(tokenizer)
+    else:
+        compat.check_gguf_tokenizer(tokenizer)

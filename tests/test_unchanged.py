@@ -1,6 +1,7 @@
 """The house may move, what it makes may not: the default model's plan (chosen by measured damage) and a validation
-of it, made now by `tests/golden.py`, equal the files the code made before the damage package moved
-(`tests/data/golden/`): the same files written, the same plan, the same numbers (to the rounding of float32 sums:
+of it, made now by `tests/golden.py`, equal the files saved in `tests/data/golden/` (made by the code before the
+damage package moved; remade once on purpose, when documents came to be joined by `<|endoftext|>` instead of the
+GGUF's chat EOS, `data.document_separator`): the same files written, the same plan, the same numbers (to the rounding of float32 sums:
 one comparison of log-probabilities now serves calibration and held-out text, and sums in its own order; any change
 of tokens, positions, plan or formula moves them by far more). Times, dates and versions are left out."""
 

@@ -150,16 +150,12 @@ def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int 
 
 def _text_data(docs: list[tuple[str, str]], tokenizer: Any, seq_len: int, vocab_size: int | None,
                max_examples: int | None, source: str, pad: int, n_rows: int) -> HealData:
-    """Windows of `seq_len` tokens over the documents joined by EOS (a shorter text gives one shorter window)."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    needed = None if max_examples is None else max_examples * seq_len
-    for _, body in docs:
-        ids.extend(tokenizer(body, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if needed is not None and len(ids) >= needed:
-            break
+    """Windows of `seq_len` tokens over the documents joined as `data.token_batch` joins them (a shorter text gives
+    one shorter window)."""
+    from ..data import document_separator, join_documents
+
+    ids = join_documents(tokenizer, docs, document_separator(tokenizer),
+                         needed=None if max_examples is None else max_examples * seq_len)
     if len(ids) < 2:
         raise UserError(f"The data {source} has no usable rows: fewer than 2 tokens of text.")
     stream = torch.tensor(ids, dtype=torch.long)
