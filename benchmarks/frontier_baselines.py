@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default=defaults.MODEL)
     parser.add_argument("--budgets", default="3,8,15")
     parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--heal-seed", type=int, default=0, help="the seed of every heal and of the control")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--no-greedy", action="store_true", help="leave greedy selection out (its cost grows as L x k)")
@@ -56,7 +57,8 @@ def main() -> None:
     defaults.DAMAGE_TOKENS = args.damage_tokens  # read by TextSpec.damage_batch: the frontier and the baselines alike
     started = time.perf_counter()
     spec = ModelSpec(args.model, args.device, args.dtype)
-    config = HealConfig(method="lora", steps=args.heal_steps, seq_len=defaults.SEQ_LEN) if args.heal_steps else None
+    config = (HealConfig(method="lora", steps=args.heal_steps, seq_len=defaults.SEQ_LEN, seed=args.heal_seed)
+              if args.heal_steps else None)
     say = lambda message: print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)  # noqa: E731
 
     frontier_started = time.perf_counter()
