@@ -32,7 +32,7 @@ from sa_analysis.plots import plot_frontier  # noqa: E402
 from sa_analysis.damage.baselines import best_contiguous_plan, greedy_plans, last_layers_plan  # noqa: E402
 from sa_analysis.damage.prefix import PrefixRun  # noqa: E402
 from sa_analysis.stats import paired_interval, ppl_change  # noqa: E402
-from sa_analysis.validate.frontier import heldout_summary  # noqa: E402
+from sa_analysis.validate.frontier import summary_with_perplexity  # noqa: E402
 
 METHODS = ("recommended", "last k layers", "best contiguous span", "greedy (SLEB)")
 
@@ -111,8 +111,8 @@ def judge(plans: dict[tuple[int, str], SharePlan], run: PrefixRun, held: PrefixR
     has the lower perplexity). The calibration KL and NLL change say what each method saw when it chose."""
     rows, recommended = [], {}
     for (k, method), plan in sorted(plans.items(), key=lambda item: (item[0][0], METHODS.index(item[0][1]))):
-        measured = heldout_summary(held, plan)
-        per_sequence = held.damage(plan.anchor_of, plan.head_map).nll_change  # [S] held-out NLL change, nats
+        damage = held.damage(plan.anchor_of, plan.head_map)
+        measured, per_sequence = summary_with_perplexity(held, damage), damage.nll_change  # [S] NLL change, nats
         if method == "recommended":
             recommended[k] = per_sequence
         mean, low, high = paired_interval(per_sequence, recommended[k])

@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 from ..artefact import JsonArtefact
 from ..damage.measure import Meter, plan_from_damage
 from ..damage.prefix import PrefixRun
+from ..damage.record import Damage
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
 
@@ -65,7 +66,12 @@ class FrontierState:
 def heldout_summary(held: PrefixRun, plan: SharePlan) -> dict[str, float]:
     """The plan measured whole on held-out tokens: KL and NLL change with intervals, top-1 agreement, perplexity
     (with the interval of its NLL change)."""
-    summary = held.damage(plan.anchor_of, plan.head_map).summary()
+    return summary_with_perplexity(held, held.damage(plan.anchor_of, plan.head_map))
+
+
+def summary_with_perplexity(held: PrefixRun, measured: Damage) -> dict[str, float]:
+    """`measured.summary()` (a plan's damage on `held`'s tokens) with the perplexity it means, and its interval."""
+    summary = measured.summary()
     for suffix in ("", "_low", "_high"):
         summary[f"perplexity{suffix}"] = math.exp(held.baseline_nll + summary[f"nll_change{suffix}"])
     return summary
