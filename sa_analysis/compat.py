@@ -71,11 +71,13 @@ def check_gguf_tokenizer(tokenizer: Any) -> None:
     where 5.24 gives the real tokens (releases between were not checked)."""
     from importlib import metadata
 
+    from packaging.version import Version
+
     from .errors import UserError
 
     version = metadata.version("transformers")
     for prefix, first_good in GGUF_TOKENIZER_FROM.items():
-        if type(tokenizer).__name__.startswith(prefix) and not in_range(version, first_good, "999"):
+        if type(tokenizer).__name__.startswith(prefix) and Version(version) < Version(first_good):
             raise UserError(f"transformers {version} converts {prefix} GGUF tokenizers wrongly (measured on 5.17); "
                             f"install transformers>={first_good} to load this model from a GGUF file.")
 

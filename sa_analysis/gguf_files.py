@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from .aliases import ModelAlias
+from .compat import check_gguf_tokenizer
 
 
 def cache_root() -> Path:
@@ -60,10 +61,10 @@ def cached_gguf_tokenizer(path: Path, cached: Path):
     import transformers
 
     folder = cached / f"tokenizer-{transformers.__version__}"
-    if (folder / "tokenizer_config.json").is_file():
-        return _from_pretrained(folder, local_files_only=True)
-    tokenizer = _from_pretrained(path.parent, gguf_file=path.name)
-    if not (folder / UNFAITHFUL).is_file():
+    saved = (folder / "tokenizer_config.json").is_file()
+    tokenizer = _from_pretrained(folder, local_files_only=True) if saved else _from_pretrained(path.parent, gguf_file=path.name)
+    check_gguf_tokenizer(tokenizer)  # a release that converts this vocabulary wrongly is refused before anything is cached
+    if not saved and not (folder / UNFAITHFUL).is_file():
         save_atomically(tokenizer, folder, marker="tokenizer_config.json")
         _keep_if_faithful(tokenizer, folder)
     return tokenizer

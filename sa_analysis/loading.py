@@ -164,7 +164,6 @@ def _load_gguf(path: Path, dtype, device, device_map):
     cached = gguf_cache(path)
     try:
         tokenizer = cached_gguf_tokenizer(path, cached)
-        compat.check_gguf_tokenizer(tokenizer)
         if (cached / "config.json").is_file():
             model, _ = _load_folder(cached, dtype, device, device_map, with_tokenizer=False)
             return model, tokenizer

@@ -229,3 +229,17 @@ def test_gguf_tokenizers_a_release_converts_wrongly_are_refused(monkeypatch, cla
             compat.check_gguf_tokenizer(tokenizer)
     else:
         compat.check_gguf_tokenizer(tokenizer)
+
+
+def test_a_refused_gguf_tokenizer_leaves_no_cache(tmp_path, monkeypatch):
+    """The release check sits where every GGUF tokenizer is made, before anything is saved."""
+    from importlib import metadata
+
+    from sa_analysis import gguf_files
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "5.17.0" if name == "transformers" else real(name))
+    monkeypatch.setattr(gguf_files, "_from_pretrained", lambda *args, **kwargs: type("GemmaTokenizer", (), {})())
+    with pytest.raises(UserError, match=r"install transformers>=5\.24\.0"):
+        gguf_files.cached_gguf_tokenizer(tmp_path / "gemma.gguf", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
