@@ -83,7 +83,7 @@ def one_heal(args, plan_or_none, out: Path, label: str):
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, random_init=args.random_init)
     plan = make_plan(loaded, args, out) if plan_or_none is None else plan_or_none
-    config = HealConfig(method=args.method, lora_rank=args.rank, lora_mlp=args.lora_mlp, train_layers=args.train_layers,
+    config = HealConfig(method=args.method, objective=args.objective, lm_weight=args.lm_weight, lora_rank=args.rank, lora_mlp=args.lora_mlp, train_layers=args.train_layers,
                         full_scope=args.full_scope, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, seq_len=args.seq_len, save_every=0, seed=args.seed)
     n_examples = args.steps * args.batch_size * args.grad_accum * 8  # enough for every process
@@ -140,6 +140,29 @@ def _empty_like(plan):
     return SharePlan.empty(plan.n_layers, model=plan.model)
 
 
+def objective_cost(args, out: Path) -> int:
+    """The same plan healed with each objective, one after the other in this process: training seconds per step,
+    the ratio distill / lm (the teacher's forward is the only extra work), and the faithfulness each reached."""
+    args.no_export, rows, plan = True, {}, None
+    for objective in ("lm", "distill"):
+        args.objective = objective
+        report, plan = one_heal(args, plan, out / objective, "shared")
+        g = report.gaps("held-out")
+        rows[objective] = {"seconds_per_step": report.run["seconds_per_step"], "seconds": report.run["seconds"],
+                           "kl_before": g["kl_before"], "kl_after": g["kl_after"], "ppl_before": g["before"],
+                           "ppl_after_untouched": g["after_untouched"]}
+    ratio = rows["distill"]["seconds_per_step"] / rows["lm"]["seconds_per_step"]
+    print(f"\n{'objective':<10} {'s/step':>8} {'KL before':>10} {'KL after':>9} {'ppl vs untouched after':>23}")
+    for objective, r in rows.items():
+        print(f"{objective:<10} {r['seconds_per_step']:>8.2f} {r['kl_before']:>10.3f} {r['kl_after']:>9.3f} "
+              f"{100 * math.expm1(r['ppl_after_untouched']):>+22.1f}%")
+    print(f"distill / lm seconds per step: {ratio:.2f}x ({plan.summary()}, {args.steps} steps of {args.batch_size} x "
+          f"{args.seq_len}, {torch.get_num_threads()} threads)")
+    (out / "objective_cost.json").write_text(json.dumps({"args": vars(args), "rows": rows, "ratio": ratio,
+                                                         "plan": plan.summary()}, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -154,8 +177,12 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lora-mlp", action="store_true")
-    parser.add_argument("--train-layers", default="all", choices=["all", "from-anchor"])
-    parser.add_argument("--full-scope", default="all", choices=["all", "attention"])
+    parser.add_argument("--train-layers", default="all", choices=["all", "from-anchor", "from-follower"])
+    parser.add_argument("--full-scope", default="all", choices=["all", "attention", "followers-vo"])
+    parser.add_argument("--objective", default="lm", choices=["lm", "distill"])
+    parser.add_argument("--lm-weight", type=float, default=0.0)
+    parser.add_argument("--cost", action="store_true", help="time the same heal with each objective (lm, distill) and "
+                        "print the ratio of their training seconds (no control, no export)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -175,6 +202,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}"
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    if args.cost:
+        return objective_cost(args, out)
     report, plan = one_heal(args, None, out, "shared")
     summary = {"args": vars(args)}
     if report is not None:

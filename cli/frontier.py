@@ -15,6 +15,7 @@ from cli.app import (DEFAULT_MODEL, DEFAULT_N_SEQS, AlignHeadsOpt, AllowMaskChan
                      RandomInitOpt, TextOpt, app, console, loading_status, spinner, user_errors, wrote)
 from cli.tables import signed_percent
 from sa_analysis import defaults
+from sa_analysis.errors import UserError
 
 
 @app.command("frontier")
@@ -28,6 +29,12 @@ def frontier(
     heal_data: Annotated[Optional[Path], typer.Option("--heal-data", help="Healing data (Alpaca JSON/JSONL or text). Default: the calibration part of the default text.")] = None,
     other_text: Annotated[Optional[str], typer.Option("--other-text", help="The second held-out text healed plans are judged on, of another kind than the healing data: a file, or python-source / pydoc_data.topics. Default: python-source when healing on the default text.")] = None,
     control: Annotated[bool, typer.Option("--control/--no-control", help="With --heal-steps: judge healed plans against the unshared model healed the same way (cached). --no-control: recovery is not measured.")] = True,
+    heal_objective: Annotated[str, typer.Option("--heal-objective", help="lm: heals learn the healing text (judged against the control); distill: heals restore the untouched model, KL(untouched || shared) at every position (its control is the untouched model).")] = "lm",
+    heal_lm_weight: Annotated[float, typer.Option("--heal-lm-weight", min=0.0, help="With --heal-objective distill: weight of the LM loss beside the KL.")] = 0.0,
+    heal_method: Annotated[str, typer.Option("--heal-method", help="lora (adapters) or full (a full fine-tune of what --heal-full-scope and --heal-train-layers choose).")] = "lora",
+    heal_lora_mlp: Annotated[bool, typer.Option("--heal-lora-mlp", help="LoRA on the MLP projections too.")] = False,
+    heal_full_scope: Annotated[str, typer.Option("--heal-full-scope", help="With --heal-method full: all, attention, or followers-vo (the followers' value and output projections).")] = "all",
+    heal_train_layers: Annotated[str, typer.Option("--heal-train-layers", help="all, from-anchor or from-follower.")] = "all",
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank of the heals.")] = 16,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate of the heals. Default: 1e-3.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per heal step.")] = 4,
@@ -51,8 +58,11 @@ def frontier(
     damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
-    from sa_analysis.prechecks import check_before_loading, check_budgets, check_data_file
+    from sa_analysis.prechecks import check_before_loading, check_budgets, check_data_file, check_heal_objective
 
+    check_heal_objective(heal_objective, heal_lm_weight, "--heal-objective")
+    if not heal_steps and (heal_objective != "lm" or heal_lm_weight or heal_method != "lora" or heal_lora_mlp):
+        raise UserError("The --heal-* options choose how each plan is healed; add --heal-steps N (N > 0) to heal them.")
     check_budgets(budgets, (model or DEFAULT_MODEL) if report is None else None)  # the syntax, and the range
     if report is None:
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
@@ -64,8 +74,9 @@ def frontier(
     constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
     config = None
     if heal_steps:
-        config = HealConfig(method="lora", lora_rank=lora_rank, lr=lr, steps=heal_steps, batch_size=batch_size,
-                            seq_len=seq_len or defaults.SEQ_LEN, seed=seed)
+        config = HealConfig(method=heal_method, objective=heal_objective, lm_weight=heal_lm_weight, lora_rank=lora_rank,
+                            lora_mlp=heal_lora_mlp, full_scope=heal_full_scope, train_layers=heal_train_layers, lr=lr,
+                            steps=heal_steps, batch_size=batch_size, seq_len=seq_len or defaults.SEQ_LEN, seed=seed)
     with spinner("sharing frontier") as shown:
         result = run_frontier(ModelSpec(model or (None if report is not None else DEFAULT_MODEL), device, dtype,
                                         random_init, device_map),
@@ -78,22 +89,27 @@ def frontier(
 
 
 def print_frontier(frontier) -> None:
-    """One row per budget: the plan, predicted and measured perplexity change with intervals, the savings, and the
-    healed change against the control; then the largest budget within the tolerance, before and after healing."""
+    """One row per budget: the plan, predicted and measured perplexity change with intervals, the savings, and after
+    healing the three yardsticks per held-out text (against the untouched model, against the control, KL to the
+    untouched model); then the largest budget within the tolerance by each."""
     points = frontier.points
     texts = list(points[0].healed) if points and points[0].healed else []
+    distill = (frontier.heal or {}).get("objective") == "distill"
     base = frontier.baseline["perplexity"]
     table = Table(title=f"Sharing frontier of {frontier.model.get('name')}: held-out perplexity {base:.4g} unshared "
                         f"({frontier.heldout.get('n_seqs')} x {frontier.heldout.get('seq_len')} held-out tokens)")
+    short = {t: t.split(",")[0] for t in texts}  # "heal data, held out" -> "heal data"
+    healed_columns = [c for t in texts for c in (f"{short[t]} vs untouched", *([] if distill else [f"{short[t]} vs control"]),
+                                                  f"{short[t]} KL")]
     columns = ["shared", "followers (ᵃ head-aligned)", "predicted [95 %]", "held-out [95 %]", "KV cache", "Q/K proj.",
-               "scores"] + [f"healed vs control: {t}" for t in texts] + ["measurements"]
+               "scores"] + healed_columns + ["measurements"]
     for column in columns:
         table.add_column(column, justify="left" if column.startswith("followers") else "right", overflow="fold")
     for p in points:
         aligned = set((p.plan.get("head_map") or {}).keys())
         followers = ", ".join(f"{m}{'ᵃ' if str(m) in aligned else ''}" for m in p.plan["followers"])
         s = p.savings
-        healed = [_healed(p.healed[t]) if p.healed else "" for t in texts]
+        healed = [c for t in texts for c in _healed_cells(p.healed.get(t) if p.healed else None, distill)]
         table.add_row(str(p.budget), followers, signed_percent(p.predicted), _ppl_interval(p.heldout, base),
                       f"{s['kv_cache_fraction_saved']:.1%}", _fraction(s.get("attn_proj_fraction_saved")),
                       f"{s['score_fraction_saved']:.1%}", *healed, str(p.measurements))
@@ -104,15 +120,36 @@ def print_frontier(frontier) -> None:
                   "and of the attention-score FLOPs; measurements: output-damage measurements made so far (shared by "
                   "every budget).", highlight=False)
     if texts:
-        console.print("healed vs control: the healed shared model's perplexity against the unshared model fine-tuned "
-                      "with the same data, steps, adapters and seed.", highlight=False)
+        from sa_analysis.pipeline import YARDSTICKS
+
+        console.print(f"After healing ({(frontier.heal or {}).get('objective', 'lm')} heals; heal data: the held-out part "
+                      f"of the healing data, other text: a text of another kind): {YARDSTICKS}.", highlight=False)
     within = frontier.within()
     line = f"Within +{100 * frontier.tolerance:g}%: {_budget(within['before'])} before healing"
-    for text, budget in within["after"].items():
-        line += f"; {_budget(budget)} after healing ({text}, against the control)"
+    for text, budget in within["after_untouched"].items():
+        line += f"; {_budget(budget)} after healing against the untouched model ({text})"
+    if not distill:
+        for text, budget in within["after"].items():
+            line += f"; {_budget(budget)} against the control ({text})"
     console.print(f"[bold]{line}[/] (of {frontier.model.get('n_layers')} layers).", highlight=False)
-    if frontier.heal and frontier.heal.get("control") is None:
-        console.print("note: no control heal: recovery is not measured.", highlight=False)
+    if texts and within.get("kl_bound"):
+        bound = ", ".join(f"{t} {v:.3f}" for t, v in within["kl_bound"].items())
+        console.print(f"[bold]Faithful reach: {_budget(within['faithful'])}[/] (within +{100 * frontier.tolerance:g}% of "
+                      f"the untouched model on every text and no further from it in next-token KL than the "
+                      f"{within['before']}-layer plan before healing: {bound} nats).", highlight=False)
+    if frontier.heal and frontier.heal.get("control") is None and not distill:
+        console.print("note: no control heal: recovery under the same fine-tune is not measured.", highlight=False)
+
+
+def _healed_cells(values, distill: bool) -> list[str]:
+    """The healed cells of one text: against the untouched model and the control (perplexity ratio, paired 95 %
+    interval over sequences), and KL to the untouched model before -> after healing."""
+    if values is None:
+        return ["", *([] if distill else [""]), ""]
+    untouched = signed_percent(values, "after_untouched") if values.get("after_untouched") is not None else "n/a"
+    kl = (f"{values['kl_before']:.3f} -> {values['kl_after']:.3f}"
+          if values.get("kl_before") is not None and values.get("kl_after") is not None else "n/a")
+    return [untouched, *([] if distill else [_healed(values)]), kl]
 
 
 def _budget(value) -> str:

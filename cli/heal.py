@@ -33,11 +33,13 @@ def heal(
     plan: PlanOpt = None,
     spans: SpansOpt = None,
     data: DataOpt = None,
+    objective: Annotated[str, typer.Option("--objective", help="lm: learn the text's next tokens (Alpaca: the responses); distill: restore the model you had, KL(untouched || shared) at every position (needs no labels; its control is the untouched model).")] = "lm",
+    lm_weight: Annotated[float, typer.Option("--lm-weight", min=0.0, help="With --objective distill: weight of the LM loss added to the KL (0: pure distillation).")] = 0.0,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged at export), or a full fine-tune.")] = True,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank.")] = 16,
     lora_mlp: Annotated[bool, typer.Option("--lora-mlp", help="Also adapt the MLP projections (gate/up/down).")] = False,
-    train_layers: Annotated[str, typer.Option("--train-layers", help="all, or from-anchor: freeze the layers below the first anchor (cheaper).")] = "all",
-    full_scope: Annotated[str, typer.Option("--full-scope", help="With --full: all weights, or attention (q/k/v/o projections only).")] = "all",
+    train_layers: Annotated[str, typer.Option("--train-layers", help="all; from-anchor: freeze the layers below the first anchor (cheaper); from-follower: train the first follower and the layers after it.")] = "all",
+    full_scope: Annotated[str, typer.Option("--full-scope", help="With --full: all weights, attention (q/k/v/o projections only), or followers-vo (the followers' value and output projections only).")] = "all",
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate. Default: 1e-3 (LoRA), 5e-5 (full).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per micro-batch (per GPU).")] = 4,
@@ -72,15 +74,16 @@ def heal(
     (one process, LoRA), or `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data
     parallel; with --full --fsdp, sharded).
     """
-    from sa_analysis.prechecks import check_before_loading, check_data_file
+    from sa_analysis.prechecks import check_before_loading, check_data_file, check_heal_objective
 
     # mistakes that need no model are answered before torch is imported
+    check_heal_objective(objective, lm_weight)
     check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
     check_data_file(data)
     from sa_analysis.pipeline import HealConfig, ModelSpec, TextSpec, run_heal
 
     method = "lora" if lora else "full"
-    config = HealConfig(method=method, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
+    config = HealConfig(method=method, objective=objective, lm_weight=lm_weight, lora_rank=lora_rank, lora_mlp=lora_mlp, train_layers=train_layers,
                         full_scope=full_scope, lr=lr, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                         seq_len=seq_len, save_every=save_every, mode=mode, seed=seed, shard="fsdp" if fsdp else "none",
                         deepspeed=str(deepspeed) if deepspeed else None, report_to=report_to)
@@ -91,12 +94,13 @@ def heal(
             return
         d = start.data
         console.print(f"[bold]Healing[/] {start.model} with {start.plan.summary()}", highlight=False)
-        console.print(f"  {method}{f' rank {lora_rank}' if method == 'lora' else ''}, {steps} steps x {batch_size} x "
+        console.print(f"  {objective} objective{f' + {lm_weight:g} x LM' if lm_weight else ''}, {method}"
+                      f"{f' rank {lora_rank}' if method == 'lora' else ''}, {steps} steps x {batch_size} x "
                       f"{grad_accum} x {start.processes} process(es), lr {config.learning_rate:g}, {start.dtype} on "
                       f"{start.device}{' with bf16 autocast' if start.mixed_precision == 'bf16' else ''}; data: "
                       f"{d['source']} ({d['kind']}, {d['n_examples']} examples{_skipped(d)})", highlight=False)
         texts = "; ".join(f"{name}: {e['source']} ({e['n_seqs']} x {e['seq_len']})" for name, e in start.evals.items())
-        console.print(f"  judged on {texts}; control heal: {start.control}", highlight=False)
+        console.print(f"  judged on {texts}; control: {start.control}", highlight=False)
         if not console.is_terminal:  # piped: plain lines, each phase and every tenth of the steps
             bar["plain"] = PlainStatus("healing")
             return
@@ -133,22 +137,28 @@ def heal(
 
 
 def print_report(report) -> None:
-    """Per held-out text: perplexity of the unshared and the shared model, before and after the same fine-tune, and
-    the gap healing closed (against the control); then the run's numbers."""
-    table = Table(title="Held-out perplexity: what sharing costs, before and after healing", title_justify="left")
-    for column in ("held-out text", "unshared", "control (unshared, healed)", "shared", "shared, healed",
-                   "gap before", "gap after", "closed"):
+    """Per held-out text, the three yardsticks: perplexity against the untouched model (before and after healing),
+    against the control, and faithfulness (KL to the untouched model, top-1 agreement); then the run's numbers."""
+    from sa_analysis.pipeline import YARDSTICKS
+    table = Table(title=f"Held-out: what sharing costs, before and after a {report.objective} heal", title_justify="left")
+    distill = report.objective == "distill"
+    columns = ["held-out text", "untouched", *([] if distill else ["control"]), "shared", "healed",
+               "vs untouched: before", "vs untouched: after", *([] if distill else ["vs control: after", "closed"]),
+               "KL: before -> after", "top-1: before -> after"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "held-out text" else "right")
     for name, evaluated in report.evals.items():
         p, g, text = evaluated["perplexity"], report.gaps(name), evaluated.get("text") or {}
         closed = "not measured" if g["after"] is None else "n/a" if g["closed"] is None else f"{100 * g['closed']:.0f}%"
+        control = [] if distill else [f"{p['control']:.4g}" if "control" in p else "-"]
+        against = [] if distill else [signed_percent(g, "after"), closed]
         table.add_row(f"{name}: {text.get('source', '?')} ({text.get('n_seqs', '?')} x {text.get('seq_len', '?')})",
-                      f"{p['baseline']:.4g}", f"{p['control']:.4g}" if "control" in p else "-", f"{p['patched']:.4g}",
-                      f"{p['healed']:.4g}", signed_percent(g, "before"), signed_percent(g, "after"), closed)
+                      f"{p['baseline']:.4g}", *control, f"{p['patched']:.4g}", f"{p['healed']:.4g}",
+                      signed_percent(g, "before"), signed_percent(g, "after_untouched"), *against,
+                      _arrow(g["kl_before"], g["kl_after"], "{:.3f}"), _arrow(g["top1_before"], g["top1_after"], "{:.0%}"))
     console.print(table)
-    console.print("gap = perplexity of the shared model / the unshared one - 1 [95 % interval over sequences, paired]: "
-                  "before healing against the untouched model, after healing against the control; closed = 1 - gap "
-                  "after / gap before (in nats).", highlight=False)
+    console.print(f"{YARDSTICKS}. Gaps: perplexity ratio - 1 [95 % interval over sequences, paired]; closed = 1 - gap "
+                  "after / gap before against the control (in nats).", highlight=False)
     run = report.run
     resumed = f", resumed at step {run['resumed_from']}" if run.get("resumed_from") is not None else ""
     losses = report.losses
@@ -156,9 +166,19 @@ def print_report(report) -> None:
     speed = f", {run['tokens_per_s']:,.0f} tokens/s" if run.get("tokens_per_s") else ""
     control = report.control or {}
     said = {"run": f"control healed in {control.get('seconds', 0):.0f} s", "cached": "control from the cache",
-            "skipped": "no control (--no-control): recovery is not measured"}.get(control.get("status"), "")
+            "untouched": "control: the untouched model (distillation)",
+            "skipped": "no control (--no-control): recovery under the same fine-tune is not measured"}.get(control.get("status"), "")
     console.print(f"[bold]{report.summary()}[/]", highlight=False)
-    console.print(f"{run['steps_run']} steps in {run['seconds']:.0f} s{speed}{resumed}; {loss}; {said}.", highlight=False)
+    trainable = f", {run['n_trainable']:,} trainable parameters" if run.get("n_trainable") else ""
+    console.print(f"{run['steps_run']} steps in {run['seconds']:.0f} s{speed}{resumed}{trainable}; {loss}; {said}.",
+                  highlight=False)
+
+
+def _arrow(before, after, form: str) -> str:
+    """'before -> after' in `form`, '-' where not measured."""
+    if before is None or after is None:
+        return "-"
+    return f"{form.format(before)} -> {form.format(after)}"
 
 
 def _skipped(described: dict) -> str:

@@ -57,8 +57,15 @@ class TokenBatch:
                 "token_sha1": digest}
 
 
-def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]:
-    """(name, text) documents from the default corpus, a plain-text file, or a JSONL file with a 'text' field."""
+def load_documents(text: str | Path | None, option: str = "--text") -> tuple[list[tuple[str, str]], str]:
+    """(name, text) documents of a text source, the one reader of text for every job (analysis, validation, heal).
+
+    Separators go only between genuine documents: the default corpus' topics, `python-source`'s modules, a JSONL
+    file's rows, a folder's files. A plain-text file is one document, tokenized as written (its paragraph breaks
+    are the user's text, not document boundaries). `option`: the flag that named the source, for messages
+    (--text, or the heal's --data).
+    """
+    what, hint = ("text", TEXT_HINT) if option == "--text" else ("data", DATA_HINT.replace("--data", option))
     if text is None or str(text) == DEFAULT_TEXT:
         from pydoc_data.topics import topics
 
@@ -68,14 +75,33 @@ def load_documents(text: str | Path | None) -> tuple[list[tuple[str, str]], str]
     path = Path(text).expanduser()
     if not path.exists() and not path.suffix:
         _unknown_builtin(str(text))
-    raw = read_user_text(path, "text file", "pass a plain-text or JSONL file to --text")
-    if path.suffix in (".jsonl", ".json"):
-        docs = _jsonl_documents(raw, path)
+    kind = "folder" if path.is_dir() else "file"
+    if path.is_dir():
+        docs = _folder_documents(path, what, hint)
+    elif path.suffix in (".jsonl", ".json"):
+        docs = _jsonl_documents(read_user_text(path, f"{what} file", hint), path)
     else:
-        docs = [(f"{path.name}#{i}", p) for i, p in enumerate(p for p in raw.split("\n\n") if p.strip())]
+        raw = read_user_text(path, f"{what} file", hint)
+        docs = [(path.name, raw)] if raw.strip() else []
+    if not docs and what == "data":
+        raise UserError(f"The data {kind} {path} has no usable rows: it holds no text; {hint}.")
     if not docs:
-        raise UserError(f"The text file {path} contains no text; pass a file with the text to analyse (JSONL: a 'text' field per line).")
+        raise UserError(f"The text {kind} {path} contains no text; pass a file with the text to analyse (JSONL: a "
+                        f"'text' field per line).")
     return docs, str(path)
+
+
+TEXT_HINT = "pass a plain-text or JSONL file, or a folder of text files, to --text"
+DATA_HINT = "pass an Alpaca-style JSON/JSONL file, a text or JSONL file, or a folder of text files to --data"
+
+
+def _folder_documents(folder: Path, what: str, hint: str) -> list[tuple[str, str]]:
+    """One document per non-hidden file of the folder and its sub-folders, in sorted order, named by its path inside
+    the folder (so the split is stable wherever the folder lies); empty files are left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    docs = [(p.relative_to(folder).as_posix(), read_user_text(p, f"{what} file", hint)) for p in files]
+    return [(name, body) for name, body in docs if body.strip()]
 
 
 def _stdlib_sources() -> list[tuple[str, str]]:
@@ -157,15 +183,25 @@ def is_heldout(name: str) -> bool:
 
 
 def split_documents(docs: list[tuple[str, str]], split: Split) -> list[tuple[str, str]]:
-    """The documents of one split; a source too small to split (one document) is split by its halves."""
+    """The documents of one split; a source of one document (a plain-text file) is split into its own contiguous
+    parts, the first 80 % for calibration and the rest held out (`one_document_cut`)."""
     if split not in ("calibration", "heldout"):
         raise UserError(f"Unknown split {split!r}; use calibration or heldout.")
     if len(docs) == 1:
         name, body = docs[0]
-        cut = int(len(body) * (1 - HELDOUT_SHARE))
+        cut = one_document_cut(body)
         return [(name, body[cut:] if split == "heldout" else body[:cut])]
     want_heldout = split == "heldout"
     return [d for d in docs if is_heldout(d[0]) == want_heldout]
+
+
+def one_document_cut(body: str) -> int:
+    """Where one document's calibration part ends and its held-out part begins: the last line break at or before
+    80 % of its characters (so no word or line is cut in two), or the 80 % mark itself where no line break lies in
+    the last half of that part. Depends on the text alone, so it is the same every run."""
+    cut = int(len(body) * (1 - HELDOUT_SHARE))
+    line = body.rfind("\n", 0, cut)
+    return line + 1 if line >= cut // 2 else cut
 
 
 def token_batch(
@@ -208,8 +244,9 @@ def token_batch(
     input_ids = torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).view(n_seqs, seq_len)
     if vocab_size is not None:
         input_ids = input_ids % vocab_size
+    joined = separator if len(docs) > 1 else None  # one document: nothing was put between documents
     return TokenBatch(input_ids=input_ids, source=source, split=split, n_documents=len(docs),
-                      separator=_token_text(tokenizer, separator))
+                      separator=_token_text(tokenizer, joined))
 
 
 def document_separator(tokenizer: Any) -> int | None:
@@ -241,13 +278,14 @@ def _token_text(tokenizer: Any, token_id: int | None) -> str | None:
 
 def join_documents(tokenizer: Any, docs: list[tuple[str, str]], separator: int | None,
                    needed: int | None = None) -> list[int]:
-    """Token ids of the documents, each followed by `separator` (`document_separator`; None: nothing), stopping
-    once `needed` ids are collected (None: all)."""
+    """Token ids of the documents, each tokenized as written, with `separator` (`document_separator`; None:
+    nothing) between one document and the next, never inside one and never after the last; stops once `needed` ids
+    are collected (None: all)."""
     ids: list[int] = []
     for _, body in docs:
-        ids.extend(tokenizer(body, add_special_tokens=False)["input_ids"])
-        if separator is not None:
+        if ids and separator is not None:
             ids.append(separator)
+        ids.extend(tokenizer(body, add_special_tokens=False)["input_ids"])
         if needed is not None and len(ids) >= needed:
             break
     return ids

@@ -17,3 +17,4 @@ SAMPLE_ABOVE_SECONDS = 60.0  # auto rows: sample when all rows would take longer
 SAMPLE_TARGET_SECONDS = 15.0  # auto rows: how long the sampled statistics of one sequence may take
 REPLICATES = 16  # independent stratified samples of a sampled run (their spread gives the standard errors)
 DAMAGE_TOKENS = 1024  # calibration tokens the measured damage of followers is taken on (whole sequences, at least 2)
+HEAL_OBJECTIVES = ("lm", "distill")  # lm: learn the text's next tokens; distill: KL(untouched || shared) at every position

@@ -91,6 +91,21 @@ def next_token_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def frozen_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`next_token_logits` through a frozen copy of the model's output head as it is now: the untouched model's
+    predictions stay available after a fine-tune that trains the head (tied embeddings included)."""
+    import copy
+
+    head = copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden)  # [..., V]
+        return torch.tanh(out / cap) * cap if cap is not None else out
+
+    return logits
+
+
 def layer_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
     """The hidden states [B, T, H] a decoder layer was called with."""
     return args[0] if args else kwargs["hidden_states"]

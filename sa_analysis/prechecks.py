@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import defaults
+from .choices import check_heal_objective
 from .data import load_documents
 from .errors import UserError
 from .io import default_out_dir, ensure_writable_dir
@@ -102,9 +103,10 @@ def parse_budgets(spec: str | None, n_layers: int | None) -> list[int] | None:
 
 
 def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
-    """A heal's training data must be a file that exists (its rows are read once the tokenizer is loaded)."""
-    if path is not None and not Path(path).expanduser().is_file():
-        raise UserError(f"The data file {path} does not exist; pass an Alpaca-style JSON/JSONL file or a text file to {flag}.")
+    """A heal's training data must hold text: a built-in text's name, or a file or folder that exists and holds text
+    (read the way `--text` is read; Alpaca rows are made into examples once the tokenizer is loaded)."""
+    if path is not None:
+        load_documents(path, option=flag)
 
 
 def check_budgets(spec: str | None, model: str | None) -> None:
@@ -124,5 +126,5 @@ def output_folder(out: str | Path | None, model: str) -> Path:
     return default_out_dir(out, model)
 
 
-__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_family_options", "check_metric",
+__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "check_family_options", "check_metric",
            "check_plan_options", "output_folder", "parse_budgets", "parse_rows"]

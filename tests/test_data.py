@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sa_analysis.data import document_separator, load_documents, split_documents, token_batch
+from sa_analysis.data import (document_separator, join_documents, load_documents, one_document_cut, split_documents,
+                              token_batch)
 from sa_analysis.errors import UserError
 
 
@@ -116,3 +117,101 @@ def test_default_model_joins_documents_with_endoftext(default_tokenizer):
     assert batch.separator == "<|endoftext|>"
     chat = {default_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
     assert not chat & set(batch.input_ids.flatten().tolist())
+
+
+# A plain-text file is the user's text as written (issue 36): one document, no separator inside it.
+ENDOFTEXT = 503
+GPT2_STYLE = {"<|endoftext|>": ENDOFTEXT, "<|im_end|>": 505}
+
+
+def paragraphs_file(tmp_path, n: int = 40):
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: " + "words of the user's text, " * 6 for i in range(n)) + "\n")
+    return path
+
+
+def test_a_plain_text_file_is_one_document_tokenized_as_written(tmp_path):
+    path = paragraphs_file(tmp_path)
+    tokenizer = VocabTokenizer(GPT2_STYLE, None, 505)
+    docs, _ = load_documents(path)
+    assert docs == [(path.name, path.read_text())]
+    text = path.read_text()
+    cut = one_document_cut(text)
+    calibration, heldout = text[:cut], text[cut:]
+    assert calibration + heldout == text and calibration.endswith("\n") and 0.7 < cut / len(text) <= 0.8
+    for split, part in (("calibration", calibration), ("heldout", heldout)):
+        batch = token_batch(tokenizer, text=path, split=split, n_seqs=2, seq_len=100)
+        ids = batch.input_ids.flatten().tolist()
+        assert ENDOFTEXT not in ids and ids == tokenizer(part)["input_ids"][:200]
+        described = batch.describe()
+        assert described["n_documents"] == 1 and described["separator"] is None
+    again = token_batch(tokenizer, text=path, n_seqs=2, seq_len=100)
+    assert again.describe()["token_sha1"] == token_batch(tokenizer, text=path, n_seqs=2, seq_len=100).describe()["token_sha1"]
+
+
+def test_one_document_cut_keeps_lines_whole():
+    assert one_document_cut("a" * 100) == 80  # no line break: the 80 % mark
+    body = "line\n" * 30
+    cut = one_document_cut(body)
+    assert body[cut - 1] == "\n" and cut <= 0.8 * len(body)
+
+
+def test_separators_only_between_genuine_documents(tmp_path):
+    tokenizer = VocabTokenizer(GPT2_STYLE, None, 505)
+    assert join_documents(tokenizer, [("a", "xy"), ("b", "z")], ENDOFTEXT) == [ord("x") + 1, ord("y") + 1, ENDOFTEXT, ord("z") + 1]
+    assert join_documents(tokenizer, [("a", "xy")], ENDOFTEXT) == [ord("x") + 1, ord("y") + 1]  # none after the last
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"row {i} " * 30}) for i in range(30)))
+    batch = token_batch(tokenizer, text=rows, n_seqs=2, seq_len=200)
+    assert ENDOFTEXT in batch.input_ids.flatten().tolist() and batch.describe()["separator"] == "<|endoftext|>"
+
+
+def test_a_folder_is_one_document_per_file(tmp_path):
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(12):
+        (folder / ("sub" if i % 2 else "") / f"note{i:02d}.txt").write_text(f"note {i}\n\n" + "text " * 40)
+    (folder / ".hidden").write_text("never read")
+    (folder / "empty.txt").write_text("  \n")
+    docs, source = load_documents(folder)
+    assert source == str(folder) and len(docs) == 12 and all("never read" not in body for _, body in docs)
+    assert [name for name, _ in docs] == sorted(name for name, _ in docs) and "sub/note01.txt" in dict(docs)
+    calibration = token_batch(VocabTokenizer(GPT2_STYLE, None, 505), text=folder, n_seqs=2, seq_len=150)
+    assert calibration.describe()["n_documents"] == len(split_documents(docs, "calibration")) > 1
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(UserError, match="folder .* contains no text"):
+        load_documents(empty)
+
+
+def test_heal_data_reads_text_through_the_same_loader(tmp_path):
+    from sa_analysis.heal.data import load_heal_data
+
+    path = paragraphs_file(tmp_path, 80)
+    tokenizer = VocabTokenizer(GPT2_STYLE, None, 505)
+    data = load_heal_data(path, tokenizer, seq_len=100)
+    stream = [int(i) for ids, _labels in data.examples for i in ids]
+    calibration = split_documents(load_documents(path)[0], "calibration")[0][1]
+    assert ENDOFTEXT not in stream and stream == tokenizer(calibration)["input_ids"][:len(stream)]
+    assert len(stream) == 100 * (len(tokenizer(calibration)["input_ids"]) // 100)
+    heldout = token_batch(tokenizer, text=path, split="heldout", n_seqs=1, seq_len=100).input_ids[0].tolist()
+    assert heldout == tokenizer(path.read_text()[len(calibration):])["input_ids"][:100]  # what the heal is judged on
+    with pytest.raises(UserError, match="data file .* has no usable rows: it holds no text"):
+        (tmp_path / "blank.txt").write_text("\n\n")
+        load_heal_data(tmp_path / "blank.txt", tokenizer, seq_len=100)
+
+
+@pytest.mark.parametrize("text", [None, "python-source"])
+def test_the_built_in_texts_keep_their_tokens(default_tokenizer, text):
+    """Every published number on the default text and `python-source` stands: their tokens are the ones the joining
+    before issue 36 made (each document followed by the separator), rebuilt here independently."""
+    for split in ("calibration", "heldout"):
+        batch = token_batch(default_tokenizer, text=text, split=split, n_seqs=8, seq_len=256)
+        separator = document_separator(default_tokenizer)
+        before: list[int] = []
+        for _, body in split_documents(load_documents(text)[0], split):
+            before += default_tokenizer(body, add_special_tokens=False)["input_ids"] + [separator]
+            if len(before) >= 8 * 256:
+                break
+        assert batch.input_ids.flatten().tolist() == before[:8 * 256]
+        assert batch.describe()["n_documents"] > 1 and batch.describe()["separator"] == "<|endoftext|>"

@@ -54,3 +54,41 @@ def test_report_summarises_sequences(default_model, tokens):
     curve = report.isotropy_curve("cosine_flat")
     assert np.isnan(curve[-1]) and np.all((curve[:-1] > 0) & (curve[:-1] <= 1))
     assert report.meta["data"]["split"] == "calibration" and report.meta["model"]["n_kv_heads"] == 3
+
+
+def _paragraphs_text() -> str:
+    """A plain-text file of paragraphs: CPython's own licence where this Python ships it, else documentation topics."""
+    import sys
+    from pathlib import Path
+
+    licence = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "LICENSE.txt"
+    if licence.is_file():
+        return licence.read_text()
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(body for _, body in sorted(topics.items())[:20])
+
+
+def test_a_plain_text_file_is_measured_as_written(default_model, tmp_path):
+    """Issue 36: a text file of paragraphs is one document: its ids are the tokenizer's ids of its text (no
+    `<|endoftext|>` after each paragraph), and the head-mean cosine matrix measured on them equals an independent
+    float64 eager computation on those ids."""
+    from sa_analysis.data import one_document_cut
+
+    path = tmp_path / "LICENSE.txt"
+    path.write_text(_paragraphs_text())
+    text = path.read_text()
+    assert text.count("\n\n") > 10
+    tokenizer = default_model.tokenizer
+    batch = token_batch(tokenizer, text=path, n_seqs=2, seq_len=64)
+    ids = batch.input_ids.flatten().tolist()
+    assert ids == tokenizer(text[:one_document_cut(text)], add_special_tokens=False)["input_ids"][:128]
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") not in ids and batch.describe()["n_documents"] == 1
+    report = analyse(default_model, batch)
+    maps = eager_maps(default_model.model, batch.input_ids)  # [L, S, H, Q, K] float64
+    flat = maps.reshape(*maps.shape[:3], -1)  # [L, S, H, Q*K]
+    gram = np.einsum("lshx,mshx->slmh", flat, flat)  # [S, L, L, H]
+    norms = np.sqrt(np.einsum("lshx,lshx->slh", flat, flat))  # [S, L, H]
+    cosine = gram / (norms[:, :, None, :] * norms[:, None, :, :])
+    want = cosine.mean(axis=3).mean(axis=0)  # head mean, then sequence mean: [L, L]
+    assert np.abs(report.layer_matrix("cosine_flat") - want).max() < 1e-3

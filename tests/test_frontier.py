@@ -137,12 +137,24 @@ def _point(budget, ppl, healed=None):
 def test_the_largest_budget_within_the_tolerance_before_and_after_healing(tmp_path):
     from sa_analysis.plots import plot_frontier
 
-    healed = lambda change: {"heal data, held out": {"change": change}, "other text": {"change": change / 2}}  # noqa: E731
-    points = [_point(1, 10.2, healed(0.01)), _point(2, 10.4, healed(0.03)), _point(3, 10.8, healed(0.06)),
-              _point(4, 10.3, healed(0.2))]  # a later budget back within: still the largest that is
+    def healed(change, untouched, kl_before, kl_after):
+        one = {"change": change, "change_untouched": untouched, "kl_before": kl_before, "kl_after": kl_after}
+        return {"heal data, held out": one, "other text": {**one, "change": change / 2}}
+
+    points = [_point(1, 10.2, healed(0.01, 0.0, 0.02, 0.01)), _point(2, 10.4, healed(0.03, 0.04, 0.05, 0.03)),
+              _point(3, 10.8, healed(0.06, 0.02, 0.09, 0.06)),  # within of the untouched model, but further in KL
+              _point(4, 10.3, healed(0.2, 0.06, 0.1, 0.04))]  # a later budget back within: still the largest that is
     frontier = Frontier(model={"name": "m", "n_layers": 10}, points=points, baseline={"perplexity": 10.0, "nll": math.log(10)},
                         tolerance=0.05, calibration={}, heldout={}, heal={"config": {"steps": 3}})
-    assert frontier.within() == {"before": 4, "after": {"heal data, held out": 2, "other text": 3}}
+    bound = {"heal data, held out": 0.1, "other text": 0.1}  # the 4-layer plan (within before healing), before healing
+    assert frontier.within() == {"before": 4, "after": {"heal data, held out": 2, "other text": 3},
+                                 "after_untouched": {"heal data, held out": 3, "other text": 3},
+                                 "kl_bound": bound, "faithful": 3}
+    points[3].healed = None  # the bound then comes from the frontier's own held-out KL of that plan
+    points[3].heldout["kl"] = 0.04
+    assert frontier.within()["kl_bound"] == {"heal data, held out": 0.04, "other text": 0.04}
+    assert frontier.within()["faithful"] == 2
+    points[3].healed = healed(0.2, 0.06, 0.1, 0.04)
     again = Frontier.load(frontier.save(tmp_path / "frontier.json"))
     assert again.within() == frontier.within() and again.points[2].heldout == points[2].heldout
     baselines = {"last k": {"saved": [5, 10, 15, 20], "before": [3, 8, 12, 30], "after": {"heal data, held out": [1, 4, 7, 9]}}}
@@ -175,7 +187,8 @@ def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, m
             "--batch-size", 2, "--out", out]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    assert "Sharing frontier" in result.output and "healed vs control: other text" in result.output
+    assert "Sharing frontier" in result.output and "vs control" in result.output
+    assert "other text KL" in result.output and "Faithful reach:" in result.output
     assert "about" in result.output and "left" in result.output  # progress with a time estimate, as plain lines
     assert "control: step 2/2" in result.output and "heal 2 of 2: step 2/2" in result.output  # and through the heals
     frontier = Frontier.load(out / "frontier.json")

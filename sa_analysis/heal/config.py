@@ -8,16 +8,21 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
+from .. import defaults
+from ..choices import check_heal_objective
 from ..errors import UserError
 
 
 METHODS = ("lora", "full")
 
 
-TRAIN_LAYERS = ("all", "from-anchor")
+TRAIN_LAYERS = ("all", "from-anchor", "from-follower")
 
 
-FULL_SCOPES = ("all", "attention")
+FULL_SCOPES = ("all", "attention", "followers-vo")
+
+
+OBJECTIVES = defaults.HEAL_OBJECTIVES  # lm: next-token loss on the text; distill: KL(untouched || shared) at every position
 
 
 SHARDING = ("none", "fsdp")  # fsdp: torch's FSDP2 through accelerate (full fine-tunes); DeepSpeed: `deepspeed=CONFIG`
@@ -56,14 +61,21 @@ class HealConfig:
     """How to heal. `lr=None` picks 1e-3 for LoRA and 5e-5 for a full fine-tune.
 
     batch_size is per process (GPU); one optimizer step sees batch_size x grad_accum x processes sequences.
+    objective="lm" trains on the text's next tokens (Alpaca: the responses); objective="distill" trains the shared
+    model toward the untouched one: the loss is KL(untouched || shared) of the next-token distributions at every
+    position (the teacher is the same weights with adapters off and the patch lifted: one extra forward; a full
+    fine-tune keeps a frozen copy), plus `lm_weight` x the LM loss.
     train_layers="from-anchor" leaves the layers below the first anchor frozen (their outputs do not change
-    with sharing; backward then stops at the first anchor, which is cheaper). full_scope="attention" trains only
-    the attention projections in a full fine-tune. shard="fsdp" shards a full fine-tune over the processes of
+    with sharing; backward then stops at the first anchor, which is cheaper); "from-follower" trains only the first
+    follower and the layers after it. full_scope="attention" trains only the attention projections in a full
+    fine-tune, "followers-vo" only the followers' value and output projections (what sharing left them). shard="fsdp" shards a full fine-tune over the processes of
     `accelerate launch` / torchrun (FSDP2); `deepspeed` is a DeepSpeed config file (ZeRO-1/2/3) handed to the
     Trainer. report_to: where the Trainer logs (none, tensorboard, wandb).
     """
 
     method: str = "lora"
+    objective: str = "lm"
+    lm_weight: float = 0.0  # with objective "distill": weight of the LM loss added to the KL
     lora_rank: int = 16
     lora_alpha: float | None = None  # default 2 x rank
     lora_dropout: float = 0.0
@@ -92,6 +104,9 @@ class HealConfig:
         from ..patch import check_mode
 
         _one_of(self.method, METHODS, "heal method")
+        check_heal_objective(self.objective, self.lm_weight)
+        if self.full_scope == "followers-vo" and self.method != "full":
+            raise UserError("--full-scope followers-vo chooses what a full fine-tune trains; add --full, or adapt with LoRA.")
         _one_of(self.train_layers, TRAIN_LAYERS, "train_layers")
         _one_of(self.full_scope, FULL_SCOPES, "full_scope")
         check_mode(self.mode)
@@ -109,6 +124,9 @@ class HealConfig:
         _one_of(self.shard, SHARDING, "sharding")
         _one_of(self.report_to, REPORT_TO, "--report-to")
         _check_logger_installed(self.report_to)
+        if self.sharded and self.objective == "distill":
+            raise UserError("A distillation heal keeps the untouched model beside the trained one, which sharded "
+                            "training does not; distil with LoRA (the teacher costs no memory) or --device-map auto.")
         if self.sharded and self.method == "lora":
             raise UserError("Sharded training (FSDP, DeepSpeed) is for full fine-tunes; heal with LoRA on one GPU, "
                             "with --device-map auto across the GPUs of one host, or data parallel (accelerate launch).")
@@ -129,6 +147,11 @@ class HealConfig:
         return self.shard == "fsdp" or bool(self.deepspeed)
 
     @property
+    def trains_head(self) -> bool:
+        """Does this heal train the output head (and the embeddings tied to it)? Only a full fine-tune of everything."""
+        return self.method == "full" and self.full_scope == "all" and self.train_layers == "all"
+
+    @property
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR[self.method])
 
@@ -138,7 +161,7 @@ class HealConfig:
 
     def structure(self) -> dict[str, Any]:
         """What a checkpoint's trainable weights depend on (a resumed run must agree on these)."""
-        keys = ("method", "lora_rank", "lora_alpha", "lora_mlp", "train_layers", "full_scope", "mode")
+        keys = ("method", "objective", "lm_weight", "lora_rank", "lora_alpha", "lora_mlp", "train_layers", "full_scope", "mode")
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,3 +190,11 @@ class HealConfig:
             logging_steps=1, report_to=[] if self.report_to == "none" else [self.report_to], disable_tqdm=True,
             remove_unused_columns=False, use_cpu=cpu, bf16=bf16, include_num_input_tokens_seen="non_padding",
             dataloader_num_workers=0, ddp_find_unused_parameters=False, log_level="error", log_level_replica="error", **sharding)
+
+
+def check_objective(config: HealConfig, plan: Any) -> None:
+    """A distillation heal needs something shared to teach (with nothing shared the student is the teacher)."""
+    if config.objective == "distill" and plan is not None and not plan.n_shared:
+        raise UserError("A distillation heal with nothing shared has nothing to teach (the student is the teacher); "
+                        "give a plan with at least one follower, or heal with --objective lm.")
+

@@ -24,7 +24,7 @@ from .data import HealData
 from .report import HealReport
 
 CONTROL_FOLDER = "controls"
-CONTROL_FORMAT = 2  # bump when what a control measures changes: older cached controls are then not used
+CONTROL_FORMAT = 3  # 3: the control's KL to the untouched model and top-1 agreement; bump when what a control measures changes: older cached controls are then not used
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -77,6 +77,9 @@ def run_control(loaded: Any, data: HealData, evals: Mapping[str, Any], config: H
     result = {"perplexity": {name: {"baseline": e["perplexity"]["baseline"], "healed": e["perplexity"]["healed"]}
                              for name, e in report.evals.items()},
               "nll": {name: e["nll"]["healed"] for name, e in report.evals.items()},  # per sequence
+              "kl": {name: e["kl"]["healed"] for name, e in report.evals.items()},  # faithfulness of the control
+              "top1": {name: e["top1"]["healed"] for name, e in report.evals.items()},
+              "kl_per_sequence": {name: e["kl_per_sequence"]["healed"] for name, e in report.evals.items()},
               "seconds": round(time.perf_counter() - started, 1), "steps": report.run.get("steps"),
               "losses": report.losses, "meta": provenance(loaded.info.device)}
     if use_cache:

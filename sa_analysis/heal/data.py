@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -10,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import UserError
-from ..data import ALPACA_PROMPT, alpaca_prompt, is_alpaca_row, is_heldout, json_rows
+from ..data import ALPACA_PROMPT, DATA_HINT, alpaca_prompt, is_alpaca_row, is_heldout, json_rows  # noqa: F401 (re-exported)
 from ..io import read_user_text
 
 
@@ -84,14 +83,15 @@ def alpaca_example(tokenizer: Any, row: Mapping[str, Any], seq_len: int,
 
 def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len: int = 256,
                    vocab_size: int | None = None, max_examples: int | None = None) -> HealData:
-    """Training data from an Alpaca-style JSON/JSONL file (instruction, input, output: loss on the output only), a
-    JSONL file with a `text` field or a plain-text file (language-model loss on windows of `seq_len` tokens), or the
-    default text (None). From plain text only the calibration part is used (the held-out part is for evaluation,
-    see `data.split_documents`), and from Alpaca rows the calibration rows (by the same stable hash of the row's
-    number): the held-out part is where a heal is judged on its own kind of text (`data.token_batch` reads it). Without a tokenizer (random-init models) the default tokenizer's ids are folded into
-    `vocab_size`. `max_examples` stops tokenizing once that many text windows are collected.
+    """Training data from an Alpaca-style JSON/JSONL file (instruction, input, output: loss on the output only), or
+    any text the analysis reads (`data.load_documents`: the default text, `python-source`, a plain-text file as one
+    document, JSONL rows with a `text` field, a folder of text files; language-model loss on windows of `seq_len`
+    tokens). Only the calibration part is used (the held-out part is where a heal is judged on its own kind of text,
+    `data.token_batch` reads it): the calibration documents by the stable hash of their names, Alpaca's calibration
+    rows by the same hash of the row's number. Without a tokenizer (random-init models) the default tokenizer's ids
+    are folded into `vocab_size`. `max_examples` stops tokenizing once that many text windows are collected.
     """
-    from ..data import DEFAULT_TEXT, default_tokenizer, split_documents
+    from ..data import default_tokenizer, load_documents, split_documents
 
     if tokenizer is None:
         tokenizer = default_tokenizer()
@@ -99,34 +99,32 @@ def load_heal_data(source: str | Path | None, tokenizer: Any = None, *, seq_len:
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
     pad = int(pad) % vocab_size if vocab_size else int(pad)
-    if source is None or str(source) == DEFAULT_TEXT:
-        from pydoc_data.topics import topics
+    alpaca = _alpaca_rows(source)
+    if alpaca is not None:
+        path, numbered = alpaca
+        kept = [row for number, row in numbered if not is_heldout(f"{path.name}#{number}")] or [r for _, r in numbered]
+        return _alpaca_data(kept, tokenizer, seq_len, vocab_size, f"{path} (calibration part)", pad, len(numbered))
+    docs, name = load_documents(source, option="--data")  # the same reading as --text
+    calibration = split_documents(docs, "calibration") or docs
+    return _text_data(calibration, tokenizer, seq_len, vocab_size, max_examples, f"{name} (calibration part)", pad, len(docs))
 
-        docs = split_documents(sorted(topics.items()), "calibration")
-        return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{DEFAULT_TEXT} (calibration)", pad, len(docs))
+
+def _alpaca_rows(source: str | Path | None) -> tuple[Path, list[tuple[int, Any]]] | None:
+    """(path, numbered rows) when the source is a JSON/JSONL file of Alpaca-style rows (an `instruction` or `output`
+    field in some row); None for any other source, which `data.load_documents` reads as text."""
+    if source is None or Path(str(source)).suffix.lower() not in (".json", ".jsonl"):
+        return None
     path = Path(source).expanduser()
-    raw = read_user_text(path, "data file", "pass an Alpaca-style JSON/JSONL file or a text file to --data")
-    if path.suffix.lower() in (".json", ".jsonl"):
-        if not raw.strip():
-            raise UserError(f"The data file {path} has no usable rows: it is empty.")
-        numbered = json_rows(raw, path, "data file")
-        rows = [row for _, row in numbered]
-        if any(isinstance(r, dict) and ("instruction" in r or "output" in r) for r in rows):
-            kept = [row for number, row in numbered if not is_heldout(f"{path.name}#{number}")] or rows
-            return _alpaca_data(kept, tokenizer, seq_len, vocab_size, f"{path} (calibration part)", pad, len(rows))
-        docs = [(f"{path.name}#{number}", r["text"]) for number, r in numbered
-                if isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip()]
-        if not docs:
-            raise UserError(f"The data file {path} has no usable rows: {len(rows)} rows, none with Alpaca fields "
-                            f"(instruction, output) or a non-empty 'text' field.")
-        n_rows = len(rows)
-    else:
-        docs = [(f"{path.name}#{i}", p) for i, p in enumerate(p for p in raw.split("\n\n") if p.strip())]
-        if not docs:
-            raise UserError(f"The data file {path} has no usable rows: it holds no text.")
-        n_rows = len(docs)
-    docs = split_documents(docs, "calibration") or docs
-    return _text_data(docs, tokenizer, seq_len, vocab_size, max_examples, f"{path} (calibration part)", pad, n_rows)
+    raw = read_user_text(path, "data file", DATA_HINT)
+    if not raw.strip():
+        raise UserError(f"The data file {path} has no usable rows: it is empty.")
+    numbered = json_rows(raw, path, "data file")
+    if any(isinstance(r, dict) and ("instruction" in r or "output" in r) for _, r in numbered):
+        return path, numbered
+    if not any(isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip() for _, r in numbered):
+        raise UserError(f"The data file {path} has no usable rows: {len(numbered)} rows, none with Alpaca fields "
+                        f"(instruction, output) or a non-empty 'text' field.")
+    return None
 
 
 def _alpaca_data(rows: list[Any], tokenizer: Any, seq_len: int, vocab_size: int | None, source: str, pad: int,

@@ -34,11 +34,19 @@ def _layer_of_names(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def lowest_trained(anchor_of: Mapping[int, int], config: HealConfig) -> int:
+    """The lowest decoder layer a heal trains: 0, the first anchor ("from-anchor": nothing below it changes with
+    sharing) or the first follower ("from-follower")."""
+    if not anchor_of or config.train_layers == "all":
+        return 0
+    return min(anchor_of.values()) if config.train_layers == "from-anchor" else min(anchor_of)
+
+
 def lora_targets(model: torch.nn.Module, anchor_of: Mapping[int, int], config: HealConfig) -> list[str]:
     """Full names of the linear modules that get a LoRA adapter: attention projections (+ MLP) of the trained
     layers, except followers' q_proj / k_proj, which Shared Attention never runs."""
     layer_of = _layer_of_names(model)
-    lowest = min(anchor_of.values()) if (config.train_layers == "from-anchor" and anchor_of) else 0
+    lowest = lowest_trained(anchor_of, config)
     wanted = ATTENTION_PROJ + (MLP_PROJ if config.lora_mlp else ())
     targets = []
     for name, module in model.named_modules():
@@ -72,7 +80,7 @@ def full_parameters(model: torch.nn.Module, anchor_of: Mapping[int, int], config
     layers, minus followers' unused q/k projections and norms; embeddings, final norm and head only with scope "all"
     and train_layers "all"."""
     layer_of = _layer_of_names(model)
-    lowest = min(anchor_of.values()) if (config.train_layers == "from-anchor" and anchor_of) else 0
+    lowest = lowest_trained(anchor_of, config)
     chosen = []
     for name, param in model.named_parameters():
         module_name = name.rsplit(".", 1)[0]
@@ -87,6 +95,8 @@ def full_parameters(model: torch.nn.Module, anchor_of: Mapping[int, int], config
         if layer in anchor_of and any(p in FOLLOWER_UNUSED for p in pieces):
             continue
         if config.full_scope == "attention" and not any(p in ATTENTION_PROJ for p in pieces):
+            continue
+        if config.full_scope == "followers-vo" and not (layer in anchor_of and any(p in ("v_proj", "o_proj") for p in pieces)):
             continue
         chosen.append((name, param))
     return chosen

@@ -18,9 +18,10 @@ from .. import parts
 from ..errors import UserError
 from ..io import read_json, write_json
 from ..rng import seeded
-from .config import FSDP_NEEDS_PROCESSES, HealConfig
+from .config import FSDP_NEEDS_PROCESSES, HealConfig, check_objective
 from .data import HealData
-from .evaluate import sequence_nll
+from .distill import Teacher, distill_trainer, frozen_teacher, untouched_teacher
+from .evaluate import Untouched, measure
 from .params import FOLLOWER_UNUSED, add_lora, check_full_fits, full_parameters
 from .report import HealReport
 
@@ -65,6 +66,7 @@ def heal(
         raise UserError("This model already runs with Shared Attention (it was loaded from a shared folder); heal the base model, or call loaded.share.remove() first.")
     share_plan = as_plan(plan, info.n_layers, info.shape())
     check_plan_for_model(share_plan, info)
+    check_objective(config, share_plan)
     batches = _held_out(evals)
     evals = {name: getattr(batch, "input_ids", batch) for name, batch in batches.items()}  # {name: ids [S, T]}
     if len(data) == 0:
@@ -83,20 +85,26 @@ def heal(
         phase = on_phase if main and on_phase is not None else (lambda _name: None)
         notes: list[str] = []
 
-        # 1. before: baseline and patched perplexity on held-out text (the main process, unsharded weights)
-        nll: dict[str, dict[str, list[float]]] = {name: {} for name in evals}  # per sequence
+        # 1. before: the untouched model and the patched one on held-out text (the main process, unsharded weights)
+        untouched: dict[str, Untouched] = {}
+        measured: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in evals}  # text -> state -> per sequence
         phase("before")
         if main:
             for name, ids in evals.items():
-                nll[name]["baseline"] = sequence_nll(model, ids, config.eval_batch_size)
+                untouched[name] = Untouched.record(model, ids, config.eval_batch_size, copy_head=config.trains_head)
+                measured[name]["baseline"] = measure(model, untouched[name])
             with share_attention(model, share_plan, mode=config.mode):
-                for name, ids in evals.items():
-                    nll[name]["patched"] = sequence_nll(model, ids, config.eval_batch_size)
+                for name in evals:
+                    measured[name]["patched"] = measure(model, untouched[name])
         keep = copy.deepcopy(model).to("cpu") if main and config.sharded else None  # receives the gathered weights
 
-        # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch
+        # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch;
+        # a distillation heal's teacher: the same weights with adapters off and the patch lifted, or a frozen copy
+        teacher = frozen_teacher(model) if config.objective == "distill" and config.method == "full" else None
         peft_model, memory = _make_trainable(model, share_plan.anchor_of, config, device, args.world_size)
         handle = share_attention(model, share_plan, mode=config.mode)
+        if config.objective == "distill" and teacher is None:
+            teacher = untouched_teacher(model, peft_model, handle)
         trained = [p for p in model.parameters() if p.requires_grad]
         if config.method == "full" and any(p.dtype in (torch.bfloat16, torch.float16) for p in trained):
             notes.append("full fine-tune of half-precision weights: small updates may round away; load float32 weights "
@@ -105,7 +113,7 @@ def heal(
         # 3. train on the Trainer (schedule, accumulation, clipping, mixed precision, DDP / FSDP / DeepSpeed, checkpoints)
         start = _resume_point(checkpoints, resume, config, share_plan, info, sum(p.numel() for p in trained), main, notes)
         phase("train")
-        trainer, result = _train(peft_model or model, args, data, config, handle, start, on_step if main else None)
+        trainer, result = _train(peft_model or model, args, data, config, handle, start, on_step if main else None, teacher)
         run = _run_stats(trainer, result, device, start)
         run.update(n_trainable=sum(p.numel() for p in trained), full_finetune_bytes=memory)
 
@@ -123,22 +131,32 @@ def heal(
         loaded.share = share_attention(model, share_plan, mode=config.mode)
         run["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
 
-        # 5. after: healed perplexity, report, figure, export
+        # 5. after: the healed model against the untouched one on the same held-out ids; report, figure, export
         phase("after")
-        for name, ids in evals.items():
-            nll[name]["healed"] = sequence_nll(model, ids, config.eval_batch_size)
+        for name in evals:
+            measured[name]["healed"] = measure(model, untouched[name])
         losses = [float(h["loss"]) for h in run.pop("log_history") if "loss" in h]
         report = HealReport(
             model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(),
-            evals={name: {"text": describe_batch(batch), "nll": nll[name],
-                          "perplexity": {k: math.exp(sum(v) / len(v)) for k, v in nll[name].items()}}
-                   for name, batch in batches.items()},
+            evals={name: evaluated(describe_batch(batch), measured[name]) for name, batch in batches.items()},
             losses=losses, run=run, notes=notes, meta=provenance(device))
         if share_plan.n_shared:
             report.judge(None if control is None else dict(control))
         if out is not None:
             _write_outputs(report, loaded, share_plan, Path(out), config.mode, export, phase)
         return report
+
+
+def evaluated(text: dict[str, Any], states: Mapping[str, Mapping[str, list[float]]]) -> dict[str, Any]:
+    """One held-out text's entry of the report: what the text is, and for each state of the model ("baseline":
+    untouched, "patched": shared before healing, "healed") its NLL per sequence and perplexity, and how far it is from
+    the untouched model: next-token KL and top-1 agreement, per sequence and mean."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"text": text, "nll": {k: v["nll"] for k, v in states.items()},
+            "perplexity": {k: math.exp(mean(v["nll"])) for k, v in states.items()},
+            "kl_per_sequence": {k: v["kl"] for k, v in states.items()},
+            "kl": {k: mean(v["kl"]) for k, v in states.items()},
+            "top1": {k: mean(v["top1"]) for k, v in states.items()}}
 
 
 def _held_out(evals: Any) -> dict[str, Any]:
@@ -160,13 +178,13 @@ def describe_batch(batch: Any) -> dict[str, Any]:
 
 
 def _train(model: torch.nn.Module, args: Any, data: HealData, config: HealConfig, handle: Any, start: str | None,
-           on_step: Callable[[int, float], None] | None) -> tuple[Any, Any]:
-    """(trainer, its train output): the Trainer on the patched model, from `start` (a checkpoint) or afresh. The patch
-    comes off if training stops with an error or an interruption."""
+           on_step: Callable[[int, float], None] | None, teacher: Teacher | None = None) -> tuple[Any, Any]:
+    """(trainer, its train output): the Trainer on the patched model (with a `teacher`: the distillation Trainer),
+    from `start` (a checkpoint) or afresh. The patch comes off if training stops with an error or an interruption."""
     from transformers import PrinterCallback, Trainer  # (imported here: the Trainer takes seconds to import)
 
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate,
-                      callbacks=[_step_reporter(on_step)])
+    made = dict(model=model, args=args, train_dataset=data, data_collator=data.collate, callbacks=[_step_reporter(on_step)])
+    trainer = Trainer(**made) if teacher is None else distill_trainer(teacher, config.lm_weight, **made)
     trainer.remove_callback(PrinterCallback)  # our own progress, not the Trainer's printed log dicts
     try:
         if config.shard == "fsdp" and not trainer.is_fsdp_enabled:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
@@ -66,6 +67,18 @@ class SharedAttentionHandle:
                 self._layer_types = None
             self.active = False
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[nn.Module]:
+        """The model exactly as it was before patching inside the block (a distillation teacher's forward: the same
+        weights, nothing shared); the patch is in force again after it, also when the block raises."""
+        if not self.active:
+            raise RuntimeError("This Shared Attention patch is not in force; there is nothing to suspend.")
+        self.remove()
+        try:
+            yield self.model
+        finally:
+            _install(self)
+
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         aligned = f", head_map for {sorted(self.head_map)}" if self.head_map else ""
@@ -84,22 +97,33 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: M
     anchor's materialised fp32 softmax. An empty plan leaves every output bit-identical.
     """
     check_mode(mode)
-    base = _check_model(model)
+    _check_model(model)
     modules = parts.attention_modules(model)
     anchor_of = plan_anchors(plan, len(modules), probe)
     maps = plan_head_maps(plan, anchor_of, int(model.config.get_text_config().num_attention_heads), head_map)
+    for follower in sorted(anchor_of):
+        _check_follower(modules[follower])
+    handle = SharedAttentionHandle(model, anchor_of, mode, maps)
+    _install(handle)
+    return handle
+
+
+def _install(handle: SharedAttentionHandle) -> None:
+    """Swap in the followers, attach the anchors' sessions, select the sharing attention function: the patch of
+    `handle` (its plan checked) in force; on any error everything done is undone."""
+    model, anchor_of = handle.model, handle.anchor_of
+    base = _check_model(model)
+    modules = parts.attention_modules(model)
     followers_of: dict[int, list[int]] = {}
     for follower, anchor in sorted(anchor_of.items()):
         followers_of.setdefault(anchor, []).append(follower)
-        _check_follower(modules[follower])
-    state = ShareState(mode=mode, followers_of=followers_of)
-    handle = SharedAttentionHandle(model, anchor_of, mode, maps)
+    state = ShareState(mode=handle.mode, followers_of=followers_of)
     try:
         name = register_attention(SHARE_PREFIX, base, shared_attention_forward)
         _align_layer_types(model, anchor_of, handle)
         for idx, module in enumerate(modules):
             if idx in anchor_of:
-                follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base), maps.get(idx))
+                follower = SharedAttention(module, anchor_of[idx], state, original_attention(module, base), handle.head_map.get(idx))
                 parts.swap_attention(model, idx, follower)
                 handle._swapped.append((idx, module, follower))
             else:
@@ -111,7 +135,6 @@ def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: M
     except BaseException:
         handle.remove()
         raise
-    return handle
 
 
 def _check_model(model: nn.Module) -> str:

@@ -8,7 +8,7 @@ attention report, how (`CaptureSpec`).
 
 from .compare import CompareResult, run_compare
 from .frontier import FrontierResult, run_frontier
-from .heal import HealConfig, HealStart, run_heal
+from .heal import YARDSTICKS, HealConfig, HealStart, run_heal
 from .heads import HeadsResult, run_heads
 from .heatmap import (analyse, build_report, choose_path, preflight, redraw_heatmap, run_heatmap, sequence_stats,
                       write_outputs)
@@ -19,5 +19,5 @@ from .validate import check_validate_options, plan_for_model, run_search, run_va
 __all__ = [
     "CaptureSpec", "CompareResult", "FrontierResult", "HealConfig", "HealStart", "HeadsResult", "run_heads", "ModelSpec", "PlanConstraints", "PlanResult", "TextSpec", "analyse", "build_report",
     "check_validate_options", "choose_path", "plan_for_model", "preflight", "redraw_heatmap", "run_compare", "run_frontier", "run_heal", "run_heatmap", "run_plan",
-    "run_search", "run_validate", "sequence_stats", "write_outputs",
+    "run_search", "run_validate", "sequence_stats", "write_outputs", "YARDSTICKS",
 ]

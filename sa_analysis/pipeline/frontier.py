@@ -90,7 +90,7 @@ def heal_frontier(placed: ModelSpec, loaded: Any, state: FrontierState, data: st
                            max_examples=config.steps * config.batch_size * config.grad_accum)
     evals = heal_evals(loaded, data, TextSpec(other_text, defaults.HEAL_N_SEQS, config.seq_len))
     found = None
-    if control:
+    if control and config.objective == "lm":  # a distilled heal's control is the untouched model itself
         progress("control heal: the unshared model, the same recipe")
         found = run_control(loaded, train, evals, config, on_step=_steps(progress, "control", config.steps))
         progress(f"control: {found['status']}")
@@ -100,10 +100,14 @@ def heal_frontier(placed: ModelSpec, loaded: Any, state: FrontierState, data: st
         fresh = placed.load(None)  # the untouched weights: every plan heals from the same start
         report = heal(fresh, SharePlan.from_dict(point.plan), train, evals, config, export=False, control=found,
                       on_step=_steps(progress, f"heal {i + 1} of {len(todo)}", config.steps))
-        point.healed = {name: {**e["perplexity"], **report.gaps(name),
-                               "change": _change(e["perplexity"])} for name, e in report.evals.items()}
+        point.healed = {name: {**e["perplexity"], **report.gaps(name), "change": _change(e["perplexity"]),
+                               "change_untouched": e["perplexity"]["healed"] / e["perplexity"]["baseline"] - 1}
+                        for name, e in report.evals.items()}
+        point.healed_run = {"n_trainable": report.run.get("n_trainable"), "seconds": report.run.get("seconds"),
+                            "loss_first": report.losses[0] if report.losses else None,
+                            "loss_last": report.losses[-1] if report.losses else None}
         save(state)
-    return {"config": config.to_dict(), "data": train.describe(),
+    return {"config": config.to_dict(), "objective": config.objective, "data": train.describe(),
             "evals": {name: batch.describe() for name, batch in evals.items()},
             "control": None if found is None else {k: found.get(k) for k in ("status", "key", "seconds", "perplexity")}}
 

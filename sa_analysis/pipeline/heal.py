@@ -11,8 +11,9 @@ import torch
 
 from ..errors import UserError
 from ..data import DEFAULT_TEXT, SOURCE_TEXT, token_batch
+from ..heal.report import YARDSTICKS  # noqa: F401 (for the CLI)
 from ..heal import HealConfig, HealReport, control_key, control_path, heal, load_heal_data, run_control
-from ..heal.config import FSDP_NEEDS_PROCESSES
+from ..heal.config import FSDP_NEEDS_PROCESSES, check_objective
 from ..io import default_out_dir
 from ..loading import resolve_device
 from ..planner import SharePlan
@@ -35,7 +36,7 @@ class HealStart:
     mixed_precision: str | None
     main: bool
     evals: dict[str, dict[str, Any]]  # {name: the held-out batch described}
-    control: str  # "cached", "to run" or "skipped"
+    control: str  # "cached", "to run", "skipped" or "untouched model (distillation)"
 
 
 def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file: str | Path | None = None,
@@ -60,6 +61,7 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     share_plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=max(text.seq_len, config.seq_len),
                                       spans=spans, plan_file=plan_file)
     check_data_file(data)
+    check_objective(config, share_plan)
     device = resolve_device(source.device)
     processes = _processes(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
     if config.shard == "fsdp" and (processes.num_processes < 2 or device.type != "cuda"):
@@ -79,7 +81,9 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     train_data = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
                                 vocab_size=None if loaded.tokenizer else info.vocab_size, max_examples=needed)
     evals = heal_evals(loaded, data, text)
-    status = "skipped" if not control else "cached" if control_path(control_key(loaded, config, train_data, evals)).is_file() else "to run"
+    control = control and config.objective == "lm"  # a distilled heal's control is the untouched model itself
+    status = ("untouched model (distillation)" if config.objective == "distill" else "skipped" if not control else
+              "cached" if control_path(control_key(loaded, config, train_data, evals)).is_file() else "to run")
     if on_start:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         on_start(HealStart(info.name, share_plan, train_data.describe(), processes.num_processes, info.dtype,

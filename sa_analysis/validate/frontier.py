@@ -37,7 +37,9 @@ class FrontierPoint:
     savings: dict[str, Any]
     measurements: int  # measurements this run had made when the point was done (a resumed run counts from 0)
     seconds: float
-    healed: dict[str, dict[str, float]] | None = None  # {text: {"baseline", "patched", "healed", "control", "change", ...}}
+    healed: dict[str, dict[str, float]] | None = None  # {text: {"baseline", "patched", "healed", "control", "change",
+    #   "change_untouched", the heal report's gaps: "before", "after", "after_untouched", "kl_before", "kl_after", ...}}
+    healed_run: dict[str, Any] | None = None  # the heal's trainable parameters, seconds, first and last loss
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -164,11 +166,37 @@ class Frontier(JsonArtefact):
         return cls(**fields)
 
     def within(self) -> dict[str, Any]:
-        """The largest budget within the tolerance: measured before healing, and after it on each healed text."""
-        found: dict[str, Any] = {"before": within_tolerance(self.points, self.tolerance,
-                                                            lambda p: p.heldout["perplexity"] / self.baseline["perplexity"] - 1)}
-        texts = sorted({name for p in self.points for name in (p.healed or {})})
-        found["after"] = {name: within_tolerance([p for p in self.points if p.healed], self.tolerance,
-                                                 lambda p, n=name: p.healed[n]["change"] if n in p.healed else None)
+        """The largest budget within the tolerance: measured before healing (against the untouched model), and after it
+        on each healed text against the control (`after`) and against the untouched model (`after_untouched`); and
+        the faithful reach (`faithful`): the largest healed budget within the tolerance of the untouched model on every
+        healed text whose next-token KL to the untouched model is no larger than the largest budget within the
+        tolerance before healing had before healing (`kl_bound`, per text)."""
+        before = within_tolerance(self.points, self.tolerance,
+                                  lambda p: p.heldout["perplexity"] / self.baseline["perplexity"] - 1)
+        found: dict[str, Any] = {"before": before}
+        healed = [p for p in self.points if p.healed]
+        texts = sorted({name for p in healed for name in p.healed})
+        for key, change in (("after", "change"), ("after_untouched", "change_untouched")):
+            found[key] = {name: within_tolerance(healed, self.tolerance,
+                                                 lambda p, n=name, c=change: p.healed[n].get(c) if n in p.healed else None)
                           for name in texts}
+        bound = self.kl_bound(before, texts)
+        found["kl_bound"] = bound
+        faithful = [p.budget for p in healed if bound and all(
+            n in p.healed and (p.healed[n].get("change_untouched") is not None)
+            and p.healed[n]["change_untouched"] <= self.tolerance
+            and p.healed[n].get("kl_after") is not None and p.healed[n]["kl_after"] <= bound[n] for n in texts)]
+        found["faithful"] = max(faithful) if faithful else None
         return found
+
+    def kl_bound(self, before: int | None, texts: list[str]) -> dict[str, float] | None:
+        """{text: KL} no healed plan may exceed to count as faithful: the next-token KL to the untouched model of the
+        largest budget within the tolerance before healing, before healing (measured on that text when that budget was
+        healed, else on the frontier's held-out tokens); None when no budget is within the tolerance."""
+        point = next((p for p in self.points if p.budget == before), None)
+        if point is None or not texts:
+            return None
+        if point.healed and all(point.healed.get(n, {}).get("kl_before") is not None for n in texts):
+            return {n: float(point.healed[n]["kl_before"]) for n in texts}
+        kl = point.heldout.get("kl")
+        return None if kl is None else {n: float(kl) for n in texts}
