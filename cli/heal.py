@@ -50,7 +50,7 @@ def heal(
     deepspeed: Annotated[Optional[Path], typer.Option("--deepspeed", help="A DeepSpeed config file (ZeRO-1/2/3) for the Trainer, where DeepSpeed is installed.")] = None,
     report_to: Annotated[str, typer.Option("--report-to", help="Where the Trainer logs: none, tensorboard or wandb (when installed).")] = "none",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under OUT/checkpoints.")] = False,
-    mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast or exact.")] = "fast",
+    mode: Annotated[str, typer.Option("--mode", help="Shared Attention mode: fast, exact or infer.")] = "fast",
     seed: Annotated[int, typer.Option("--seed", help="Data order and adapter initialisation.")] = 0,
     control: Annotated[bool, typer.Option("--control/--no-control", help="Judge the heal against a control: the unshared model fine-tuned with the same data, steps, adapters and seed (cached per model and recipe). --no-control skips it, and then recovery is not measured.")] = True,
     model: ModelOpt = DEFAULT_MODEL,

@@ -15,7 +15,7 @@ from sa_analysis import defaults
 
 PlanOpt = Annotated[Optional[Path], typer.Option("--plan", "-p", help="A plan.json written by `sa-analyze recommend-spans`.")]
 SpansOpt = Annotated[Optional[str], typer.Option("--spans", help="Instead of --plan: followers as ranges, e.g. 23-26,28-30 (each span reuses the layer before it).")]
-ModeOpt = Annotated[str, typer.Option("--mode", help="fast (SDPA on the anchor's Q and K) or exact (the anchor's materialised fp32 softmax).")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="fast (SDPA on the anchor's Q and K), exact (the anchor's materialised fp32 softmax) or infer (fast prefill; at each decode step followers reuse the anchor's softmax row and read no keys).")]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest relative perplexity increase that passes (0.05 = +5%).")]
 TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Tasks, comma-separated: passkey (retrieval of a key hidden at several depths, at lengths up to the model's context, or up to N with passkey@N; built in), or lm-evaluation-harness names (sa_tiny_mc ships with sa-analysis) and task YAML paths (these need `pip install lm-eval`).")]
 TaskLimitOpt = Annotated[Optional[int], typer.Option("--task-limit", min=1, help="At most this many examples per task.")]

@@ -80,8 +80,10 @@ class AttentionInputs:
 
 
 def causal_allowed(rows: slice, n_q: int, n_k: int, n_keys: int, window: int | None, device) -> torch.Tensor:
-    """[1, 1, q, k] bool causal (and sliding-window) pattern; queries are the last `n_q` of `n_k` positions."""
-    q_pos = torch.arange(rows.start, rows.stop, device=device) + (n_k - n_q)
+    """[1, 1, q, k] bool causal (and sliding-window) pattern of a call without a mask, as SDPA reads one: a single
+    query (a decode step) sees every key; several queries are causal from the first key on (SDPA's `is_causal`, top-
+    left aligned: a static cache's prefill has more key slots than queries, the slots past them still empty)."""
+    q_pos = torch.arange(rows.start, rows.stop, device=device) + (n_k - 1 if n_q == 1 else 0)
     k_pos = torch.arange(n_keys, device=device)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:

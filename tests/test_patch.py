@@ -165,7 +165,7 @@ def _greedy_without_cache(model, prompt, n_new):
     return tokens
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("mode", ["fast", "exact", "infer"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_with_and_without_cache_matches_full_forward_loop(arch, mode, device):
     model = tiny_model(arch, device=device)
@@ -315,7 +315,7 @@ def test_head_maps_equal_independent_reference(arch, head_map, device):
         assert not torch.allclose(expected, reference_logits(model, ids, PLANS["span"]), atol=1e-3)  # the map matters
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("mode", ["fast", "exact", "infer"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_head_maps_generate_with_cache_like_a_full_forward_loop(arch, mode):
     model = tiny_model(arch)
@@ -427,3 +427,109 @@ def test_bench_patch_tiny_runs_on_cpu(tmp_path, capsys):
     assert result["prefill"]["result"]["ratio"]["kv_cache_bytes"] == pytest.approx(1 - 8 / 64)
     assert result["sanity"]["fast_vs_exact_max_abs"] < 1e-4
     assert "decode tokens/s" in capsys.readouterr().out
+
+
+# ----- the inference path: decode steps reuse the anchor's softmax row --------------------------------------------
+def _decode_logits(model, prompt, steps, mode, cache_kind="dynamic", head_map=None):
+    """[steps, B, V] logits of greedy decode steps after `prompt`, patched in `mode`, through a cache of `cache_kind`."""
+    from transformers import StaticCache
+
+    found = []
+    with share_attention(model, PLANS["span"], mode=mode, head_map=head_map), torch.no_grad():
+        cache = (StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 1) if cache_kind == "static"
+                 else DynamicCache(config=model.config))
+        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            position = torch.full((prompt.shape[0], 1), prompt.shape[1] + step, device=prompt.device)
+            out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True, position_ids=position,
+                        cache_position=position[0])
+            found.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    return torch.stack(found)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_infer_decode_steps_equal_exact_mode_float64(arch, cache_kind, device):
+    model = tiny_model(arch, device=device)
+    prompt = _ids(seq=5).to(device)
+    maps = {2: HEAD_MAPS["across-groups"]} if arch == "llama" else None
+    infer = _decode_logits(model, prompt, 9, "infer", cache_kind, maps)  # 14 tokens: past the sliding window
+    exact = _decode_logits(model, prompt, 9, "exact", cache_kind, maps)
+    torch.testing.assert_close(infer, exact, atol=_tol(model), rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_infer_decode_steps_equal_exact_mode_bfloat16(arch, device):
+    model = tiny_model(arch, dtype=torch.bfloat16, device=device)
+    prompt = _ids(seq=5).to(device)
+    infer = _decode_logits(model, prompt, 6, "infer").float()
+    exact = _decode_logits(model, prompt, 6, "exact").float()
+    assert (infer - exact).abs().max() <= 0.02 * exact.abs().max()  # bf16 precision of the logits
+
+
+def test_infer_anchor_decodes_from_the_row_it_keeps():
+    """At a decode step the anchor's own output comes from the probabilities its followers reuse (no second
+    softmax), and a follower reads no keys: the stash holds the row [B, Hq, 1, K]."""
+    from sa_analysis.patch.stash import ShareState
+
+    model = tiny_model("llama")
+    prompt = _ids(seq=5)
+    seen = []
+    original_put = ShareState.put
+
+    def put(self, anchor, entry):
+        seen.append((entry.inputs.query.shape[2], None if entry.probs is None else tuple(entry.probs.shape)))
+        original_put(self, anchor, entry)
+
+    ShareState.put = put
+    try:
+        _decode_logits(model, prompt, 2, "infer")
+    finally:
+        ShareState.put = original_put
+    heads = model.config.num_attention_heads
+    assert seen[0] == (5, None)  # prefill: the model's own kernel, no probabilities formed
+    assert seen[1] == (1, (2, heads, 1, 6)) and seen[2] == (1, (2, heads, 1, 7))
+
+
+def _compiled_decode(model, prompt, steps, mode):
+    """([steps, B, V] logits, graphs compiled) of greedy decode steps through a static cache and a compiled step
+    (torch.compile, fullgraph: a graph break is an error), patched in `mode` (None: unpatched)."""
+    import contextlib
+
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    counters.clear()
+    found = []
+    patched = share_attention(model, PLANS["span"], mode=mode) if mode else contextlib.nullcontext()
+    with patched, torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 1)
+        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        for i in range(steps):
+            position = torch.full((prompt.shape[0], 1), prompt.shape[1] + i)
+            out = step(input_ids=token, **cache_kwargs(model, cache), use_cache=True, position_ids=position,
+                       cache_position=position[0])
+            found.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    graphs = int(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    return torch.stack(found), graphs
+
+
+def test_infer_decode_step_compiles_whole_without_recompiling():
+    """The compiled static-cache decode step users rely on: torch.compile(fullgraph=True) traces the follower path
+    with no graph break, compiles one graph for every step (as the unpatched model's step does), and decodes what the
+    eager patched model decodes. (Gemma 3 traces whole too, but its sliding-window cache recompiles on its own, patched
+    or not, which takes a minute of CPU: the GPU benchmark covers it.)"""
+    model = tiny_model("llama", dtype=torch.float32)
+    prompt = _ids(seq=5)
+    eager = _decode_logits(model, prompt, 4, "infer", "static")
+    compiled, graphs = _compiled_decode(model, prompt, 4, "infer")
+    _, unpatched_graphs = _compiled_decode(model, prompt, 4, None)
+    assert graphs == unpatched_graphs == 1
+    torch.testing.assert_close(compiled, eager.float(), atol=1e-4, rtol=1e-4)

@@ -64,15 +64,16 @@ def filled_store(model, ids, groups=None) -> QKStore:
     return store
 
 
-def assert_stats_close(got, ref, atol, rtol=0.0):
+def assert_stats_close(got, ref, atol, rtol=0.0, atol_kl=None):
     assert got.n_rows == ref.n_rows
     for name in FIELDS:
+        bound = atol_kl if name == "kl" and atol_kl is not None else atol
         a, b = getattr(got, name).double().cpu(), getattr(ref, name).double().cpu()
         assert a.shape == b.shape, name
         assert torch.equal(torch.isinf(a), torch.isinf(b)), f"{name}: infinite entries differ"
         finite = torch.isfinite(b)
         assert not torch.isnan(a).any(), name
-        torch.testing.assert_close(a[finite], b[finite], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[finite], b[finite], atol=bound, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 # ----- streaming == maps path -----------------------------------------------------------------------------------
@@ -390,7 +391,10 @@ def test_a_sample_of_every_row_equals_the_run_over_all_rows(name, exclude_first,
     store = sampled_store(model, ids, sample)
     assert store.q[0].shape[2] == sample.rows and store.k[0].shape[2] == n  # only the sampled queries are kept
     got = StreamingStatistics(store, exclude_first=exclude_first, sample=sample, block_rows=16, key_chunk=32).run()
-    assert_stats_close(got, exact, atol=2e-6, rtol=1e-5)
+    # KL = (N - C) / rows is a difference of two float32 sums as large as the rows' entropy (3-4 nats here): summed in
+    # other blocks (16 sampled rows at a time against all rows at once) it moves by a few float32 steps of that, up to
+    # 2.2e-6 on this machine's releases (2026-12-07); every other statistic is a plain sum and keeps the 2e-6 bound
+    assert_stats_close(got, exact, atol=2e-6, rtol=1e-5, atol_kl=4e-6)
     assert got.sampling["rows"] == n - exclude_first and set(got.se) >= set(FIELDS)
 
 

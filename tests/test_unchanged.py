@@ -23,15 +23,17 @@ pytestmark = pytest.mark.slow
 
 
 def differences(made, saved, where: str = "") -> list[str]:
-    """Where `made` differs from `saved` (JSON values): floats to 1e-5 relative (float32 sums), times in text
-    (`38 s`) ignored."""
+    """Where `made` differs from `saved` (JSON values): floats to 3e-5 relative or 1e-6 absolute (float32 sums: on
+    another CPU, an AMD EPYC on 2026-12-07 where the files were made on another, they moved by up to 1.2e-5 relative
+    and 6e-7 nats; a 1e-4 change is still caught, `test_the_comparison_sees_a_change`), times in text (`38 s`)
+    ignored."""
     if isinstance(saved, dict) and isinstance(made, dict):
         keys = (set(saved) | set(made)) - NOT_COMPARED
         return [d for k in sorted(keys) for d in differences(made.get(k), saved.get(k), f"{where}.{k}")]
     if isinstance(saved, list) and isinstance(made, list) and len(saved) == len(made):
         return [d for i, (m, s) in enumerate(zip(made, saved)) for d in differences(m, s, f"{where}[{i}]")]
     if isinstance(saved, float) and isinstance(made, (int, float)):
-        return [] if math.isclose(made, saved, rel_tol=1e-5, abs_tol=1e-9) else [f"{where}: {made!r} != {saved!r}"]
+        return [] if math.isclose(made, saved, rel_tol=3e-5, abs_tol=1e-6) else [f"{where}: {made!r} != {saved!r}"]
     if isinstance(saved, str) and isinstance(made, str):
         timeless = lambda text: re.sub(r"\d+ s\b", "N s", text)  # noqa: E731
         return [] if timeless(made) == timeless(saved) else [f"{where}: {made!r} != {saved!r}"]

@@ -9,13 +9,13 @@ from typing import Any, Mapping
 from ..errors import UserError
 
 
-MODES = ("fast", "exact")
+MODES = ("fast", "exact", "infer")  # infer: fast prefill, decode steps reuse the anchor's softmax row (patch.decode)
 
 
 def check_mode(mode: str, where: str = "") -> str:
-    """`mode` if it is a Shared Attention mode (fast or exact), else a user error (`where`: e.g. " in FOLDER")."""
+    """`mode` if it is a Shared Attention mode (fast, exact or infer), else a user error (`where`: e.g. " in FOLDER")."""
     if mode not in MODES:
-        raise UserError(f"Unknown Shared Attention mode {mode!r}{where}; use fast or exact.")
+        raise UserError(f"Unknown Shared Attention mode {mode!r}{where}; use fast, exact or infer.")
     return mode
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import compat
+from .decode import attend
 from .stash import AnchorStash, ShareState, stash_on_device
 
 
@@ -64,6 +65,8 @@ class SharedAttention(nn.Module):
                 f"{self.anchor_idx} has {anchor.inputs.key.shape[-2]} keys; build the cache after patching (or let generate() build it).")
         if self._state.mode == "exact":
             output = self._attend_exact(anchor, value)
+        elif anchor.probs is not None:  # infer mode, a decode step: the anchor's softmax row, no keys read
+            output = attend(self._mapped(anchor.probs), value)  # [B, 1, Hq, D]
         else:
             output = self._attend_fast(anchor, value)
         output = output.reshape(*input_shape, -1).contiguous()  # [B, T, Hq * D]
@@ -115,11 +118,15 @@ class SharedAttention(nn.Module):
             self._index_cache[device] = (torch.tensor(self.head_map, device=device), torch.tensor(keys, device=device), grouped)
         return self._index_cache[device]
 
+    def _mapped(self, probs: torch.Tensor) -> torch.Tensor:
+        """The anchor's probabilities [B, Hq, Q, K] as this follower's heads read them (head h <- anchor head map[h])."""
+        if self.head_map is None:
+            return probs
+        return probs.index_select(1, self._map_indices(probs.device)[0])
+
     def _attend_exact(self, anchor: AnchorStash, value: torch.Tensor) -> torch.Tensor:
         """`P_anchor @ V_own` with the anchor's materialised softmax, like eager attention: [B, Q, Hq, D]."""
-        probs = anchor.probs.to(value.dtype)  # [B, Hq, Q, K]
-        if self.head_map is not None:
-            probs = probs.index_select(1, self._map_indices(probs.device)[0])  # head h <- anchor head map[h]
+        probs = self._mapped(anchor.probs.to(value.dtype))  # [B, Hq, Q, K]
         if self.training and self.attention_dropout:
             probs = nn.functional.dropout(probs, p=self.attention_dropout)
         value = value.repeat_interleave(self.num_key_value_groups, dim=1)  # [B, Hq, K, D]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..capture import AttentionInputs
+from .decode import attend, decode_probs
 
 
 SHARE_PREFIX = "sa_share_"
@@ -20,7 +21,7 @@ class AnchorStash:
 
     inputs: AttentionInputs  # query [B, Hq, Q, D], key [B, Hkv, K, D], mask, scaling, softcap, sliding window
     kwargs: dict[str, Any]  # every extra argument of the anchor's attention call (sliding_window, softcap, ...)
-    probs: torch.Tensor | None  # [B, Hq, Q, K] fp32 (fp64 for fp64 models) softmax, exact mode only
+    probs: torch.Tensor | None  # [B, Hq, Q, K] fp32 (fp64 for fp64 models) softmax: exact mode, and infer mode's decode steps
     readers_left: int
 
 
@@ -80,16 +81,23 @@ def shared_attention_forward(
     session: LayerSession | None = module.__dict__.get("_sa_share")
     if session is None:
         raise RuntimeError("sa-analysis Shared Attention was selected outside `share_attention`; select it only through that function.")
-    output = session.original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if session.is_anchor:
-        inputs = AttentionInputs(
-            layer_idx=module.layer_idx, query=query, key=key, mask=attention_mask,
-            scaling=scaling if scaling is not None else module.head_dim ** -0.5,
-            softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
-        )
-        probs = exact_probs(inputs) if session.state.mode == "exact" else None
-        readers = len(session.state.followers_of[module.layer_idx])
-        session.state.put(module.layer_idx, AnchorStash(inputs, dict(kwargs, scaling=inputs.scaling), probs, readers))
+    if not session.is_anchor:
+        return session.original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    inputs = AttentionInputs(
+        layer_idx=module.layer_idx, query=query, key=key, mask=attention_mask,
+        scaling=scaling if scaling is not None else module.head_dim ** -0.5,
+        softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
+    )
+    probs, output = None, None
+    if session.state.mode == "exact":
+        probs = exact_probs(inputs)
+    elif session.state.mode == "infer" and query.shape[2] == 1:  # a decode step: the softmax row, formed once
+        probs = decode_probs(inputs)  # [B, Hq, 1, K]
+        output = (attend(probs, value), None)  # [B, 1, Hq, D]: the anchor's own output from the same row
+    if output is None:
+        output = session.original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    readers = len(session.state.followers_of[module.layer_idx])
+    session.state.put(module.layer_idx, AnchorStash(inputs, dict(kwargs, scaling=inputs.scaling), probs, readers))
     return output
 
 

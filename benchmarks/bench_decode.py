@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Decode speed the way users decode: `generate()` of the unpatched and the patched model under the same settings,
+eager (dynamic cache) and compiled (static cache: transformers compiles the step with CUDA graphs), with the
+inference path (`mode="infer"`: followers reuse their anchor's softmax row at decode, reading no keys).
+
+    PYTHONPATH=. python benchmarks/bench_decode.py --out results/            # CUDA: Llama-2-7B shape, random bf16
+    PYTHONPATH=. python benchmarks/bench_decode.py --model llama3.1-8b --cells 1x2048,8x2048,1x32768
+
+For each cell (batch x context): a prompt of `context` tokens, `--new-tokens` greedy tokens; ms per decode step =
+(time of generate(N) - time of generate(1)) / (N - 1), median of `--repeats` rounds after a warm-up, CUDA events,
+rounds alternating unpatched / patched. Beside each measured ratio, the ratio predicted from the bytes a step reads
+(weights + KV cache; followers skip q/k weights and the K cache: `bench_patch.predictions`). Cells whose KV cache
+and weights would not fit in 90 % of the GPU's memory are skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_patch import predictions  # noqa: E402
+from sa_analysis.loading import load_model  # noqa: E402
+from sa_analysis.patch import share_attention  # noqa: E402
+from sa_analysis.planner import SharePlan  # noqa: E402
+
+T0 = time.time()
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def generate_seconds(model, prompt: torch.Tensor, n_new: int, compiled: bool) -> float:
+    """Seconds of one greedy generate() of exactly `n_new` tokens (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(prompt))
+    options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
+    start.record()
+    model.generate(prompt, **options)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def step_ms(model, prompt, n_new, compiled) -> float:
+    """ms per decode step: the generate of n_new tokens less the generate of one, over n_new - 1 steps."""
+    return 1000 * (generate_seconds(model, prompt, n_new, compiled) - generate_seconds(model, prompt, 1, compiled)) / (n_new - 1)
+
+
+def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repeats: int, mode: str = "infer") -> dict:
+    """Median ms per step of the unpatched and the patched model, alternating, after one warm-up round each."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(batch))
+    times: dict[str, list[float]] = {"unpatched": [], "patched": []}
+    for round_ in range(repeats + 1):
+        for name in times:
+            if name == "patched":
+                with share_attention(model, plan, mode=mode):
+                    value = step_ms(model, prompt, n_new, compiled)
+            else:
+                value = step_ms(model, prompt, n_new, compiled)
+            if round_:
+                times[name].append(value)
+    torch.cuda.reset_peak_memory_stats()
+    found = {name: statistics.median(values) for name, values in times.items()}
+    return {"ms_per_step": found, "all": times, "speedup": found["unpatched"] / found["patched"]}
+
+
+def fits(loaded, batch: int, context: int, n_new: int) -> bool:
+    info = loaded.info
+    kv = batch * (context + n_new) * info.n_layers * 2 * info.n_kv_heads * info.head_dim * 2
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return kv * 1.1 + weights < 0.9 * torch.cuda.get_device_properties(0).total_memory
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--spans", default="23-30")
+    parser.add_argument("--cells", default="1x2048,8x2048,32x2048,1x8192,8x8192,1x32768,3x32768",
+                        help="batch x context, comma-separated")
+    parser.add_argument("--kinds", default="eager,compiled")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--mode", default="infer", choices=("infer", "fast", "exact"), help="the patch's mode")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import transformers
+
+    loaded = load_model(args.model, random_init=True, device="cuda", dtype="bfloat16")
+    plan = SharePlan.from_spans(args.spans, loaded.info.n_layers, model=loaded.info.shape())
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{args.model} random bf16, {plan.summary()}, mode {args.mode}")
+    rows = []
+    for kind in args.kinds.split(","):
+        for spec in args.cells.split(","):
+            batch, context = (int(x) for x in spec.split("x"))
+            if not fits(loaded, batch, context, args.new_tokens):
+                log(f"{kind} b{batch} ctx{context}: skipped (does not fit)")
+                continue
+            measured = cell(loaded.model, plan, batch, context, args.new_tokens, kind == "compiled", args.repeats, args.mode)
+            pred = predictions(loaded, plan, context, context, args.new_tokens, batch)
+            row = {"kind": kind, "batch": batch, "context": context, **measured,
+                   "predicted_speedup": pred["decode_speedup"]}
+            rows.append(row)
+            log(f"{kind} b{batch} ctx{context}: {measured['ms_per_step']['unpatched']:.2f} -> "
+                f"{measured['ms_per_step']['patched']:.2f} ms/step, {row['speedup']:.3f}x (predicted "
+                f"{row['predicted_speedup']:.3f}x)")
+    print("\n| decode | batch | context | unpatched ms/step | patched ms/step | tokens/s patched | measured | predicted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms = r["ms_per_step"]
+        print(f"| {r['kind']} | {r['batch']} | {r['context']} | {ms['unpatched']:.2f} | {ms['patched']:.2f} | "
+              f"{1000 * r['batch'] / ms['patched']:,.0f} | {r['speedup']:.3f}x | {r['predicted_speedup']:.3f}x |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_decode.json").write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                               "device": torch.cuda.get_device_name()},
+                                                              indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
