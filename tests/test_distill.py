@@ -71,8 +71,10 @@ def test_faithfulness_equals_an_independent_float64_computation():
     assert found["kl"] == pytest.approx(kl.tolist(), rel=1e-9) and min(found["kl"]) > 0
     assert found["top1"] == pytest.approx(top1.tolist()) and found["nll"] == pytest.approx(nll.tolist(), rel=1e-12)
     assert found["untouched_nll"] == pytest.approx((-base.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)).tolist())
-    again = measure(model, untouched)  # the untouched model against itself
+    again = measure(model, untouched)  # the untouched model against itself, run again
     assert max(again["kl"]) == pytest.approx(0, abs=1e-12) and again["top1"] == [1.0] * 3
+    itself = measure(None, untouched)  # ... and from what was recorded, with no forward
+    assert itself["kl"] == [0.0] * 3 and itself["nll"] == pytest.approx(again["nll"], rel=1e-12)
 
 
 def test_the_teacher_is_the_untouched_model_while_adapters_train():

@@ -49,20 +49,24 @@ class Untouched:
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, untouched: Untouched) -> dict[str, list[float]]:
+def measure(model: torch.nn.Module | None, untouched: Untouched) -> dict[str, list[float]]:
     """Per sequence, on the untouched model's held-out ids: the mean next-token NLL of `model` as it is now (patched,
-    healed, or neither), the NLL of the untouched model, and how far `model` is from it: mean next-token
-    KL(untouched || model) and top-1 agreement, over every position but the last (`damage.compare`, the one
-    comparison of log-probabilities). {"nll", "untouched_nll", "kl", "top1"}: lists [S]."""
+    healed, or neither; None: the untouched model itself, from what was recorded, with no forward), the NLL of the
+    untouched model, and how far `model` is from it: mean next-token KL(untouched || model) and top-1 agreement, over
+    every position but the last (`damage.compare`, the one comparison of log-probabilities). {"nll",
+    "untouched_nll", "kl", "top1"}: lists [S]."""
     found: dict[str, list[float]] = {"nll": [], "untouched_nll": [], "kl": [], "top1": []}
-    for ids, reference in zip(_micro_batches(model, untouched.input_ids, untouched.batch_size), untouched.hidden):
-        hidden = _final_hidden(model, ids)[:, :-1].to(reference.device)  # [b, T-1, H]: positions with a next token
+    starts = range(0, untouched.input_ids.shape[0], untouched.batch_size)
+    for start, reference in zip(starts, untouched.hidden):
+        ids = untouched.input_ids[start:start + untouched.batch_size].to(reference.device)  # [b, T]
+        hidden = reference if model is None else _final_hidden(model, ids.to(parts.model_device(model)))
+        hidden = hidden[:, :-1].to(reference.device)  # [b, T-1, H]: the positions with a next token
         reference, targets_all = reference[:, :-1], ids[:, 1:]  # [b, T-1, H], [b, T-1]
         sums = Sums.zeros(ids.shape[0])
         for part in chunks(targets_all.shape[1]):
             targets = targets_all[:, part]  # [b, c]
             base = log_softmax(untouched.head(reference[:, part]))  # [b, c, V]
-            now = log_softmax(parts.next_token_logits(model, hidden[:, part]))
+            now = base if model is None else log_softmax(parts.next_token_logits(model, hidden[:, part]))
             sums.add(compare_chunk(base, now, targets.to(base.device)))
         n = sums.positions
         found["untouched_nll"] += (sums.nll_baseline / n).tolist()

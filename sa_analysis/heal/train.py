@@ -92,7 +92,7 @@ def heal(
         if main:
             for name, ids in evals.items():
                 untouched[name] = Untouched.record(model, ids, config.eval_batch_size, copy_head=config.trains_head)
-                measured[name]["baseline"] = measure(model, untouched[name])
+                measured[name]["baseline"] = measure(None, untouched[name])  # the recorded forward itself
             with share_attention(model, share_plan, mode=config.mode):
                 for name in evals:
                     measured[name]["patched"] = measure(model, untouched[name])
