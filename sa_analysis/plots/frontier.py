@@ -1,9 +1,11 @@
 """The sharing frontier figure: what sharing costs in perplexity against what it saves, one point per budget.
 
 Left, before healing: the prediction (the whole plan measured on calibration tokens, 95 % interval) and the
-measurement on held-out text (95 % interval over sequences), against the unshared model; right, after healing (when
-the frontier was healed): the healed shared model against the control (the unshared model healed the same way) on
-each held-out text. The tolerance is drawn as a line; other plans at the same budgets (`baselines`) beside them.
+measurement on held-out text (95 % interval over sequences), against the unshared model; middle, after healing (when
+the frontier was healed): the healed shared model on each held-out text against the untouched model and, for an LM
+heal, the control (the unshared model healed the same way); right, faithfulness: next-token KL to the untouched model
+before and after healing, with the bound of the faithful reach. The tolerance is drawn as a line; other plans at the
+same budgets (`baselines`) beside them.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
     [% change], "after": {text: [% change]}}} for other plans at the same budgets (the benchmark's)."""
     points = sorted(frontier.points, key=lambda p: p.budget)
     healed = [p for p in points if p.healed]
+    faithful = bool(healed) and all(v.get("kl_after") is not None for p in healed for v in p.healed.values())
     with paper_style():
-        fig = new_figure(7.2 if healed else 4.2, 3.4)
-        axes = fig.subplots(1, 2 if healed else 1, sharey=bool(healed), squeeze=False)[0]
+        fig = new_figure(10.4 if faithful else 7.2 if healed else 4.2, 3.4)
+        axes = fig.subplots(1, 3 if faithful else 2 if healed else 1, squeeze=False)[0]  # own y scales: healed models can fall far below the untouched one
         _before(axes[0], frontier, points, baselines or {})
         if healed:
             _after(axes[1], frontier, healed, baselines or {})
+        if faithful:
+            _faithfulness(axes[2], frontier, healed)
         context = points[0].savings.get("context_len") if points else None
-        for axis in axes:
+        for axis in axes[:2]:
             axis.axhline(100 * frontier.tolerance, color=PALETTE[6], linewidth=0.8, linestyle="--", zorder=0)
             axis.axhline(0, color="black", linewidth=0.5, zorder=0)
             axis.set_xlabel(f"KV cache saved at {context} tokens (%)")
@@ -86,24 +91,55 @@ def _before(axis: Any, frontier: Any, points: list, baselines: Mapping[str, Mapp
 
 
 def _after(axis: Any, frontier: Any, healed: list, baselines: Mapping[str, Mapping[str, Any]]) -> None:
-    """The healed shared model against the control on each held-out text."""
+    """The healed shared model on each held-out text against the untouched model and (an LM heal's) the control."""
     x = [saved_percent(p) for p in healed]
     texts = list(healed[0].healed)
+    heal = frontier.heal or {}
+    objective = heal.get("objective") or (heal.get("config") or {}).get("objective", "lm")
+    against = [("untouched", "change_untouched", "after_untouched", PALETTE[3])]
+    if objective != "distill":  # a distilled heal's control is the untouched model itself
+        against.append(("control", "change", "after", PALETTE[2]))
     for j, text in enumerate(texts):
         marker, style = TEXT_STYLE.get(j, ("o", "-"))
-        values = [_healed_percent(p.healed[text]) for p in healed]
-        mid = [v[0] for v in values]
-        axis.errorbar(x, mid, yerr=[[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]], marker=marker,
-                      linestyle=style, color=PALETTE[2], capsize=1.5, elinewidth=0.7, linewidth=1.0,
-                      label=f"recommended, {text}")
+        for name, change, gap, colour in against:
+            values = [_healed_percent(p.healed[text], change, gap) for p in healed]
+            if all(math.isnan(v[0]) for v in values):
+                continue
+            mid = [v[0] for v in values]
+            axis.errorbar(x, mid, yerr=[[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]], marker=marker,
+                          linestyle=style, color=colour, capsize=1.5, elinewidth=0.7, linewidth=1.0,
+                          label=f"vs {name}, {text}")
     for i, (name, series) in enumerate(baselines.items()):
         for j, (text, values) in enumerate((series.get("after") or {}).items()):
             if j == 0:
                 axis.plot(series["saved"], values, marker=MARKERS[i % len(MARKERS)],
                           color=BASELINE_COLOURS[i % len(BASELINE_COLOURS)], linewidth=0.9, markersize=3,
                           label=f"{name}, {text}", alpha=0.85)
-    steps = ((frontier.heal or {}).get("config") or {}).get("steps")
-    axis.set_title(f"after healing ({steps} LoRA steps)\nagainst the control (the unshared model healed alike)")
+    steps = (heal.get("config") or {}).get("steps")
+    versus = "the untouched model" + ("" if objective == "distill" else " and the control (healed alike)")
+    axis.set_title(f"after healing ({steps} {objective} steps)\nagainst {versus}")
+
+
+def _faithfulness(axis: Any, frontier: Any, healed: list) -> None:
+    """Next-token KL to the untouched model on each held-out text, before healing (open) and after it (filled), with
+    the bound of the faithful reach: how far from the model the user had each plan is."""
+    x = [saved_percent(p) for p in healed]
+    bound = frontier.within().get("kl_bound") or {}
+    for j, text in enumerate(healed[0].healed):
+        marker, style = TEXT_STYLE.get(j, ("o", "-"))
+        before = [p.healed[text]["kl_before"] for p in healed]
+        after = [p.healed[text]["kl_after"] for p in healed]
+        axis.plot(x, before, marker=marker, linestyle=style, color=PALETTE[6], markerfacecolor="white", linewidth=0.9,
+                  markersize=3.5, label=f"before healing, {text}")
+        axis.plot(x, after, marker=marker, linestyle=style, color=PALETTE[0], linewidth=1.0, markersize=3.5,
+                  label=f"after healing, {text}")
+        if text in bound:
+            axis.axhline(bound[text], color=PALETTE[1], linewidth=0.8, linestyle=style, zorder=0)
+    axis.set_yscale("log")
+    axis.set_xlabel("KV cache saved (%)")
+    axis.set_ylabel("next-token KL to the untouched model (nats)")
+    axis.set_title("faithfulness: how far from the model you had\n(orange: the faithful reach's bound)")
+    axis.legend(frameon=False, loc="lower right", fontsize=6)
 
 
 def _with_interval(axis: Any, x: list[float], values: list[tuple[float, float, float]], colour: str, label: str,
@@ -115,14 +151,15 @@ def _with_interval(axis: Any, x: list[float], values: list[tuple[float, float, f
                   elinewidth=0.7, label=label, markerfacecolor=colour if filled else "white")
 
 
-def _healed_percent(values: Mapping[str, float]) -> tuple[float, float, float]:
-    """(mid, low, high) in % of the healed shared model against the control (no interval: the mid thrice)."""
-    if values.get("change") is None:
+def _healed_percent(values: Mapping[str, float], change: str = "change", gap: str = "after") -> tuple[float, float, float]:
+    """(mid, low, high) in % of the healed shared model against a yardstick: the control (`change`, `after`) or the
+    untouched model (`change_untouched`, `after_untouched`); no interval: the mid thrice; not measured: NaN."""
+    if values.get(change) is None:
         return (math.nan, math.nan, math.nan)
-    mid = 100 * values["change"]
-    if values.get("after_low") is None:
+    mid = 100 * values[change]
+    if values.get(f"{gap}_low") is None:
         return (mid, mid, mid)
-    return (mid, percent(values["after_low"]), percent(values["after_high"]))
+    return (mid, percent(values[f"{gap}_low"]), percent(values[f"{gap}_high"]))
 
 
 def _percent(values: Mapping[str, float], name: str) -> tuple[float, float, float]:
