@@ -8,6 +8,7 @@ Training runs on transformers' Trainer.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -111,10 +112,15 @@ def heal(
         bar["progress"].start()
 
     def update(**fields) -> None:
+        if "description" in fields:  # a phase starts (the control's training, then the heal's): its own clock
+            bar["phase_started"] = time.perf_counter()
         if "progress" in bar:
             bar["progress"].update(bar["task"], **fields)
         elif "plain" in bar and ("description" in fields or fields["completed"] % max(1, steps // 10) == 0):
-            done = f"step {fields['completed']}/{steps}, loss {fields['loss']}" if "completed" in fields else ""
+            done = ""
+            if "completed" in fields:
+                step, spent = fields["completed"], time.perf_counter() - bar.get("phase_started", time.perf_counter())
+                done = f"step {step}/{steps}, loss {fields['loss']}, about {spent / step * (steps - step):.0f} s left"
             bar["plain"].update(fields.get("description") or done)
 
     try:
@@ -157,8 +163,9 @@ def print_report(report) -> None:
                       signed_percent(g, "before"), signed_percent(g, "after_untouched"), *against,
                       _arrow(g["kl_before"], g["kl_after"], "{:.3f}"), _arrow(g["top1_before"], g["top1_after"], "{:.0%}"))
     console.print(table)
-    console.print(f"{YARDSTICKS}. Gaps: perplexity ratio - 1 [95 % interval over sequences, paired]; closed = 1 - gap "
-                  "after / gap before against the control (in nats).", highlight=False)
+    closed = "" if distill else "; closed = 1 - gap after / gap before against the control (in nats)"
+    console.print(f"{YARDSTICKS}. Gaps: perplexity ratio - 1 [95 % interval over sequences, paired]{closed}.",
+                  highlight=False)
     run = report.run
     resumed = f", resumed at step {run['resumed_from']}" if run.get("resumed_from") is not None else ""
     losses = report.losses

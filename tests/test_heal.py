@@ -342,7 +342,7 @@ def test_cli_heals_exports_and_refuses_bad_data(tmp_path, monkeypatch):
     skipped = runner.invoke(app, [str(a) for a in args[:-1] + [tmp_path / "skipped", "--no-control"]])
     assert skipped.exit_code == 0 and "recovery under the same fine-tune is not measured" in skipped.output, skipped.output
     assert HealReport.load(tmp_path / "skipped" / "heal_report.json").control == {"status": "skipped"}
-    assert "healing: step 3/3, loss" in result.output  # not a terminal: progress as plain lines
+    assert "healing: step 3/3, loss" in result.output and "s left" in result.output  # plain lines, with the time left
     healed = load_with_plan(str(out / "healed-model"), device="cpu")
     assert healed.share.active and healed.info.source == "shared-folder"
     # the exported folder works as --model for the other commands: measured unshared, validated with its own plan
