@@ -74,7 +74,7 @@ def load_documents(text: str | Path | None, option: str = "--text") -> tuple[lis
         return _stdlib_sources(), SOURCE_TEXT
     path = Path(text).expanduser()
     if not path.exists() and not path.suffix:
-        _unknown_builtin(str(text))
+        _unknown_builtin(str(text), what, hint)
     kind = "folder" if path.is_dir() else "file"
     if path.is_dir():
         docs = _folder_documents(path, what, hint)
@@ -112,14 +112,14 @@ def _stdlib_sources() -> list[tuple[str, str]]:
     return [(path.name, path.read_text(encoding="utf-8", errors="replace")) for path in sorted(folder.glob("*.py"))]
 
 
-def _unknown_builtin(name: str) -> None:
-    """A --text that is neither a file nor a built-in text's name: one sentence, with the nearest name."""
+def _unknown_builtin(name: str, what: str = "text", hint: str = "") -> None:
+    """A source that is neither a file, a folder nor a built-in text's name: one sentence, with the nearest name."""
     import difflib
 
     near = difflib.get_close_matches(name, list(BUILTIN_TEXTS), n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    raise UserError(f"The text {name} is neither a file nor a built-in text{hint}; pass a plain-text or JSONL file, or "
-                    f"one of {', '.join(BUILTIN_TEXTS)}.")
+    close = f" (did you mean {near[0]}?)" if near else ""
+    raise UserError(f"The {what} {name} is neither a file, a folder nor a built-in text{close}; {hint or TEXT_HINT}, or "
+                    f"name one of {', '.join(BUILTIN_TEXTS)}.")
 
 
 # Stanford Alpaca's prompt template (the SA reference heals on Alpaca with it); a heal's loss covers the response only.
