@@ -58,7 +58,8 @@ def frontier(
     damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
-    from sa_analysis.prechecks import check_before_loading, check_budgets, check_data_file, check_heal_objective
+    from sa_analysis.prechecks import (check_before_loading, check_budgets, check_data_file, check_heal_objective,
+                                       heal_other_text)
 
     check_heal_objective(heal_objective, heal_lm_weight, "--heal-objective")
     if not heal_steps and (heal_objective != "lm" or heal_lm_weight or heal_method != "lora" or heal_lora_mlp):
@@ -67,6 +68,8 @@ def frontier(
     if report is None:
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     check_data_file(heal_data, "--heal-data")
+    if heal_steps:
+        heal_other_text(heal_data, other_text)
     if other_text is not None:
         check_before_loading(None, text=other_text)
     from sa_analysis.pipeline import HealConfig, ModelSpec, PlanConstraints, TextSpec, run_frontier

@@ -75,12 +75,13 @@ def heal(
     (one process, LoRA), or `accelerate launch --num_processes N -m cli.main heal ...` (one process per GPU, data
     parallel; with --full --fsdp, sharded).
     """
-    from sa_analysis.prechecks import check_before_loading, check_data_file, check_heal_objective
+    from sa_analysis.prechecks import check_before_loading, check_data_file, check_heal_objective, heal_other_text
 
     # mistakes that need no model are answered before torch is imported
     check_heal_objective(objective, lm_weight)
     check_before_loading(model, out=default_out(out, model), text=text, seq_len=seq_len, spans=spans, plan_file=plan)
     check_data_file(data)
+    heal_other_text(data, text)
     from sa_analysis.pipeline import HealConfig, ModelSpec, TextSpec, run_heal
 
     method = "lora" if lora else "full"

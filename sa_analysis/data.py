@@ -66,6 +66,8 @@ def load_documents(text: str | Path | None, option: str = "--text") -> tuple[lis
     (--text, or the heal's --data).
     """
     what, hint = ("text", TEXT_HINT) if option == "--text" else ("data", DATA_HINT.replace("--data", option))
+    if is_mixture(text):
+        return _mixture(str(text), option)
     if text is None or str(text) == DEFAULT_TEXT:
         from pydoc_data.topics import topics
 
@@ -92,6 +94,40 @@ def load_documents(text: str | Path | None, option: str = "--text") -> tuple[lis
 
 
 TEXT_HINT = "pass a plain-text or JSONL file, or a folder of text files, to --text"
+MIXTURE = "+"  # "pydoc_data.topics+python-source": the documents of several sources, healed on together
+
+
+def is_mixture(text: str | Path | None) -> bool:
+    """Does `text` name several sources joined by '+' (and not a file or folder whose name holds a '+')?"""
+    return text is not None and MIXTURE in str(text) and not Path(str(text)).expanduser().exists()
+
+
+def mixture_parts(text: str | Path | None) -> list[str]:
+    """The sources a text names: its parts when it is a mixture, else itself (None: the default text)."""
+    if text is None:
+        return [DEFAULT_TEXT]
+    return [part.strip() for part in str(text).split(MIXTURE) if part.strip()] if is_mixture(text) else [str(text)]
+
+
+def _mixture(spec: str, option: str) -> tuple[list[tuple[str, str]], str]:
+    """The documents of several sources ("a+b", each of several documents: built-in texts, JSONL files, folders),
+    each keeping its own name, so that every source is split into calibration and held-out parts exactly as it is
+    alone; interleaved by name, so that any stretch of the joined text holds every kind."""
+    parts = mixture_parts(spec)
+    if len(parts) < 2:
+        raise UserError(f"{option} {spec!r} names one source; join two or more with '+', e.g. pydoc_data.topics+python-source.")
+    docs: dict[str, str] = {}
+    for part in parts:
+        found, source = load_documents(part, option)
+        if len(found) < 2:
+            raise UserError(f"{source} is one document, which a mixture cannot split into calibration and held-out "
+                            f"parts; mix sources of several documents (built-in texts, JSONL files, folders).")
+        for name, body in found:
+            if name in docs:
+                raise UserError(f"Two sources of {option} {spec} hold a document named {name!r}; mix sources whose "
+                                f"documents have different names.")
+            docs[name] = body
+    return sorted(docs.items()), MIXTURE.join(parts)
 DATA_HINT = "pass an Alpaca-style JSON/JSONL file, a text or JSONL file, or a folder of text files to --data"
 
 

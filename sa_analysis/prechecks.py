@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import defaults
 from .choices import check_heal_objective
-from .data import load_documents
+from .data import DEFAULT_TEXT, SOURCE_TEXT, load_documents, mixture_parts
 from .errors import UserError
 from .io import default_out_dir, ensure_writable_dir
 from .planner import COSTS, SharePlan, parse_budget
@@ -109,6 +109,21 @@ def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
         load_documents(path, option=flag)
 
 
+def heal_other_text(data: str | Path | None, chosen: str | Path | None) -> str | Path:
+    """The held-out text of another kind than the healing data: `chosen`, else a built-in text the data does not
+    read: the standard library's code when the data reads the documentation, else the documentation (then the code);
+    a mixture of both built-in texts must name one."""
+    if chosen is not None:
+        return chosen
+    read = set(mixture_parts(data))
+    preferred = (SOURCE_TEXT,) if DEFAULT_TEXT in read else (DEFAULT_TEXT, SOURCE_TEXT)
+    left = [name for name in preferred if name not in read]
+    if not left:
+        raise UserError("The healing data reads both built-in texts; name a held-out text of another kind with --text "
+                        "(a file or folder the heal does not read).")
+    return left[0]
+
+
 def check_budgets(spec: str | None, model: str | None) -> None:
     """`--budgets` checked before loading: its syntax, and its range where the model's config says its layer count
     (`model` None: a saved report's model, checked once it is read)."""
@@ -126,5 +141,5 @@ def output_folder(out: str | Path | None, model: str) -> Path:
     return default_out_dir(out, model)
 
 
-__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "check_family_options", "check_metric",
+__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "heal_other_text", "check_family_options", "check_metric",
            "check_plan_options", "output_folder", "parse_budgets", "parse_rows"]

@@ -215,3 +215,29 @@ def test_the_built_in_texts_keep_their_tokens(default_tokenizer, text):
                 break
         assert batch.input_ids.flatten().tolist() == before[:8 * 256]
         assert batch.describe()["n_documents"] > 1 and batch.describe()["separator"] == "<|endoftext|>"
+
+
+def test_a_mixture_of_kinds_keeps_each_source_split_as_it_is_alone(tmp_path):
+    """Distillation needs no labels, so a heal may read several kinds of text at once ("a+b"): each source keeps its
+    own documents and its own calibration / held-out split; any stretch of the joined text holds both kinds."""
+    from sa_analysis.prechecks import heal_other_text
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"row {i} " * 30}) for i in range(30)))
+    mixed, source = load_documents(f"pydoc_data.topics+{rows}")
+    topics, _ = load_documents(None)
+    own, _ = load_documents(rows)
+    assert source == f"pydoc_data.topics+{rows}" and len(mixed) == len(topics) + len(own)
+    for split in ("calibration", "heldout"):
+        names = {n for n, _ in split_documents(mixed, split)}
+        assert names == {n for n, _ in split_documents(topics, split)} | {n for n, _ in split_documents(own, split)}
+    assert heal_other_text(f"pydoc_data.topics+{rows}", None) == "python-source"
+    assert heal_other_text(None, None) == "python-source" and heal_other_text(rows, None) == "pydoc_data.topics"
+    with pytest.raises(UserError, match="reads both built-in texts"):
+        heal_other_text("pydoc_data.topics+python-source", None)
+    one = tmp_path / "book.txt"
+    one.write_text("a book " * 100)
+    with pytest.raises(UserError, match="is one document"):
+        load_documents(f"python-source+{one}")
+    with pytest.raises(UserError, match="neither a file"):
+        load_documents("pydoc_data.topics+python-sourc")

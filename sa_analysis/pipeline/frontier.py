@@ -20,7 +20,7 @@ from ..artefact import provenance
 from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 from ..planner import PlanConstraints, SharePlan
-from ..prechecks import check_before_loading, check_budgets, parse_budgets
+from ..prechecks import check_before_loading, check_budgets, heal_other_text, parse_budgets
 from ..validate.frontier import Frontier, FrontierState, measure_frontier
 from .heatmap import report_or_measure
 from .inputs import CaptureSpec, ModelSpec, Status, TextSpec
@@ -53,6 +53,8 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     say = progress or (lambda _m: None)
     check_budgets(budgets, source.model if report is None else None)  # fails fast, before the model loads
     check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
+    if heal_config is not None:
+        heal_other_text(heal_data, other_text)  # a mixture of both built-in texts needs a held-out text of another kind
     started = time.perf_counter()
     att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, status=status)
     loaded = loaded or placed.load(status)

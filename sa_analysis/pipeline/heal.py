@@ -10,14 +10,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..data import DEFAULT_TEXT, SOURCE_TEXT, token_batch
+from ..data import DEFAULT_TEXT, token_batch
 from ..heal.report import YARDSTICKS  # noqa: F401 (for the CLI)
 from ..heal import HealConfig, HealReport, control_key, control_path, heal, load_heal_data, run_control
 from ..heal.config import FSDP_NEEDS_PROCESSES, check_objective
 from ..io import default_out_dir
 from ..loading import resolve_device
 from ..planner import SharePlan
-from ..prechecks import check_before_loading, check_data_file
+from ..prechecks import check_before_loading, check_data_file, heal_other_text
 from ..shapes import check_seq_len
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
@@ -61,6 +61,7 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     share_plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=max(text.seq_len, config.seq_len),
                                       spans=spans, plan_file=plan_file)
     check_data_file(data)
+    heal_other_text(data, text.text)  # a mixture of both built-in texts needs a held-out text of another kind
     check_objective(config, share_plan)
     device = resolve_device(source.device)
     processes = _processes(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
@@ -107,16 +108,15 @@ OTHER_TEXT = "other text"
 
 def heal_evals(loaded: Any, data: str | Path | None, text: TextSpec) -> dict[str, Any]:
     """The two held-out texts a heal is judged on: the held-out part of its training data (as many sequences as that
-    part holds, up to `text.n_seqs`) and `text.text` (default: the standard library's source code when the data is
-    the default documentation text, else the documentation text), of another kind."""
+    part holds, up to `text.n_seqs`) and `text.text`, of another kind (`prechecks.heal_other_text`: by default the
+    standard library's source code when healing on the documentation text, else the documentation)."""
     def batch(source, split_fewer: bool):
         return token_batch(loaded.tokenizer, text=source, split="heldout", n_seqs=text.n_seqs, seq_len=text.seq_len,
                            max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size,
                            allow_fewer=split_fewer)
 
     data_source = DEFAULT_TEXT if data is None else data
-    other = text.text if text.text is not None else (SOURCE_TEXT if str(data_source) == DEFAULT_TEXT else DEFAULT_TEXT)
-    return {HEAL_DATA_TEXT: batch(data_source, True), OTHER_TEXT: batch(other, False)}
+    return {HEAL_DATA_TEXT: batch(data_source, True), OTHER_TEXT: batch(heal_other_text(data, text.text), False)}
 
 
 def _processes(device):
