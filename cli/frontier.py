@@ -69,7 +69,7 @@ def frontier(
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     check_data_file(heal_data, "--heal-data")
     if heal_steps:
-        heal_other_text(heal_data, other_text)
+        heal_other_text(heal_data, other_text, "--other-text")
     if other_text is not None:
         check_before_loading(None, text=other_text)
     from sa_analysis.pipeline import HealConfig, ModelSpec, PlanConstraints, TextSpec, run_frontier

@@ -109,7 +109,7 @@ def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
         load_documents(path, option=flag)
 
 
-def heal_other_text(data: str | Path | None, chosen: str | Path | None) -> str | Path:
+def heal_other_text(data: str | Path | None, chosen: str | Path | None, flag: str = "--text") -> str | Path:
     """The held-out text of another kind than the healing data: `chosen`, else a built-in text the data does not
     read: the standard library's code when the data reads the documentation, else the documentation (then the code);
     a mixture of both built-in texts must name one."""
@@ -119,8 +119,8 @@ def heal_other_text(data: str | Path | None, chosen: str | Path | None) -> str |
     preferred = (SOURCE_TEXT,) if DEFAULT_TEXT in read else (DEFAULT_TEXT, SOURCE_TEXT)
     left = [name for name in preferred if name not in read]
     if not left:
-        raise UserError("The healing data reads both built-in texts; name a held-out text of another kind with --text "
-                        "(a file or folder the heal does not read).")
+        raise UserError(f"The healing data reads both built-in texts; name a held-out text of another kind with {flag} "
+                        f"(a file or folder the heal does not read).")
     return left[0]
 
 

@@ -54,7 +54,7 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     check_budgets(budgets, source.model if report is None else None)  # fails fast, before the model loads
     check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
     if heal_config is not None:
-        heal_other_text(heal_data, other_text)  # a mixture of both built-in texts needs a held-out text of another kind
+        heal_other_text(heal_data, other_text, "--other-text")  # a mixture of both built-in texts needs a held-out text of another kind
     started = time.perf_counter()
     att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, status=status)
     loaded = loaded or placed.load(status)
