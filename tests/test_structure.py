@@ -19,7 +19,7 @@ CLI_MAY_IMPORT = ("sa_analysis.pipeline", "sa_analysis.prechecks", "sa_analysis.
 # package's __init__, which imports only it) is data the planner's SharePlan carries; the rest of `damage` measures
 # with the patch in force and plans with the planner, so it stands above both.
 LAYERS = [
-    ["errors", "defaults", "version", "rng", "stats", "io", "aliases", "compat", "tasks", "choices"],
+    ["errors", "defaults", "version", "rng", "stats", "io", "aliases", "compat", "tasks", "choices", "progress"],
     ["artefact", "shapes", "gguf_files"],
     ["loading", "data", "parts"],
     ["capture", "metrics"],

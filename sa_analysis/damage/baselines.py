@@ -13,12 +13,12 @@ chosen with the same information, and judged on held-out text by the caller.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ..planner import SharePlan
+from ..progress import Say
 from .prefix import PrefixRun
 
-Say = Callable[[str], None]
 
 
 def last_layers_plan(n_layers: int, k: int, model: dict[str, Any] | None = None) -> SharePlan:

@@ -23,13 +23,13 @@ import numpy as np
 
 from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
+from ..progress import Say
 from .prefix import PrefixRun
 from .record import Damage, PlanDamage
 from .table import DamageTable, predict, unmeasured_pairs, unmeasured_spans
 
 MAX_ROUNDS = 20  # measure-and-replan rounds before the plan is taken with estimates left in it (said in its notes)
 
-Say = Callable[[str], None]
 
 
 @dataclass

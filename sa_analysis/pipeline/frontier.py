@@ -21,12 +21,12 @@ from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 from ..planner import PlanConstraints, SharePlan
 from ..prechecks import check_before_loading, check_budgets, heal_other_text, parse_budgets
+from ..progress import Say
 from ..validate.frontier import Frontier, FrontierState, measure_frontier
 from .heatmap import report_or_measure
 from .inputs import CaptureSpec, ModelSpec, Status, TextSpec
 
 STATE_FILE = "frontier_state.json"
-Say = Callable[[str], None]
 
 
 @dataclass

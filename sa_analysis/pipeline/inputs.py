@@ -11,11 +11,11 @@ from typing import Callable, ContextManager
 from .. import defaults
 from ..data import token_batch
 from ..loading import LoadedModel
+from ..progress import Say  # noqa: F401 (the jobs' progress callback, re-exported to them)
 from ..shared_model import load_with_plan
 
 Status = Callable[[str], ContextManager]  # shows a message while a step runs (the CLI passes a spinner)
 Bar = Callable[[int], ContextManager]  # bar(total) yields advance(i) (the CLI passes a rich progress bar)
-Say = Callable[[str], None]  # one line per step done (a measurement, a budget), or a note before the work
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from ..damage.prefix import PrefixRun
 from ..damage.record import Damage
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
+from ..progress import Say
 
-Say = Callable[[str], None]
 
 
 @dataclass
