@@ -153,12 +153,9 @@ def test_the_frontier_heals_by_distillation_and_names_the_faithful_reach(tmp_pat
     from cli.main import app
     from sa_analysis.validate import Frontier
 
-    monkeypatch.setattr("sa_analysis.heal.control.cache_root", lambda: tmp_path / "cache")
-    folder = tmp_path / "tiny"
-    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
-    out = tmp_path / "out"
-    args = ["frontier", "--model", folder, "--budgets", "1-2", "--n-seqs", 2, "--seq-len", 32, "--heal-steps", 3,
-            "--batch-size", 2, "--heal-objective", "distill", "--out", out]
+    from test_frontier import healed_frontier_command
+
+    args, out = healed_frontier_command(tmp_path, monkeypatch, 3, "--heal-objective", "distill")
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "control heal" not in result.output and "Faithful reach" in result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,15 +177,21 @@ def test_budgets_are_parsed_before_anything_loads():
         parse_budgets("1-30", 30)
 
 
-def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, monkeypatch):
-    from cli.main import app
-
+def healed_frontier_command(tmp_path, monkeypatch, steps: int, *extra) -> tuple[list, Path]:
+    """(arguments, output folder) of `frontier` on a tiny saved Llama, budgets 1-2 healed for `steps` steps, with a
+    control cache of its own."""
     monkeypatch.setattr("sa_analysis.heal.control.cache_root", lambda: tmp_path / "cache")
     folder = tmp_path / "tiny"
     tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
     out = tmp_path / "out"
-    args = ["frontier", "--model", folder, "--budgets", "1-2", "--n-seqs", 2, "--seq-len", 32, "--heal-steps", 2,
-            "--batch-size", 2, "--out", out]
+    return ["frontier", "--model", folder, "--budgets", "1-2", "--n-seqs", 2, "--seq-len", 32, "--heal-steps", steps,
+            "--batch-size", 2, *extra, "--out", out], out
+
+
+def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, monkeypatch):
+    from cli.main import app
+
+    args, out = healed_frontier_command(tmp_path, monkeypatch, 2)
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "Sharing frontier" in result.output and "vs control" in result.output
