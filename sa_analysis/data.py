@@ -94,6 +94,7 @@ def load_documents(text: str | Path | None, option: str = "--text") -> tuple[lis
 
 
 TEXT_HINT = "pass a plain-text or JSONL file, or a folder of text files, to --text"
+DATA_HINT = "pass an Alpaca-style JSON/JSONL file, a text or JSONL file, or a folder of text files to --data"
 MIXTURE = "+"  # "pydoc_data.topics+python-source": the documents of several sources, healed on together
 
 
@@ -128,7 +129,6 @@ def _mixture(spec: str, option: str) -> tuple[list[tuple[str, str]], str]:
                                 f"documents have different names.")
             docs[name] = body
     return sorted(docs.items()), MIXTURE.join(parts)
-DATA_HINT = "pass an Alpaca-style JSON/JSONL file, a text or JSONL file, or a folder of text files to --data"
 
 
 def _folder_documents(folder: Path, what: str, hint: str) -> list[tuple[str, str]]:

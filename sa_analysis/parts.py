@@ -80,11 +80,11 @@ def swap_attention(model: nn.Module, index: int, module: nn.Module) -> nn.Module
     return replaced
 
 
-def next_token_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def next_token_logits(model: nn.Module, hidden: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
     """[..., V] logits from the decoder's final hidden states [..., H], as the model's own forward makes them: the
-    output embedding, then the final logit softcapping Gemma 2 and 3 apply (`config.final_logit_softcapping`, a
-    public field; the forward applies it inline, so no public function does both)."""
-    logits = model.get_output_embeddings()(hidden)
+    output embedding (or `head`, a copy of it), then the final logit softcapping Gemma 2 and 3 apply
+    (`config.final_logit_softcapping`, a public field; the forward applies it inline, so no public function does both)."""
+    logits = (head or model.get_output_embeddings())(hidden)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -97,13 +97,7 @@ def frozen_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     import copy
 
     head = copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = head(hidden)  # [..., V]
-        return torch.tanh(out / cap) * cap if cap is not None else out
-
-    return logits
+    return lambda hidden: next_token_logits(model, hidden, head)
 
 
 def layer_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:

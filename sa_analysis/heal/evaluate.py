@@ -96,7 +96,7 @@ def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def sequence_nll(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> list[float]:
     """[S] mean next-token NLL of each sequence of `input_ids` [S, T] (every position but the first is predicted):
     per sequence, so that differences between two models get intervals over sequences."""
-    return measure(model, Untouched.record(model, input_ids, batch_size))["nll"]
+    return measure(None, Untouched.record(model, input_ids, batch_size))["nll"]  # one forward, read as recorded
 
 
 def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> float:

@@ -40,8 +40,7 @@ def plot_heal(report: Any, path_stem: str | Path, formats: Sequence[str] = ("png
         curve.set_xlabel("optimizer step")
         curve.set_ylabel("training loss (nats)")
         kind = "response tokens" if report.data.get("kind") == "alpaca" else "all tokens"
-        objective = report.config.get("objective", "lm")
-        what = "KL to the untouched model" if objective == "distill" else f"LM loss on {kind}"
+        what = "KL to the untouched model" if report.objective == "distill" else f"LM loss on {kind}"
         curve.set_title(f"{report.config.get('method', '')} heal: {what}")
         curve.legend(frameon=False)
         return save_figure(fig, path_stem, formats)
@@ -50,7 +49,7 @@ def plot_heal(report: Any, path_stem: str | Path, formats: Sequence[str] = ("png
 def _perplexity_bars(axis: Any, report: Any, name: str) -> None:
     """Perplexity of unshared / control / shared / shared-healed on one held-out text, the gap closed in the title."""
     ppl = report.evals[name]["perplexity"]
-    distilled = report.config.get("objective") == "distill"  # its control is the untouched model: one bar
+    distilled = report.objective == "distill"  # its control is the untouched model: one bar
     shown = [(key, label) for key, label in BARS if key in ppl and not (distilled and key == "control")]
     values = [ppl[key] for key, _ in shown]
     colours = {"baseline": PALETTE[0], "control": PALETTE[1], "patched": PALETTE[3], "healed": PALETTE[2]}
@@ -75,7 +74,7 @@ def _faithfulness_bars(axis: Any, report: Any, names: list[str]) -> None:
     import numpy as np
 
     states = [("patched", "shared", PALETTE[3]), ("healed", "shared, healed", PALETTE[2])]
-    if report.config.get("objective") != "distill" and all("control" in report.evals[n]["kl"] for n in names):
+    if report.objective != "distill" and all("control" in report.evals[n]["kl"] for n in names):
         states.append(("control", "control", PALETTE[1]))
     x = np.arange(len(names))
     width = 0.8 / len(states)
