@@ -28,7 +28,8 @@ from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
 from sa_analysis.planner import PlanConstraints, SharePlan, anchors_for, price_pairs
-from sa_analysis.validate import baseline, measure_quality, search_plans
+from sa_analysis.search import search_plans
+from sa_analysis.validate import baseline, measure_quality
 
 
 def independent_perplexity(model, ids: torch.Tensor, anchor_of: dict[int, int], head_map: dict[int, list[int]]) -> float:

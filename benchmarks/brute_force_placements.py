@@ -21,7 +21,8 @@ from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
 from sa_analysis.planner import anchors_for, plan_spans
-from sa_analysis.validate import baseline, measure_quality, search_plans
+from sa_analysis.search import search_plans
+from sa_analysis.validate import baseline, measure_quality
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ from sa_analysis.damage.compare import token_ids
 from sa_analysis.damage.measure import Meter, measure_pairs, measure_spans, plan_from_damage
 from sa_analysis.damage.prefix import PrefixRun
 from sa_analysis.damage.table import DamageTable, plan_spans_ways, predict
-from sa_analysis.validate import baseline, measure_quality, search_plans
+from sa_analysis.search import search_plans
+from sa_analysis.validate import baseline, measure_quality
 
 
 def span_plans(n_layers: int, length: int = 3) -> list[list[int]]:

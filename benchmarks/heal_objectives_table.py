@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sa_analysis.validate import Frontier  # noqa: E402
+from sa_analysis.search import Frontier  # noqa: E402
 
 TEXTS = ("heal data, held out", "other text")
 STYLE = {"lm": ("#d55e00", "o"), "distill": ("#0072b2", "s")}

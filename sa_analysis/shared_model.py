@@ -17,11 +17,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import compat
 from .errors import UserError
 from .io import read_json, write_json
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+    from .planner.plan import PlanLike
 
 SHARE_PLAN_FILE = "share_plan.json"
 SHARED_FORMAT = "sa-analysis/shared-model"
@@ -34,7 +38,7 @@ def is_shared_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / SHARE_PLAN_FILE).is_file()
 
 
-def export_shared(loaded: Any, plan: Any, path: str | Path, *, mode: str = "fast",
+def export_shared(loaded: LoadedModel, plan: PlanLike, path: str | Path, *, mode: str = "fast",
                   meta: Mapping[str, Any] | None = None) -> Path:
     """Save `loaded` (a LoadedModel) with its plan as a folder that `load_shared` turns back into the patched model.
 
@@ -99,7 +103,7 @@ def read_share_plan(path: str | Path):
     return plan, dict(shared)
 
 
-def attach_plan(loaded: Any, folder: str | Path, mode: str | None = None) -> Any:
+def attach_plan(loaded: LoadedModel, folder: str | Path, mode: str | None = None) -> Any:
     """Apply the plan saved in `folder` to `loaded` (a LoadedModel of that folder's weights); sets `loaded.share`.
 
     Called by `load_with_plan` for folders holding `share_plan.json`. The plan is checked against the loaded

@@ -277,7 +277,7 @@ def json_round_trip(value):
 
 def test_the_search_reuses_measurements_and_proves_the_choice_on_held_out_text(tmp_path):
     from sa_analysis.plots import plot_search
-    from sa_analysis.validate import PlanSearch, search_plans
+    from sa_analysis.search import PlanSearch, search_plans
 
     loaded = _loaded(4)
     calibration = TokenBatch(_ids(seed=2), "test", "calibration", 1)

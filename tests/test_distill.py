@@ -1,6 +1,6 @@
 """The distillation heal and the three yardsticks: the KL loss with known answers, the teacher is exactly the untouched
 model (adapters off, patch lifted), faithfulness (KL to the untouched model, top-1 agreement) equals an independent
-float64 computation, a distilled heal moves the shared model toward the untouched one, what a full fine-tune trains,
+float64 computation (tests/test_heldout.py), a distilled heal moves the shared model toward the untouched one, what a full fine-tune trains,
 and the user mistakes."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from conftest import tiny_model
 from sa_analysis.errors import UserError
 from sa_analysis.heal import HealConfig, full_parameters, heal
 from sa_analysis.heal.distill import lm_loss, token_kl, untouched_teacher
-from sa_analysis.heal.evaluate import Untouched, measure
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.patch import share_attention
 from sa_analysis.planner import SharePlan
@@ -55,26 +54,6 @@ def test_suspended_patch_is_the_untouched_model_and_comes_back():
             raise RuntimeError("boom")
         assert handle.active and torch.equal(_logits(model, ids), shared)
     assert torch.equal(_logits(model, ids), plain)
-
-
-def test_faithfulness_equals_an_independent_float64_computation():
-    model = tiny_model("llama", dtype=torch.float64)
-    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
-    untouched = Untouched.record(model, ids, batch_size=2)
-    base = torch.log_softmax(_logits(model, ids), -1)[:, :-1]  # [S, T-1, V]
-    with share_attention(model, PLAN):
-        found = measure(model, untouched)
-        shared = torch.log_softmax(_logits(model, ids), -1)[:, :-1]
-    kl = (base.exp() * (base - shared)).sum(-1).mean(-1)  # [S]
-    top1 = (base.argmax(-1) == shared.argmax(-1)).double().mean(-1)
-    nll = -shared.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
-    assert found["kl"] == pytest.approx(kl.tolist(), rel=1e-9) and min(found["kl"]) > 0
-    assert found["top1"] == pytest.approx(top1.tolist()) and found["nll"] == pytest.approx(nll.tolist(), rel=1e-12)
-    assert found["untouched_nll"] == pytest.approx((-base.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)).tolist())
-    again = measure(model, untouched)  # the untouched model against itself, run again
-    assert max(again["kl"]) == pytest.approx(0, abs=1e-12) and again["top1"] == [1.0] * 3
-    itself = measure(None, untouched)  # ... and from what was recorded, with no forward
-    assert itself["kl"] == [0.0] * 3 and itself["nll"] == pytest.approx(again["nll"], rel=1e-12)
 
 
 def test_the_teacher_is_the_untouched_model_while_adapters_train():
@@ -151,7 +130,7 @@ def test_cli_refuses_a_wrong_objective_before_anything_is_written(tmp_path):
 
 def test_the_frontier_heals_by_distillation_and_names_the_faithful_reach(tmp_path, monkeypatch):
     from cli.main import app
-    from sa_analysis.validate import Frontier
+    from sa_analysis.search import Frontier
 
     from test_frontier import healed_frontier_command
 

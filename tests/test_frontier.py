@@ -19,10 +19,10 @@ from sa_analysis.errors import UserError
 from sa_analysis.loading import LoadedModel, describe
 from sa_analysis.planner import PlanConstraints, SharePlan
 from sa_analysis.report import AttentionReport
-from sa_analysis.damage.baselines import best_contiguous_plan, greedy_plans, last_layers_plan
+from sa_analysis.search.baselines import best_contiguous_plan, greedy_plans, last_layers_plan
 from sa_analysis.damage.measure import plan_from_damage
 from sa_analysis.damage.prefix import PrefixRun
-from sa_analysis.validate import Frontier, FrontierState, measure_frontier
+from sa_analysis.search import Frontier, FrontierState, measure_frontier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OFF = PlanConstraints(align_heads="off")
@@ -123,8 +123,48 @@ def test_the_baselines_are_what_they_say():
     assert set(greedy[2][0].followers) == {first, min(pairs, key=pairs.get)}
 
 
+def test_the_frontier_measures_the_baselines_beside_each_budget():
+    """`baselines=`: each method's plan at each budget, on the same held-out tokens (perplexity equal to an
+    independent whole-model computation) with its paired difference from the recommended plan."""
+    from sa_analysis.choices import BASELINES
+    from sa_analysis.stats import paired_interval
+
+    loaded, report = _loaded(), _report()
+    calibration, heldout = _batches()
+    state, untouched = measure_frontier(loaded, report, calibration, heldout, [1, 2], constraints=OFF,
+                                        baselines=BASELINES)
+    run = PrefixRun.record(loaded.model, calibration)
+    greedy = greedy_plans(run, 2)
+    ids = heldout.input_ids
+    base_nll = [math.log(_held_out_perplexity(loaded.model, ids[i:i + 1], SharePlan(6, []))) for i in range(3)]
+    for k, point in state.points.items():
+        assert list(point.baselines) == list(BASELINES)
+        expected = {"last k layers": last_layers_plan(6, k).followers,
+                    "best contiguous span": best_contiguous_plan(run, k)[0].followers, "greedy (SLEB)": greedy[k][0].followers}
+        ours = SharePlan.from_dict(point.plan)
+        ours_nll = [math.log(_held_out_perplexity(loaded.model, ids[i:i + 1], ours)) for i in range(3)]
+        for method, row in point.baselines.items():
+            assert row["followers"] == expected[method], (k, method)
+            plan = SharePlan(6, row["followers"])
+            assert row["heldout"]["perplexity"] == pytest.approx(_held_out_perplexity(loaded.model, ids, plan), rel=1e-9)
+            theirs = [math.log(_held_out_perplexity(loaded.model, ids[i:i + 1], plan)) for i in range(3)]
+            mean, low, high = paired_interval(theirs, ours_nll)
+            assert row["vs_recommended"] == pytest.approx([math.expm1(v) for v in (mean, low, high)], rel=1e-6, abs=1e-9)
+            assert row["calibration"]["kl"] == pytest.approx(run.damage(plan.anchor_of).kl_mean)
+    assert untouched.untouched_nll == pytest.approx(base_nll, rel=1e-9)
+
+
+def test_unknown_baselines_are_refused_with_a_suggestion():
+    from sa_analysis.choices import parse_baselines
+
+    assert parse_baselines("greedy, last-k") == ("greedy (SLEB)", "last k layers") and parse_baselines(None) == ()
+    assert parse_baselines("all,greedy") == ("last k layers", "best contiguous span", "greedy (SLEB)")
+    with pytest.raises(UserError, match="did you mean contiguous"):
+        parse_baselines("contigous")
+
+
 def _point(budget, ppl, healed=None):
-    from sa_analysis.validate import FrontierPoint
+    from sa_analysis.search import FrontierPoint
 
     return FrontierPoint(budget=budget, plan={"followers": list(range(1, budget + 1))},
                          predicted={"kl": 0.1, "kl_low": 0.0, "kl_high": 0.2, "nll_change": 0.01,
@@ -166,15 +206,16 @@ def test_the_largest_budget_within_the_tolerance_before_and_after_healing(tmp_pa
 
 
 def test_budgets_are_parsed_before_anything_loads():
-    from sa_analysis.prechecks import parse_budgets
+    from sa_analysis.prechecks import check_budgets, parse_budgets
 
-    assert parse_budgets("1-3,8", 30) == [1, 2, 3, 8] and parse_budgets(None, 30) == list(range(1, 16))
-    assert parse_budgets("3, 8,15", None) == [3, 8, 15]
+    assert parse_budgets("1-3,8") == [1, 2, 3, 8] and parse_budgets(None) is None
+    assert parse_budgets("3, 8,15") == [3, 8, 15] and parse_budgets("8,3,3") == [3, 8]
+    assert check_budgets(None, n_layers=30) == list(range(1, 16)) and check_budgets([8, 3], n_layers=30) == [3, 8]
     for bad in ("0-3", "3-1", "x", "1-", ""):
         with pytest.raises(UserError, match="--budgets"):
-            parse_budgets(bad, 30)
+            parse_budgets(bad)
     with pytest.raises(UserError, match="the most is 29"):
-        parse_budgets("1-30", 30)
+        check_budgets(parse_budgets("1-30"), n_layers=30)
 
 
 def healed_frontier_command(tmp_path, monkeypatch, steps: int, *extra) -> tuple[list, Path]:
@@ -225,3 +266,24 @@ def test_frontier_mistakes_are_answered_before_torch():
     first = done.stdout.splitlines()[0]
     assert first == "1 False", done.stdout + done.stderr
     assert "--budgets" in done.stdout and "Traceback" not in done.stdout
+
+
+def test_the_command_prints_the_baselines_and_draws_them(tmp_path):
+    from cli.main import app
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(folder)
+    args = ["frontier", "--model", folder, "--budgets", "1-2", "--n-seqs", 2, "--seq-len", 32,
+            "--baselines", "last-k,contiguous", "--out", tmp_path / "out"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "beside the recommendation" in result.output and "vs recommended" in result.output
+    frontier = Frontier.load(tmp_path / "out" / "frontier.json")
+    assert all(list(p.baselines) == ["last k layers", "best contiguous span"] for p in frontier.points)
+    from sa_analysis.plots.frontier import baseline_series
+
+    series = baseline_series(frontier)
+    assert list(series) == ["last k layers", "best contiguous span"] and len(series["last k layers"]["before"]) == 2
+    assert (tmp_path / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    wrong = CliRunner().invoke(app, [str(a) for a in args[:-2] + ["--baselines", "gready", "--out", tmp_path / "o2"]])
+    assert wrong.exit_code == 1 and "did you mean greedy" in wrong.output and not (tmp_path / "o2").exists()

@@ -301,7 +301,7 @@ def test_sharded_lora_and_a_missing_deepspeed_config_are_refused(tmp_path):
         HealConfig(method="lora", shard="fsdp")
     with pytest.raises(UserError, match="does not exist"):
         HealConfig(method="full", deepspeed=str(tmp_path / "ds.json"))
-    with pytest.raises(UserError, match="none, tensorboard or wandb"):
+    with pytest.raises(UserError, match="--report-to none or tensorboard or wandb"):
         HealConfig(report_to="mlflow")
     import importlib.util
 

@@ -15,21 +15,22 @@ LIBRARY = ROOT / "sa_analysis"
 CLI_SHARED = {"cli.app", "cli.tables", "cli.main"}
 CLI_MAY_IMPORT = ("sa_analysis.pipeline", "sa_analysis.prechecks", "sa_analysis.defaults", "sa_analysis.errors")
 
-# Lowest first. A module's layer is its longest prefix here (names without "sa_analysis."). `damage.record` (and the
-# package's __init__, which imports only it) is data the planner's SharePlan carries; the rest of `damage` measures
-# with the patch in force and plans with the planner, so it stands above both.
+# Lowest first. A module's layer is its longest prefix here (names without "sa_analysis."). What a plan's damage is,
+# as data, is the planner's (`planner.record`, carried by SharePlan); `damage` measures with the patch in force and
+# plans at one budget with the planner, all of it on one floor above both; `search` walks the budgets and proves its
+# choice with `validate`.
 LAYERS = [
     ["errors", "defaults", "version", "rng", "stats", "io", "aliases", "compat", "tasks", "choices", "progress"],
     ["artefact", "shapes", "gguf_files"],
     ["loading", "data", "parts"],
     ["capture", "metrics"],
     ["streaming"],
-    ["report"],
-    ["damage", "damage.record"],
+    ["report", "analysis"],
     ["planner"],
     ["patch", "shared_model"],
-    ["damage.compare", "damage.prefix", "damage.table", "damage.measure", "damage.baselines"],
+    ["damage"],
     ["validate"],
+    ["search"],
     ["plots"],
     ["heal"],
     ["prechecks"],

@@ -5,12 +5,15 @@ The prefix replay (`damage.prefix`) and held-out validation (`validate.quality`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from .. import parts
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..data import Tokens
 
 POSITION_CHUNK = 128  # positions compared at a time: the temporaries are [S, chunk, V]
 KEEP_BYTES = 512 * 2**20  # the baseline's log-probabilities are kept when they take at most this; else recomputed
@@ -78,7 +81,7 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
 
-def token_ids(batch: Any) -> torch.Tensor:
+def token_ids(batch: Tokens) -> torch.Tensor:
     """[S, T] token ids from a TokenBatch or a tensor."""
     ids = batch.input_ids if hasattr(batch, "input_ids") else batch
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -25,8 +25,13 @@ from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
 from ..progress import Say
 from .prefix import PrefixRun
-from .record import Damage, PlanDamage
+from ..planner.record import Damage, PlanDamage
 from .table import DamageTable, predict, unmeasured_pairs, unmeasured_spans
+
+if TYPE_CHECKING:
+    from ..data import Tokens
+    from ..loading import LoadedModel
+    from ..report import AttentionReport
 
 MAX_ROUNDS = 20  # measure-and-replan rounds before the plan is taken with estimates left in it (said in its notes)
 
@@ -85,7 +90,7 @@ def measure_spans(run: PrefixRun, table: DamageTable, spans: list[tuple[int, tup
         table.spans[(a, ways)] = result.to_dict()
 
 
-def plan_from_damage(loaded: Any, report: Any, batch: Any, *, budget: Any = None, max_cost: float | None = None,
+def plan_from_damage(loaded: LoadedModel, report: AttentionReport, batch: Tokens, *, budget: Any = None, max_cost: float | None = None,
                      constraints: PlanConstraints = PlanConstraints(), progress: Say | None = None,
                      table: DamageTable | None = None, meter: "Meter | None" = None) -> DamageSearch:
     """The plan of least measured output damage for the budget (or within `max_cost` nats of next-token KL).
@@ -145,7 +150,7 @@ def measure_baselines(search: DamageSearch, plans: Mapping[str, Any]) -> dict[st
     return measured
 
 
-def check_report_fits(report: Any, loaded: Any) -> None:
+def check_report_fits(report: AttentionReport, loaded: LoadedModel) -> None:
     """The attention report must be of the loaded model (as many layers), or no plan from it applies."""
     if report.n_layers != loaded.info.n_layers:
         raise UserError(f"The report is for a {report.n_layers}-layer model but {loaded.info.name} has "

@@ -11,7 +11,7 @@ are recomputed from its final hidden states by the output head alone when they w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,10 @@ from torch import nn
 from .. import parts
 from ..patch import share_attention
 from .compare import KEEP_BYTES, Sums, chunks, compare_chunk, log_probs, token_ids
-from .record import Damage
+from ..planner.record import Damage
+
+if TYPE_CHECKING:
+    from ..data import Tokens
 
 COMPARED_POSITIONS = 512  # per sequence at most: longer sequences are compared at evenly strided positions
 
@@ -39,7 +42,7 @@ class PrefixRun:
 
     @classmethod
     @torch.inference_mode()
-    def record(cls, model: nn.Module, batch: Any, keep_bytes: int = KEEP_BYTES,
+    def record(cls, model: nn.Module, batch: Tokens, keep_bytes: int = KEEP_BYTES,
                compared: int = COMPARED_POSITIONS) -> "PrefixRun":
         """One unpatched forward over `batch` (TokenBatch or ids [S, T]) that keeps what every later run reuses;
         `compared`: positions per sequence whose next token is compared (at most)."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from .. import defaults
-from ..choices import check_heal_objective
+from ..choices import check_choice, check_heal_objective
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..planner.plan import PlanLike
 
 
 METHODS = ("lora", "full")
@@ -39,12 +42,6 @@ DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 
 
 GIB = 1024**3
-
-
-def _one_of(value: str, choices: tuple[str, ...], name: str) -> None:
-    """A user error naming the choices when `value` is not one of them."""
-    if value not in choices:
-        raise UserError(f"Unknown {name} {value!r}; use {', '.join(choices[:-1])} or {choices[-1]}.")
 
 
 def _check_logger_installed(report_to: str) -> None:
@@ -103,12 +100,12 @@ class HealConfig:
     def __post_init__(self) -> None:
         from ..patch import check_mode
 
-        _one_of(self.method, METHODS, "heal method")
+        check_choice(self.method, METHODS, "heal method", "--heal-method")
         check_heal_objective(self.objective, self.lm_weight)
         if self.full_scope == "followers-vo" and self.method != "full":
             raise UserError("--full-scope followers-vo chooses what a full fine-tune trains; add --full, or adapt with LoRA.")
-        _one_of(self.train_layers, TRAIN_LAYERS, "train_layers")
-        _one_of(self.full_scope, FULL_SCOPES, "full_scope")
+        check_choice(self.train_layers, TRAIN_LAYERS, "set of layers to train", "--train-layers")
+        check_choice(self.full_scope, FULL_SCOPES, "full fine-tune scope", "--full-scope")
         check_mode(self.mode)
         for name in ("lora_rank", "steps", "batch_size", "grad_accum", "keep_checkpoints", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
@@ -121,8 +118,8 @@ class HealConfig:
             raise UserError(f"The learning rate must be a positive number; got {self.lr}.")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"LoRA dropout must lie in [0, 1); got {self.lora_dropout}.")
-        _one_of(self.shard, SHARDING, "sharding")
-        _one_of(self.report_to, REPORT_TO, "--report-to")
+        check_choice(self.shard, SHARDING, "sharding", "sharding")
+        check_choice(self.report_to, REPORT_TO, "logger", "--report-to")
         _check_logger_installed(self.report_to)
         if self.sharded and self.objective == "distill":
             raise UserError("A distillation heal keeps the untouched model beside the trained one, which sharded "
@@ -192,7 +189,7 @@ class HealConfig:
             dataloader_num_workers=0, ddp_find_unused_parameters=False, log_level="error", log_level_replica="error", **sharding)
 
 
-def check_objective(config: HealConfig, plan: Any) -> None:
+def check_objective(config: HealConfig, plan: PlanLike) -> None:
     """A distillation heal needs something shared to teach (with nothing shared the student is the teacher)."""
     if config.objective == "distill" and plan is not None and not plan.n_shared:
         raise UserError("A distillation heal with nothing shared has nothing to teach (the student is the teacher); "

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -22,6 +22,9 @@ from ..io import json_safe, read_json, write_json
 from .config import HealConfig
 from .data import HealData
 from .report import HealReport
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 CONTROL_FOLDER = "controls"
 CONTROL_FORMAT = 3  # 3: the control's KL to the untouched model and top-1 agreement; bump when what a control measures changes: older cached controls are then not used
@@ -38,7 +41,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def control_key(loaded: Any, config: HealConfig, data: HealData, evals: Mapping[str, Any]) -> str:
+def control_key(loaded: LoadedModel, config: HealConfig, data: HealData, evals: Mapping[str, Any]) -> str:
     """What makes two controls the same: the weights, the recipe, the training data, the held-out tokens, the
     device type and the releases that compute them."""
     import transformers
@@ -54,7 +57,7 @@ def control_path(key: str) -> Path:
     return cache_root() / CONTROL_FOLDER / f"{key}.json"
 
 
-def run_control(loaded: Any, data: HealData, evals: Mapping[str, Any], config: HealConfig, *, use_cache: bool = True,
+def run_control(loaded: LoadedModel, data: HealData, evals: Mapping[str, Any], config: HealConfig, *, use_cache: bool = True,
                 heal: Callable[..., HealReport | None] | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> dict[str, Any] | None:
     """The control's perplexities {"perplexity": {text: {"baseline", "healed"}}, "nll": {text: healed NLL per

@@ -9,7 +9,7 @@ import gc
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -21,9 +21,13 @@ from ..rng import seeded
 from .config import FSDP_NEEDS_PROCESSES, HealConfig, check_objective
 from .data import HealData
 from .distill import Teacher, distill_trainer, frozen_teacher, untouched_teacher
-from .evaluate import Untouched, measure
+from ..damage.heldout import Untouched, measure_heldout
 from .params import FOLLOWER_UNUSED, add_lora, check_full_fits, full_parameters
 from .report import HealReport
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel, ModelInfo
+    from ..planner.plan import PlanLike
 
 
 SETTINGS_FILE = "heal_settings.json"  # beside the Trainer's checkpoints: what they were made with
@@ -31,8 +35,8 @@ SETTINGS_FILE = "heal_settings.json"  # beside the Trainer's checkpoints: what t
 
 
 def heal(
-    loaded: Any,
-    plan: Any,
+    loaded: LoadedModel,
+    plan: PlanLike,
     data: HealData,
     evals: Any,
     config: HealConfig | None = None,
@@ -92,10 +96,8 @@ def heal(
         if main:
             for name, ids in evals.items():
                 untouched[name] = Untouched.record(model, ids, config.eval_batch_size, copy_head=config.trains_head)
-                measured[name]["baseline"] = measure(None, untouched[name])  # the recorded forward itself
-            with share_attention(model, share_plan, mode=config.mode):
-                for name in evals:
-                    measured[name]["patched"] = measure(model, untouched[name])
+                measured[name]["baseline"] = measure_heldout(None, untouched[name]).per_sequence()  # as recorded
+                measured[name]["patched"] = measure_heldout(model, untouched[name], share_plan, mode=config.mode).per_sequence()
         keep = copy.deepcopy(model).to("cpu") if main and config.sharded else None  # receives the gathered weights
 
         # 2. trainable weights (LoRA injected before the patch, so followers' v/o adapters are the ones used), patch;
@@ -134,7 +136,7 @@ def heal(
         # 5. after: the healed model against the untouched one on the same held-out ids; report, figure, export
         phase("after")
         for name in evals:
-            measured[name]["healed"] = measure(model, untouched[name])
+            measured[name]["healed"] = measure_heldout(model, untouched[name]).per_sequence()
         losses = [float(h["loss"]) for h in run.pop("log_history") if "loss" in h]
         report = HealReport(
             model=info.to_dict(), plan=share_plan.to_dict(), config=config.to_dict(), data=data.describe(),
@@ -215,7 +217,7 @@ def _healed_weights(trainer: Any, keep: torch.nn.Module | None, main: bool, shar
     return model
 
 
-def _write_outputs(report: HealReport, loaded: Any, plan: Any, out: Path, mode: str, export: bool, phase) -> None:
+def _write_outputs(report: HealReport, loaded: LoadedModel, plan: PlanLike, out: Path, mode: str, export: bool, phase) -> None:
     """The export (with its plan), heal_report.json and heal.png under `out`; their paths go into `report.files`."""
     from ..plots import plot_heal
 
@@ -251,7 +253,7 @@ def _step_reporter(on_step: Callable[[int, float], None] | None):
     return StepReporter()
 
 
-def _resume_point(checkpoints: str, resume: bool, config: HealConfig, plan: Any, info: Any, n_trainable: int,
+def _resume_point(checkpoints: str, resume: bool, config: HealConfig, plan: PlanLike, info: ModelInfo, n_trainable: int,
                   main: bool, notes: list[str]) -> str | None:
     """The newest checkpoint to resume from (None: start afresh), after checking it was made with these settings
     (the Trainer restores weights, optimizer, schedule, RNG and data position; `settings.json` is ours)."""
@@ -321,7 +323,7 @@ def _make_trainable(model: torch.nn.Module, anchor_of: Mapping[int, int], config
     return None, memory
 
 
-def export_healed(loaded: Any, plan: Any, folder: str | Path, report: HealReport | None, mode: str) -> Path:
+def export_healed(loaded: LoadedModel, plan: PlanLike, folder: str | Path, report: HealReport | None, mode: str) -> Path:
     """Export the healed, patched model with its plan and a summary of the heal in share_plan.json."""
     from ..shared_model import export_shared
 

@@ -3,10 +3,13 @@ non-shared layer before it), its head maps (which anchor head each follower head
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..planner.plan import PlanLike
 
 
 MODES = ("fast", "exact", "infer")  # infer: fast prefill, decode steps reuse the anchor's softmax row (patch.decode)
@@ -19,7 +22,7 @@ def check_mode(mode: str, where: str = "") -> str:
     return mode
 
 
-def plan_anchors(plan: Any, n_layers: int, probe: bool = False) -> dict[int, int]:
+def plan_anchors(plan: PlanLike, n_layers: int, probe: bool = False) -> dict[int, int]:
     """{follower: anchor} from a SharePlan (its `anchor_of`) or a plain mapping, checked against SA semantics.
 
     Anchors must be non-shared layers before their followers, layer 0 is never shared, and each follower's anchor
@@ -55,7 +58,7 @@ def _layer(value: Any) -> int:
     return int(value)
 
 
-def plan_head_maps(plan: Any, anchor_of: Mapping[int, int], n_heads: int, head_map: Mapping[Any, Any] | None = None) -> dict[int, tuple[int, ...]]:
+def plan_head_maps(plan: PlanLike, anchor_of: Mapping[int, int], n_heads: int, head_map: Mapping[Any, Any] | None = None) -> dict[int, tuple[int, ...]]:
     """{follower: (anchor head for query head 0, 1, ...)} from `head_map`, else the plan's `head_map`, checked.
 
     A follower without an entry shares by index (head h reuses anchor head h). Any query head may take any anchor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from torch import nn
 
@@ -13,6 +13,9 @@ from ..errors import UserError
 from .anchors import check_mode, plan_anchors, plan_head_maps
 from .follower import SharedAttention
 from .stash import SHARE_PREFIX, LayerSession, ShareState, shared_attention_forward
+
+if TYPE_CHECKING:
+    from ..planner.plan import PlanLike
 
 
 
@@ -85,7 +88,7 @@ class SharedAttentionHandle:
         return f"SharedAttentionHandle({state}, mode={self.mode}, anchor_of={self.anchor_of}{aligned})"
 
 
-def share_attention(model: nn.Module, plan: Any, mode: str = "fast", head_map: Mapping[Any, Any] | None = None,
+def share_attention(model: nn.Module, plan: PlanLike, mode: str = "fast", head_map: Mapping[Any, Any] | None = None,
                     probe: bool = False) -> SharedAttentionHandle:
     """Apply Shared Attention for `plan` (a SharePlan or `{follower: anchor}`) to `model`; returns the handle.
 

@@ -10,8 +10,8 @@ from .compare import CompareResult, run_compare
 from .frontier import FrontierResult, run_frontier
 from .heal import YARDSTICKS, HealConfig, HealStart, run_heal
 from .heads import HeadsResult, run_heads
-from .heatmap import (analyse, build_report, choose_path, preflight, redraw_heatmap, run_heatmap, sequence_stats,
-                      write_outputs)
+from ..analysis import analyse, build_report, choose_path, preflight, sequence_stats
+from .heatmap import redraw_heatmap, run_heatmap, write_outputs
 from .inputs import CaptureSpec, ModelSpec, TextSpec
 from .plan import PlanConstraints, PlanResult, run_plan
 from .validate import check_validate_options, plan_for_model, run_search, run_validate

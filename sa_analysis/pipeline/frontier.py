@@ -13,18 +13,24 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import defaults
 from ..artefact import provenance
 from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 from ..planner import PlanConstraints, SharePlan
-from ..prechecks import check_before_loading, check_budgets, heal_other_text, parse_budgets
+from ..prechecks import check_baselines, check_before_loading, check_budgets, heal_other_text
 from ..progress import Say
-from ..validate.frontier import Frontier, FrontierState, measure_frontier
+from ..search.frontier import Frontier, FrontierState, measure_frontier
 from .heatmap import report_or_measure
 from .inputs import CaptureSpec, ModelSpec, Status, TextSpec
+
+if TYPE_CHECKING:
+    from ..data import Tokens
+    from ..heal.config import HealConfig
+    from ..loading import LoadedModel
+    from ..heal import HealConfig
 
 STATE_FILE = "frontier_state.json"
 
@@ -37,28 +43,32 @@ class FrontierResult:
 
 
 def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = CaptureSpec(), *,
-                 report: str | Path | None = None, budgets: str | None = None,
+                 report: str | Path | None = None, budgets: Sequence[int] | None = None,
                  constraints: PlanConstraints = PlanConstraints(), tolerance: float = defaults.TOLERANCE,
-                 heal_config: Any = None, heal_data: str | Path | None = None, other_text: str | Path | None = None,
-                 control: bool = True, out: Path | None = None, resume: bool = False, progress: Say | None = None,
+                 baselines: Sequence[str] = (), heal_config: "HealConfig | None" = None,
+                 heal_data: str | Path | None = None, other_text: str | Path | None = None, control: bool = True,
+                 out: Path | None = None, resume: bool = False, progress: Say | None = None,
                  status: Status | None = None) -> FrontierResult:
-    """The sharing frontier of `source` over `budgets` ("1-15", "3,8,15"; default 1 up to half the layers).
+    """The sharing frontier of `source` over `budgets` (layer counts; default 1 up to half the layers).
 
     Plans are chosen by measured output damage on calibration tokens of `text` and measured on its held-out part
     (`text.n_seqs` sequences of the report's length; `text.seq_len` None: the analysis default). `heal_config` (a `heal.HealConfig`): each plan is also healed on
     `heal_data` (default: the calibration part of the default text) and judged against the control on the held-out
     part of that data and on `other_text` (`pipeline.heal.heal_evals`). `capture`: how a fresh attention report is
-    measured when `report` is None. `progress(message)` hears one line per measurement, heal step and budget.
+    measured when `report` is None. `baselines` (`choices.BASELINES`): the plans a researcher tries first, chosen on
+    the same calibration tokens and judged beside each budget's plan on the same held-out tokens, paired.
+    `progress(message)` hears one line per measurement, heal step and budget.
     """
     say = progress or (lambda _m: None)
     check_budgets(budgets, source.model if report is None else None)  # fails fast, before the model loads
+    check_baselines(baselines)
     check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
     if heal_config is not None:
         heal_other_text(heal_data, other_text, "--other-text")  # a mixture of both built-in texts needs a held-out text of another kind
     started = time.perf_counter()
     att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, status=status)
     loaded = loaded or placed.load(status)
-    wanted = parse_budgets(budgets, loaded.info.n_layers)  # the range against the loaded model (a report's, too)
+    wanted = check_budgets(budgets, n_layers=loaded.info.n_layers)  # the range against the loaded model (a report's, too)
     seq_len = att.seq_len or text.seq_len or defaults.SEQ_LEN
     sized = replace(text, seq_len=seq_len)
     calibration, heldout = sized.damage_batch(loaded), sized.batch(loaded, "heldout")
@@ -66,9 +76,9 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     key = _state_key(loaded, calibration, heldout, constraints, heal_config, heal_data, other_text)
     state = _resumed(state_path, key, resume, say)
     save = lambda s: write_json(state_path, {"key": key, **s.to_dict()})  # noqa: E731
-    state, held = measure_frontier(loaded, att, calibration, heldout, wanted, constraints=constraints, state=state,
-                                   progress=say, on_measured=save)
-    baseline = {"nll": held.baseline_nll, "perplexity": math.exp(held.baseline_nll)}
+    state, untouched = measure_frontier(loaded, att, calibration, heldout, wanted, constraints=constraints,
+                                        state=state, baselines=baselines, progress=say, on_measured=save)
+    baseline = {"nll": untouched.untouched_nll_mean, "perplexity": untouched.untouched_perplexity}
     healing = None
     if heal_config is not None:
         healing = heal_frontier(placed, loaded, state, heal_data, other_text, text, heal_config, control=control,
@@ -79,8 +89,8 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     return FrontierResult(frontier, out_dir, write_frontier(frontier, out_dir))
 
 
-def heal_frontier(placed: ModelSpec, loaded: Any, state: FrontierState, data: str | Path | None,
-                  other_text: str | Path | None, text: TextSpec, config: Any, *, control: bool, save: Callable,
+def heal_frontier(placed: ModelSpec, loaded: LoadedModel, state: FrontierState, data: str | Path | None,
+                  other_text: str | Path | None, text: TextSpec, config: HealConfig, *, control: bool, save: Callable,
                   progress: Say, status: Status | None = None) -> dict[str, Any]:
     """Heal each point's plan from the untouched weights with `config`, judged against the control (cached: one for
     the model and recipe); the results go into each point's `healed` (saved after each heal)."""
@@ -138,7 +148,7 @@ def write_frontier(frontier: Frontier, out: Path) -> list[Path]:
     return [frontier.save(out / "frontier.json")] + plot_frontier(frontier, out / "frontier")
 
 
-def _state_key(loaded: Any, calibration: Any, heldout: Any, constraints: PlanConstraints, heal_config: Any,
+def _state_key(loaded: LoadedModel, calibration: Tokens, heldout: Tokens, constraints: PlanConstraints, heal_config: HealConfig,
                heal_data: Any, other_text: Any) -> str:
     """What a saved state must have been made with to be resumed: the weights, the tokens, the constraints, the heal."""
     from ..heal import weights_fingerprint

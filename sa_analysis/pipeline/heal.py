@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -21,6 +21,9 @@ from ..prechecks import check_before_loading, check_data_file, heal_other_text
 from ..shapes import check_seq_len
 from ..validate import check_plan_for_model
 from .inputs import ModelSpec, Status, TextSpec
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 
 @dataclass
@@ -106,7 +109,7 @@ HEAL_DATA_TEXT = "heal data, held out"
 OTHER_TEXT = "other text"
 
 
-def heal_evals(loaded: Any, data: str | Path | None, text: TextSpec) -> dict[str, Any]:
+def heal_evals(loaded: LoadedModel, data: str | Path | None, text: TextSpec) -> dict[str, Any]:
     """The two held-out texts a heal is judged on: the held-out part of its training data (as many sequences as that
     part holds, up to `text.n_seqs`) and `text.text`, of another kind (`prechecks.heal_other_text`: by default the
     standard library's source code when healing on the documentation text, else the documentation)."""

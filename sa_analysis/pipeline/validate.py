@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import defaults
 from ..errors import UserError
@@ -13,8 +13,12 @@ from ..loading import LoadedModel
 from ..patch import check_mode
 from ..planner import PlanConstraints, SharePlan
 from ..prechecks import check_before_loading
-from ..validate import PlanSearch, ValidationReport, check_plan_for_model, check_tasks, search_plans, validate_plan
+from ..search import PlanSearch, search_plans
+from ..validate import ValidationReport, check_plan_for_model, check_tasks, validate_plan
 from .inputs import ModelSpec, Status, TextSpec, status_of
+
+if TYPE_CHECKING:
+    from ..report import AttentionReport
 
 
 def check_validate_options(plan_file: str | Path | None, spans: str | None, mode: str, tasks: Sequence[str],
@@ -69,7 +73,7 @@ def run_validate(source: ModelSpec, text: TextSpec, *, plan_file: str | Path | N
     return report, report.save(out_dir / "validation.json")
 
 
-def run_search(report: Any, source: ModelSpec, text: TextSpec, *, out: Path, max_budget: int,
+def run_search(report: AttentionReport, source: ModelSpec, text: TextSpec, *, out: Path, max_budget: int,
                tolerance: float = defaults.TOLERANCE, mode: str = "fast", cost: str = "kl",
                constraints: PlanConstraints = PlanConstraints(), status: Status | None = None,
                progress: Callable[[str], None] | None = None, loaded: LoadedModel | None = None,

@@ -18,7 +18,8 @@ rerun on bootstrap resamples of the analysed sequences (`stability`).
 
 Modules: `costs` (the cost matrix, sensitivity), `heads` (head alignment), `masks` (windows per layer), `pricing`
 (what each pair costs, all of the above combined), `layers` (anchors, spans, shareable layers, budgets), `optimal`
-(the dynamic programme), `stability` (bootstrap), `plan` (SharePlan), `strategies` (the optimal plan and the baselines).
+(the dynamic programme), `stability` (bootstrap), `record` (what a plan's measured damage is, as data: `Damage`,
+`PlanDamage`, which `SharePlan` carries), `plan` (SharePlan), `strategies` (the optimal plan and the baselines).
 """
 
 from .costs import COSTS, apply_sensitivity, cost_matrix

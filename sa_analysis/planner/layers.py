@@ -132,22 +132,28 @@ def parse_budget(text: str) -> int | float:
     return value
 
 
+def parse_ranges(text: str, what: str, example: str) -> list[tuple[int, int]]:
+    """[(first, last)] of "a-b,c" in the order written: the one reader of ranges of numbers (layer lists, spans,
+    budgets); one sentence naming `what` was unreadable and how to write it (`example`)."""
+    ranges = []
+    for part in str(text).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"Could not read {what} {part.strip()!r}; write {example}.")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise UserError(f"The {what} range {part.strip()!r} runs backwards; write it as {last}-{first}.")
+        ranges.append((first, last))
+    return ranges
+
+
 def parse_layers(text: str | None) -> list[int]:
     """Parse "0,1,31" (ranges like "28-31" allowed) into a sorted list of layer indices."""
     if text is None or not text.strip():
         return []
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match:
-            raise UserError(f"Could not read layer list {text!r}; write indices separated by commas, e.g. 0,1,31 or 28-31.")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) else lo
-        if hi < lo:
-            raise UserError(f"The layer range {part!r} runs backwards; write it as {hi}-{lo}.")
-        layers.update(range(lo, hi + 1))
-    return sorted(layers)
+    ranges = parse_ranges(text, "layer list", "indices separated by commas, e.g. 0,1,31 or 28-31")
+    return sorted({layer for first, last in ranges for layer in range(first, last + 1)})
 
 
 @dataclass(frozen=True)

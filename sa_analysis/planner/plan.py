@@ -4,17 +4,16 @@ reference code's form, the list of layers not shared)."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 
 from .. import defaults
 from ..artefact import JsonArtefact
-from ..damage.record import PlanDamage
+from .record import PlanDamage
 from ..errors import UserError
 from ..report import AttentionReport
-from .layers import anchors_for, as_layers, spans_for
+from .layers import anchors_for, as_layers, parse_ranges, spans_for
 from .masks import layer_windows
 
 
@@ -266,18 +265,11 @@ def _parse_spans(spec: str, n_layers: int) -> list[tuple[int, int]]:
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("The spans are empty; write followers as first-last ranges, e.g. --spans 23-26,28-30.")
     spans = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise UserError(f"Could not read span {part.strip()!r}; write followers as first-last ranges, e.g. 23-26,28-30.")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise UserError(f"The span {part.strip()} runs backwards; write it as {last}-{first}.")
+    for first, last in parse_ranges(spec, "span", "followers as first-last ranges, e.g. 23-26,28-30"):
         if first < 1:
-            raise UserError(f"The span {part.strip()} shares layer 0, which has no earlier layer to reuse; start spans at 1 or later.")
+            raise UserError(f"The span {first}-{last} shares layer 0, which has no earlier layer to reuse; start spans at 1 or later.")
         if last >= n_layers:
-            raise UserError(f"The span {part.strip()} goes past the last layer ({n_layers - 1}) of this model; use indices 1..{n_layers - 1}.")
+            raise UserError(f"The span {first}-{last} goes past the last layer ({n_layers - 1}) of this model; use indices 1..{n_layers - 1}.")
         spans.append((first, last))
     spans.sort()
     shared: set[int] = set()
@@ -362,3 +354,6 @@ def model_shape_numbers(info: Mapping[str, Any]) -> dict[str, int | None]:
     if hidden is None and hq and d:
         hidden = hq * d
     return {"n_heads": hq, "n_kv_heads": hkv, "head_dim": d, "hidden_size": hidden}
+
+
+PlanLike = Union["SharePlan", Mapping[int, int], str]  # a SharePlan, {follower: anchor}, or spans ("23-26,28-30")

@@ -31,9 +31,11 @@ def saved_percent(point: Any) -> float:
 
 def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, Mapping[str, Any]] | None = None,
                   formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Draw a `validate.frontier.Frontier` (read through its fields). `baselines`: {name: {"saved": [%], "before":
-    [% change], "after": {text: [% change]}}} for other plans at the same budgets (the benchmark's)."""
+    """Draw a `search.frontier.Frontier` (read through its fields). `baselines`: {name: {"saved": [%], "before":
+    [% change], "after": {text: [% change]}}} for other plans at the same budgets; default: those the frontier
+    measured (`frontier --baselines`, `baseline_series`)."""
     points = sorted(frontier.points, key=lambda p: p.budget)
+    baselines = baseline_series(frontier) if baselines is None else baselines
     healed = [p for p in points if p.healed]
     faithful = bool(healed) and all(v.get("kl_after") is not None for p in healed for v in p.healed.values())
     with paper_style():
@@ -56,6 +58,22 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
         axes[0].annotate(f"tolerance {100 * frontier.tolerance:g}%", (0.99, 100 * frontier.tolerance), fontsize=6,
                          xycoords=("axes fraction", "data"), ha="right", va="bottom", color=PALETTE[6])
         return save_figure(fig, path_stem, formats)
+
+
+def baseline_series(frontier: Any) -> dict[str, dict[str, Any]]:
+    """The baselines the frontier measured beside its plans, as the figure draws them: per method the KV cache saved,
+    the held-out % change against the unshared model and, where a baseline was healed, its % change against the
+    control per text (`healed`)."""
+    base = frontier.baseline["perplexity"]
+    series: dict[str, dict[str, Any]] = {}
+    for point in sorted(frontier.points, key=lambda p: p.budget):
+        for method, row in (point.baselines or {}).items():
+            entry = series.setdefault(method, {"saved": [], "before": [], "after": {}})
+            entry["saved"].append(saved_percent(point))
+            entry["before"].append(100 * (row["heldout"]["perplexity"] / base - 1))
+            for text, values in (row.get("healed") or {}).items():
+                entry["after"].setdefault(text, []).append(100 * values["change"])
+    return series
 
 
 def _log_change_axis(axis: Any) -> None:

@@ -24,7 +24,7 @@ from .style import PALETTE, draw_standard_error, new_figure, paper_style, save_f
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..planner import SharePlan
-    from ..validate import PlanSearch
+    from ..search import PlanSearch
 
 PLAN_COST_TO_METRIC = {"kl": "kl", "cosine": "cosine_flat", "cosine_row": "cosine_row"}
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..loading import ModelInfo
 
 TRITON_BM, TRITON_BN = 64, 64  # the emit kernel's default tile (rows, keys); key chunks align to TRITON_BN
 
@@ -48,7 +51,7 @@ class StreamPlan:
                 f"forward {self.bytes_forward / GIB:.2f}), free {free} on {self.device}")
 
 
-def _shape(info: Any) -> dict[str, int]:
+def _shape(info: ModelInfo) -> dict[str, int]:
     """Shape numbers from a ModelInfo (or anything with the same attributes)."""
     return dict(L=info.n_layers, H=info.n_heads, Hkv=info.n_kv_heads or info.n_heads, D=info.head_dim,
                 hidden=info.hidden_size, inter=info.intermediate_size, vocab=info.vocab_size)
@@ -90,7 +93,7 @@ def free_bytes(device: torch.device | str) -> int | None:
     return int(free + max(cached, 0))
 
 
-def check_fits(info: Any, seq_len: int, device: torch.device | str, *, operand_dtype: torch.dtype | None = None,
+def check_fits(info: ModelInfo, seq_len: int, device: torch.device | str, *, operand_dtype: torch.dtype | None = None,
                block_rows: int | None = None, memory_fraction: float = 0.8,
                free: int | None = None, max_operand_bytes: int | None = None, sample: Any = None) -> StreamPlan:
     """Plan a streaming run of `seq_len` tokens on `device`, or raise a UserError that says the longest length that fits.

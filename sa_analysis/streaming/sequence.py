@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +12,9 @@ from .engine import StreamingStatistics
 from .memory import check_fits
 from .sampling import RowSample
 from .store import QKStore
+
+if TYPE_CHECKING:
+    from ..loading import ModelInfo
 
 # ----- the entry point ------------------------------------------------------------------------------------------------
 def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int = 0, sample: RowSample | None = None,
@@ -72,7 +75,7 @@ def stream_sequence_stats(model, input_ids: torch.Tensor, *, exclude_first: int 
     return stats, logits
 
 
-def _share(info: Any, n_layers: int) -> Any:
+def _share(info: ModelInfo, n_layers: int) -> Any:
     """A copy of `info` with only `n_layers` layers (the part of the model on one device)."""
     import copy
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from ..errors import UserError
 from ..patch import plan_anchors
 
+if TYPE_CHECKING:
+    from ..loading import ModelInfo
+    from ..planner.plan import PlanLike
 
-def as_plan(plan: Any, n_layers: int, model: Mapping[str, Any] | None = None):
+
+def as_plan(plan: PlanLike, n_layers: int, model: Mapping[str, Any] | None = None):
     """A planner `SharePlan` from a SharePlan, a `{follower: anchor}` mapping, or a spans string ("23-26,28-30")."""
     from ..planner import SharePlan
 
@@ -22,7 +26,7 @@ def as_plan(plan: Any, n_layers: int, model: Mapping[str, Any] | None = None):
     return SharePlan(n_layers=n_layers, followers=sorted(anchor_of), model=dict(model or {}))
 
 
-def check_plan_for_model(plan: Any, info: Any) -> None:
+def check_plan_for_model(plan: PlanLike, info: ModelInfo) -> None:
     """A plan made for another model (layer count, shape or name) is a user error, said in one sentence."""
     shape = getattr(plan, "model", None) or {}
     if int(getattr(plan, "n_layers", info.n_layers)) != info.n_layers:
@@ -35,7 +39,7 @@ def check_plan_for_model(plan: Any, info: Any) -> None:
         raise UserError(f"The plan was made for {name} but the model is {info.name}; pass --model {name} or a plan made for this model.")
 
 
-def predicted_savings(plan: Any, info: Any, context_len: int) -> dict[str, Any] | None:
+def predicted_savings(plan: PlanLike, info: ModelInfo, context_len: int) -> dict[str, Any] | None:
     """The planner's predicted savings for this model's shape at `context_len` (None for plans without them)."""
     if not hasattr(plan, "savings"):
         return None

@@ -8,7 +8,7 @@ from typing import ClassVar, Any
 
 from .. import defaults
 from ..artefact import JsonArtefact
-from ..damage.record import PlanDamage
+from ..planner.record import PlanDamage
 
 REPORT_FORMAT = "sa-analysis/validation-report"
 FORMAT_VERSION = 1

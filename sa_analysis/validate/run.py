@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 
 from .. import defaults
@@ -12,17 +12,23 @@ from ..errors import UserError
 from ..patch import check_mode
 from .plans import as_plan, check_plan_for_model, predicted_savings
 from ..damage.compare import token_ids
+from ..damage.heldout import Untouched
 from ..parts import model_device
-from .quality import Baseline, baseline, measure_quality
+from .quality import baseline, measure_quality
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .speed import compare_speed
 from .tasks import check_tasks, compare_tasks
 
+if TYPE_CHECKING:
+    from ..data import Tokens
+    from ..loading import LoadedModel, ModelInfo
+    from ..planner.plan import PlanLike
+
 
 def validate_plan(
-    loaded: Any,
-    plan: Any,
-    batch: Any,
+    loaded: LoadedModel,
+    plan: PlanLike,
+    batch: Tokens,
     *,
     mode: str = "fast",
     tolerance: float = DEFAULT_TOLERANCE,
@@ -33,7 +39,7 @@ def validate_plan(
     speed_new_tokens: int = defaults.DECODE_TOKENS,
     speed_repeats: int = 3,
     batch_size: int = 4,
-    baseline_outputs: Baseline | None = None,
+    baseline_outputs: Untouched | None = None,
 ) -> ValidationReport:
     """Baseline vs patched on the held-out `batch` (a TokenBatch of split "heldout", or ids [S, T]).
 
@@ -68,7 +74,7 @@ def validate_plan(
     )
 
 
-def mask_notes(plan: Any, info: Any, seq_len: int) -> list[str]:
+def mask_notes(plan: PlanLike, info: ModelInfo, seq_len: int) -> list[str]:
     """What sharing does to followers whose anchor's mask differs from their own, and, when the held-out sequences
     are no longer than the window involved, that this validation cannot see it."""
     from ..planner import layer_windows, mask_note

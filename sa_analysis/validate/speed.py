@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .. import compat, defaults
 from ..patch import cache_bytes, share_attention
 from ..parts import model_device
+
+if TYPE_CHECKING:
+    from ..planner.plan import PlanLike
 
 
 class Timer:
@@ -109,7 +112,7 @@ def _peak_memory(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> in
     return int(torch.cuda.max_memory_allocated(device))
 
 
-def compare_speed(model: torch.nn.Module, plan: Any, prompt: torch.Tensor, mode: str = "fast", n_new: int = defaults.DECODE_TOKENS,
+def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, mode: str = "fast", n_new: int = defaults.DECODE_TOKENS,
                   warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Baseline and patched speed and memory on the same prompt, with patched / baseline ratios.
 

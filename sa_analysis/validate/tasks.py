@@ -7,12 +7,15 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..patch import share_attention
+
+if TYPE_CHECKING:
+    from ..planner.plan import PlanLike
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # the shipped offline tasks (sa_tiny_mc)
 
@@ -163,7 +166,7 @@ def _run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], l
             for task, metrics in results.items()}
 
 
-def compare_tasks(model: torch.nn.Module, tokenizer: Any, plan: Any, tasks: Sequence[str], mode: str = "fast",
+def compare_tasks(model: torch.nn.Module, tokenizer: Any, plan: PlanLike, tasks: Sequence[str], mode: str = "fast",
                   limit: int | None = None) -> dict[str, Any]:
     """The tasks on the baseline and the patched model: {"baseline": ..., "patched": ..., "change": ...}."""
     base = run_tasks(model, tokenizer, tasks, limit=limit)

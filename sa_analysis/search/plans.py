@@ -1,21 +1,26 @@
-"""`search_plans`: plan -> validate -> re-plan (docs/DESIGN.md section 4), with measured sensitivity fed back."""
+"""`search_plans`: plan -> measure -> re-plan (docs/DESIGN.md section 4), with measured sensitivity fed back; the
+budgets walked by the one budget sweep (`search.sweep`), the chosen plan proved on held-out text by `validate`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Any, Callable, Mapping, Sequence
 
 
 from ..artefact import JsonArtefact
 from ..damage.compare import token_ids
-from ..damage.measure import Meter, check_report_fits, plan_from_damage
-from ..damage.prefix import PrefixRun
-from ..damage.record import SEARCH_BASIS, Damage, PlanDamage
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints
+from ..planner.record import SEARCH_BASIS, Damage, PlanDamage
 from ..stats import ppl_change as ppl_change_of
-from .report import DEFAULT_TOLERANCE, ValidationReport
-from .run import check_options, validate_plan
+from ..validate.report import DEFAULT_TOLERANCE, ValidationReport
+from ..validate.run import check_options, validate_plan
+from .sweep import BudgetSweep
+
+if TYPE_CHECKING:
+    from ..data import Tokens
+    from ..loading import LoadedModel, ModelInfo
+    from ..report import AttentionReport
 
 SEARCH_FORMAT = "sa-analysis/plan-search"
 
@@ -58,10 +63,10 @@ class PlanSearch(JsonArtefact):
 
 
 def search_plans(
-    loaded: Any,
-    report: Any,
-    calibration: Any,
-    heldout: Any,
+    loaded: LoadedModel,
+    report: AttentionReport,
+    calibration: Tokens,
+    heldout: Tokens,
     *,
     budgets: Sequence[int] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -89,18 +94,15 @@ def search_plans(
     """
     from .. import planner
 
-    check_report_fits(report, loaded)
     check_options(mode, tolerance)
     say = progress or (lambda _msg: None)
-    run = PrefixRun.record(loaded.model, calibration)
-    meter = Meter(say)
-    table = table or DamageTable(report.n_layers, run.n_seqs, run.n_tokens, run.baseline_nll)
+    sweep = BudgetSweep.start(loaded, report, calibration, constraints=constraints, table=table, progress=say)
+    run, table, meter = sweep.run, sweep.table, sweep.meter
     mask = planner.shareable_mask(report.n_layers, constraints.first_shareable, constraints.keep)
     rows: list[dict[str, Any]] = []
     proposed: dict[tuple, Any] = {}
     limit = planner.max_followers(mask, constraints.max_span)
-    for budget in sorted(int(b) for b in budgets) if budgets else range(1, limit + 1):
-        found = plan_from_damage(loaded, report, run, budget=budget, constraints=constraints, table=table, meter=meter)
+    for budget, found in sweep.plans(budgets if budgets else range(1, limit + 1)):
         passed_any = False
         for checked in found.checked:
             plan = replace(found.plan, followers=checked["followers"], head_map=_maps_for(checked, table, found.plan),
@@ -184,7 +186,7 @@ def _row_key(row: Mapping[str, Any]) -> tuple:
     return tuple(row["followers"]), tuple(sorted(row.get("aligned", [])))
 
 
-def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: Any, table: DamageTable):
+def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: ModelInfo, table: DamageTable):
     """The chosen plan as measured (its head maps included), for this model's shape, with its damage on calibration
     text as the prediction `validate` prints next to its held-out measurement."""
     damage = PlanDamage.of_checked(row, table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)

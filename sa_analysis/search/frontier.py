@@ -1,27 +1,32 @@
 """The sharing frontier: for each number of shared layers, the recommended plan, what it is predicted to cost, what it
 costs on held-out text, and what it saves; the curve that decides how many layers to share.
 
-One `PrefixRun` of the calibration tokens and one `DamageTable` serve every budget, so a pair or a span measured
-for one budget is not measured again for the next (the frontier costs little more than its largest budget alone).
-The held-out tokens have a `PrefixRun` of their own: each plan's held-out damage is measured from its lowest anchor
-on, and its perplexity is `exp(baseline NLL + NLL change)` on those tokens. The state (the table and the points done)
+The budgets are walked by the one budget sweep (`search.sweep`: one `PrefixRun` of the calibration tokens and one
+`DamageTable` serve every budget). Each plan is measured on the held-out tokens by the one held-out measurement
+(`damage.heldout`, as `validate` and `heal` measure), against the untouched model recorded once on them. The state (the table and the points done)
 can be written after every measurement, so a run that is stopped resumes without measuring anything twice.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+import torch
 
 from ..artefact import JsonArtefact
-from ..damage.measure import Meter, plan_from_damage
-from ..damage.prefix import PrefixRun
-from ..damage.record import Damage
+from ..damage.heldout import HeldOut, Untouched, measure_heldout
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
 from ..progress import Say
+from .baselines import baseline_plans, judge_baselines
+from .sweep import BudgetSweep
+
+if TYPE_CHECKING:
+    from ..data import Tokens
+    from ..loading import LoadedModel
+    from ..report import AttentionReport
 
 
 
@@ -40,6 +45,8 @@ class FrontierPoint:
     healed: dict[str, dict[str, float]] | None = None  # {text: {"baseline", "patched", "healed", "control", "change",
     #   "change_untouched", the heal report's gaps: "before", "after", "after_untouched", "kl_before", "kl_after", ...}}
     healed_run: dict[str, Any] | None = None  # the heal's trainable parameters, seconds, first and last loss
+    baselines: dict[str, dict[str, Any]] | None = None  # {method: followers, held-out summary, vs_recommended [mean,
+    #   low, high] ratio - 1, calibration KL / NLL change} (`search.baselines.judge_baselines`), with --baselines
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,60 +72,60 @@ class FrontierState:
         return cls(DamageTable.from_dict(data["table"]), {p.budget: p for p in points})
 
 
-def heldout_summary(held: PrefixRun, plan: SharePlan) -> dict[str, float]:
-    """The plan measured whole on held-out tokens: KL and NLL change with intervals, top-1 agreement, perplexity
-    (with the interval of its NLL change)."""
-    return summary_with_perplexity(held, held.damage(plan.anchor_of, plan.head_map))
+def heldout_summary(model: torch.nn.Module, held: Untouched, plan: SharePlan) -> dict[str, float]:
+    """The plan measured whole on held-out tokens (`damage.heldout`, the one held-out measurement): KL and NLL change
+    with intervals, top-1 agreement, perplexity (with the interval of its NLL change)."""
+    return measure_heldout(model, held, plan).summary()
 
 
-def summary_with_perplexity(held: PrefixRun, measured: Damage) -> dict[str, float]:
-    """`measured.summary()` (a plan's damage on `held`'s tokens) with the perplexity it means, and its interval."""
-    summary = measured.summary()
-    for suffix in ("", "_low", "_high"):
-        summary[f"perplexity{suffix}"] = math.exp(held.baseline_nll + summary[f"nll_change{suffix}"])
-    return summary
-
-
-def measure_frontier(loaded: Any, report: Any, calibration: Any, heldout: Any, budgets: Iterable[int], *,
-                     constraints: PlanConstraints = PlanConstraints(), state: FrontierState | None = None,
-                     progress: Say | None = None, on_measured: Callable[[FrontierState], None] | None = None,
-                     ) -> tuple[FrontierState, PrefixRun]:
-    """The recommended plan at each budget (ascending), measured on held-out text; returns (state, held-out run).
+def measure_frontier(loaded: "LoadedModel", report: "AttentionReport", calibration: Tokens, heldout: Tokens,
+                     budgets: Iterable[int], *, constraints: PlanConstraints = PlanConstraints(),
+                     state: FrontierState | None = None, baselines: Sequence[str] = (), progress: Say | None = None,
+                     on_measured: Callable[[FrontierState], None] | None = None) -> tuple[FrontierState, HeldOut]:
+    """The recommended plan at each budget (ascending, `BudgetSweep`), measured on held-out text; returns (state, the
+    untouched model on the held-out tokens).
 
     `calibration` / `heldout`: token batches (or ids [S, T]); `state`: what an earlier run measured (its points are
-    kept, its table reused); `on_measured(state)` after every measurement and every point (to save it).
+    kept, its table reused); `baselines`: methods of `search.baselines.BASELINES` chosen on the same calibration tokens
+    and judged beside each budget's plan on the same held-out tokens; `on_measured(state)` after every measurement and
+    every point (to save it).
     """
-    say = progress or (lambda _m: None)
     budgets = sorted(set(int(b) for b in budgets))
-    run = PrefixRun.record(loaded.model, calibration)
-    held = PrefixRun.record(loaded.model, heldout)
-    state = state or FrontierState(DamageTable(report.n_layers, run.n_seqs, run.n_tokens, run.baseline_nll))
-    meter = Meter(say)
+    sweep = BudgetSweep.start(loaded, report, calibration, constraints=constraints,
+                              table=state.table if state else None, progress=progress)
+    held = Untouched.record(loaded.model, heldout)
+    state = state or FrontierState(sweep.table)
     if on_measured is not None:
-        meter.after = lambda: on_measured(state)
-    started, todo = time.perf_counter(), [b for b in budgets if b not in state.points]
-    for i, budget in enumerate(todo):
-        say(f"budget {budget} ({i + 1} of {len(todo)}){_time_left(meter, todo[i:])}")
-        search = plan_from_damage(loaded, report, run, budget=budget, constraints=constraints, table=state.table,
-                                  meter=meter)
+        sweep.meter.after = lambda: on_measured(state)
+    started = time.perf_counter()
+    for budget, search in sweep.plans(b for b in budgets if b not in state.points):
         plan = search.plan
         plan.constraints.setdefault("budget", budget)
         state.points[budget] = FrontierPoint(
             budget=budget, plan=plan.to_dict(), predicted=dict(plan.damage.plan),
-            heldout=heldout_summary(held, plan), savings=plan.savings(), measurements=meter.count,
+            heldout=heldout_summary(loaded.model, held, plan), savings=plan.savings(), measurements=sweep.meter.count,
             seconds=round(time.perf_counter() - started, 1))
         if on_measured is not None:
             on_measured(state)
-    return state, held
+    if baselines:
+        _judge_baselines(loaded, sweep, held, state, budgets, baselines, on_measured)
+    return state, measure_heldout(None, held)
 
 
-def _time_left(meter: Meter, budgets: list[int]) -> str:
-    """An estimate of the time left once the shared pair measurements are made: each budget left costs about its
-    size plus two whole measurements (its plan and neighbours checked whole, a span or two re-measured)."""
-    if not meter.count:
-        return ""
-    per = meter.seconds / meter.count
-    return f", about {per * sum(b + 2 for b in budgets):.0f} s of measurements left"
+def _judge_baselines(loaded: "LoadedModel", sweep: BudgetSweep, held: Untouched, state: FrontierState,
+                     budgets: list[int], names: Sequence[str], on_measured: Callable | None) -> None:
+    """The baselines of every budget asked that has none yet, judged beside its recommended plan."""
+    todo = sorted(b for b in set(budgets) if state.points[b].baselines is None)
+    if not todo:
+        return
+    sweep.meter.say(f"baselines ({', '.join(names)}) at {len(todo)} budget(s)")
+    plans = baseline_plans(sweep.run, todo, names, first_shareable=sweep.constraints.first_shareable,
+                           model=loaded.info.shape(), progress=sweep.meter.say)
+    for budget in todo:
+        point = state.points[budget]
+        point.baselines = judge_baselines(loaded.model, sweep.run, held, SharePlan.from_dict(point.plan), plans[budget])
+        if on_measured is not None:
+            on_measured(state)
 
 
 def within_tolerance(points: Iterable[FrontierPoint], tolerance: float, key: Callable[[FrontierPoint], float | None]

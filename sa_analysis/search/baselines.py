@@ -8,16 +8,22 @@
   (by index) and keeps the least damaging; the plans are nested, so one run gives every budget up to its largest.
 
 All are measured with the same `PrefixRun` as the recommended plan (next-token KL on calibration tokens), so they are
-chosen with the same information, and judged on held-out text by the caller.
+chosen with the same information, and judged on the same held-out tokens (`judge_baselines`, paired intervals against
+the recommendation): `frontier --baselines` puts them beside the recommendation at each budget.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+import torch
+
+from ..choices import BASELINES, CONTIGUOUS, GREEDY, LAST_K
+from ..damage.heldout import Untouched, measure_heldout
+from ..damage.prefix import PrefixRun
 from ..planner import SharePlan
 from ..progress import Say
-from .prefix import PrefixRun
+from ..stats import paired_interval, ppl_change
 
 
 
@@ -66,3 +72,38 @@ def greedy_plans(run: PrefixRun, max_k: int, first_shareable: int = 1, model: di
         plans[k] = (plan, best[2])
         say(f"greedy step {k}: + layer {best[1]} -> KL {best[0]:.4f}")
     return plans
+
+
+def baseline_plans(run: PrefixRun, budgets: Sequence[int], names: Sequence[str], *, first_shareable: int = 1,
+                   model: dict[str, Any] | None = None, progress: Say | None = None) -> dict[int, dict[str, SharePlan]]:
+    """{budget: {method: plan}} for the baselines named (`BASELINES`), chosen on the calibration run; greedy
+    selection runs once, nested, up to the largest budget."""
+    plans: dict[int, dict[str, SharePlan]] = {k: {} for k in budgets}
+    greedy = (greedy_plans(run, max(budgets), first_shareable, model, progress)
+              if GREEDY in names and budgets else {})
+    for k in budgets:
+        if LAST_K in names:
+            plans[k][LAST_K] = last_layers_plan(run.n_layers, k, model)
+        if CONTIGUOUS in names:
+            plans[k][CONTIGUOUS] = best_contiguous_plan(run, k, first_shareable, model, progress)[0]
+        if GREEDY in names:
+            plans[k][GREEDY] = greedy[k][0]
+    return plans
+
+
+def judge_baselines(model: torch.nn.Module, run: PrefixRun, held: Untouched, recommended: SharePlan,
+                    plans: Mapping[str, SharePlan]) -> dict[str, dict[str, Any]]:
+    """Each baseline plan on the held-out tokens (the one held-out measurement), beside the recommended plan of its
+    budget: its held-out summary, its difference from the recommendation (held-out NLL change paired over the same
+    sequences, as a perplexity ratio - 1 with its 95 % interval; positive: the baseline is worse), and what its
+    method saw when it chose (KL and NLL change on the calibration tokens)."""
+    ours = measure_heldout(model, held, recommended).nll_change  # [S]
+    judged = {}
+    for method, plan in plans.items():
+        measured = measure_heldout(model, held, plan)
+        mean, low, high = paired_interval(measured.nll_change, ours)
+        chosen_on = run.damage(plan.anchor_of, plan.head_map)
+        judged[method] = {"followers": list(plan.followers), "aligned": plan.aligned_followers,
+                          "heldout": measured.summary(), "vs_recommended": [ppl_change(v) for v in (mean, low, high)],
+                          "calibration": {"kl": chosen_on.kl_mean, "nll_change": chosen_on.nll_mean}}
+    return judged
