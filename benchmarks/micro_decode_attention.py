@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""One decode step's attention, kernel by kernel: what the unpatched model runs (SDPA over a static cache with its
+mask) against what the inference path runs for an anchor (its softmax row, then its output from it) and for a
+follower (the row times its own values), each compiled with CUDA graphs (`mode="reduce-overhead"`), as transformers'
+compiled static-cache step runs them.
+
+    PYTHONPATH=. python benchmarks/micro_decode_attention.py --out results/micro.json
+
+Per cell (batch x context, query heads / key-value heads): microseconds per layer (median of rounds, CUDA events,
+over `--layers` distinct caches so nothing stays in L2), and the K+V bytes a layer reads divided by that time (GB/s).
+The variants of the anchor's row are the candidates `patch.decode` can use; the table says which is fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sa_analysis.capture import AttentionInputs  # noqa: E402
+from sa_analysis.patch.decode import attend, decode_probs  # noqa: E402
+
+
+def make_layers(n_layers, batch, heads, kv_heads, context, dim, slack=64):
+    """Per layer: query [B, Hq, 1, D], key/value [B, Hkv, K, D] (K = context + slack, a static cache), mask."""
+    n_keys = context + slack
+    mask = torch.zeros(batch, 1, 1, n_keys, dtype=torch.bool, device="cuda")
+    mask[..., : context + 1] = True  # [B, 1, 1, K]: the filled part of the static cache
+    layers = []
+    for _ in range(n_layers):
+        q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, kv_heads, n_keys, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(batch, kv_heads, n_keys, dim, device="cuda", dtype=torch.bfloat16)
+        layers.append((q, k, v))
+    return layers, mask
+
+
+def inputs_of(q, k, mask):
+    return AttentionInputs(layer_idx=0, query=q, key=k, mask=mask, scaling=q.shape[-1] ** -0.5, softcap=None, sliding_window=None)
+
+
+def sdpa(q, k, v, mask):
+    """What transformers' SDPA function runs at a decode step (keys and values expanded for GQA as it does)."""
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5, enable_gqa=groups > 1)
+
+
+def anchor_row(q, k, v, mask):
+    """The inference path's anchor: the row (patch.decode.decode_probs), then its own output from it."""
+    probs = decode_probs(inputs_of(q, k, mask))
+    return attend(probs, v), probs
+
+
+def anchor_sdpa_plus_row(q, k, v, mask):
+    """Alternative: the anchor keeps the fused kernel's output and forms the row for followers beside it."""
+    return sdpa(q, k, v, mask), decode_probs(inputs_of(q, k, mask))
+
+
+def anchor_bf16_scores(q, k, v, mask):
+    """Alternative: bf16 dot products (the model's own precision) upcast before the softmax."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    grouped = q.reshape(b, hkv, h // hkv, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, G, K]
+    probs = torch.softmax(scores.masked_fill(~mask.reshape(b, 1, 1, -1), float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, 1, d).transpose(1, 2), probs
+
+
+def anchor_reduction_scores(q, k, v, mask):
+    """Alternative: fp32 dot products as a multiply-and-sum, which the compiler turns into one reduction kernel."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    grouped = q.reshape(b, hkv, h // hkv, 1, d).float()
+    scores = (grouped * k.unsqueeze(2).float()).sum(-1) * d ** -0.5  # [B, Hkv, G, K]
+    probs = torch.softmax(scores.masked_fill(~mask.reshape(b, 1, 1, -1), float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, 1, d).transpose(1, 2), probs
+
+
+def follower(probs, v):
+    """The inference path's follower: the anchor's row times its own values (bf16 matmul)."""
+    return attend(probs, v)
+
+
+def follower_reduction(probs, v):
+    """Alternative: the row (float32) times the values as a multiply-and-sum over keys (one reduction kernel)."""
+    b, h, _, k = probs.shape
+    hkv = v.shape[1]
+    grouped = probs.reshape(b, hkv, h // hkv, k, 1)  # [B, Hkv, G, K, 1]
+    out = (grouped * v.unsqueeze(2).float()).sum(-2)  # [B, Hkv, G, D]
+    return out.to(v.dtype).reshape(b, h, 1, -1).transpose(1, 2)
+
+
+FOLLOWERS = {"follower matmul (current)": follower, "follower reduction": follower_reduction}
+
+
+ANCHORS = {"sdpa (unpatched)": sdpa, "row fp32 (current)": anchor_row, "sdpa + row": anchor_sdpa_plus_row,
+           "row bf16 scores": anchor_bf16_scores, "row reduction": anchor_reduction_scores}
+
+
+def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
+    """Microseconds per layer of `fn` compiled with CUDA graphs, over all layers in one captured call."""
+
+    def step():
+        return [fn(q, k, v, mask) for q, k, v in layers]
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        compiled()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            compiled()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls / len(layers))
+    return statistics.median(times)
+
+
+def follower_times(layers, mask) -> dict[str, float]:
+    probs = [decode_probs(inputs_of(q, k, mask)) for q, k, _ in layers]
+    pairs = [(p, None, v) for p, (_, _, v) in zip(probs, layers)]
+    found = {}
+    for name, fn in FOLLOWERS.items():
+        found[name] = time_per_layer(lambda p, _k, v, _m, fn=fn: fn(p, v), pairs, mask)
+        torch._dynamo.reset()
+    reference = follower(probs[0], layers[0][2]).float()
+    for name, fn in FOLLOWERS.items():
+        error = (fn(probs[0], layers[0][2]).float() - reference).abs().max().item()
+        assert error < 5e-2, f"{name} differs from the current follower by {error}"
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", default="1x2048,8x2048,32x2048,1x8192,8x8192,1x32768,3x32768")
+    parser.add_argument("--shapes", default="32/32,32/8", help="query heads / key-value heads (Llama-2-7B, Llama-3.1-8B)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for shape in args.shapes.split(","):
+        heads, kv_heads = (int(x) for x in shape.split("/"))
+        for cell in args.cells.split(","):
+            batch, context = (int(x) for x in cell.split("x"))
+            layers, mask = make_layers(args.layers, batch, heads, kv_heads, context, 128)
+            kv_bytes = 2 * layers[0][1].numel() * 2
+            row = {"heads": heads, "kv_heads": kv_heads, "batch": batch, "context": context}
+            for name, fn in ANCHORS.items():
+                row[name] = time_per_layer(fn, layers, mask)
+                torch._dynamo.reset()
+            row.update(follower_times(layers, mask))
+            row["sdpa GB/s"] = kv_bytes / row["sdpa (unpatched)"] / 1e3
+            rows.append(row)
+            print(" | ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            del layers
+    names = ["sdpa (unpatched)", *[n for n in ANCHORS if n != "sdpa (unpatched)"], *FOLLOWERS]
+    print("\n| Hq/Hkv | batch x context | " + " | ".join(f"{n} us" for n in names) + " | sdpa GB/s |")
+    print("|---" * (len(names) + 3) + "|")
+    for row in rows:
+        cells = " | ".join(f"{row[n]:.1f}" for n in names)
+        print(f"| {row['heads']}/{row['kv_heads']} | {row['batch']}x{row['context']} | {cells} | {row['sdpa GB/s']:.0f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
