@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sa_analysis.data import (document_separator, join_documents, load_documents, one_document_cut, split_documents,
                               token_batch)
@@ -217,9 +218,19 @@ def test_the_built_in_texts_keep_their_tokens(default_tokenizer, text):
         assert batch.describe()["n_documents"] > 1 and batch.describe()["separator"] == "<|endoftext|>"
 
 
+def test_a_mixture_is_measured_on_every_kind_in_turn(default_tokenizer):
+    """A mixture's batch takes window i from source i mod 2, each source's windows as that source alone gives them:
+    a short held-out batch of docs + code holds both kinds (joined in one stream it held code only)."""
+    mixed = token_batch(default_tokenizer, text="pydoc_data.topics+python-source", split="heldout", n_seqs=4, seq_len=64)
+    docs = token_batch(default_tokenizer, text="pydoc_data.topics", split="heldout", n_seqs=2, seq_len=64)
+    code = token_batch(default_tokenizer, text="python-source", split="heldout", n_seqs=2, seq_len=64)
+    assert torch.equal(mixed.input_ids[0::2], docs.input_ids) and torch.equal(mixed.input_ids[1::2], code.input_ids)
+    assert mixed.source == "pydoc_data.topics+python-source" and mixed.split == "heldout"
+
+
 def test_a_mixture_of_kinds_keeps_each_source_split_as_it_is_alone(tmp_path):
     """Distillation needs no labels, so a heal may read several kinds of text at once ("a+b"): each source keeps its
-    own documents and its own calibration / held-out split; any stretch of the joined text holds both kinds."""
+    own documents and its own calibration / held-out split."""
     from sa_analysis.prechecks import heal_other_text
 
     rows = tmp_path / "rows.jsonl"
