@@ -29,7 +29,7 @@ from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
 from sa_analysis.planner import PlanConstraints, SharePlan, anchors_for, price_pairs
 from sa_analysis.search import search_plans
-from sa_analysis.validate import baseline, measure_quality
+from sa_analysis.validate import measure_quality, untouched
 
 
 def independent_perplexity(model, ids: torch.Tensor, anchor_of: dict[int, int], head_map: dict[int, list[int]]) -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     report = analyse(loaded, token_batch(tok, split="calibration", n_seqs=8, seq_len=256))
     heldout = token_batch(tok, split="heldout", n_seqs=8, seq_len=256)
     calibration = token_batch(tok, split="calibration", n_seqs=4, seq_len=128)
-    base = baseline(loaded.model, heldout)
+    base = untouched(loaded.model, heldout)
     prices = price_pairs(report, "kl", "on")
 
     spans = []

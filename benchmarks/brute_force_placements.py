@@ -22,7 +22,7 @@ from sa_analysis.loading import load_model
 from sa_analysis.pipeline import analyse
 from sa_analysis.planner import anchors_for, plan_spans
 from sa_analysis.search import search_plans
-from sa_analysis.validate import baseline, measure_quality
+from sa_analysis.validate import measure_quality, untouched
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     search = search_plans(loaded, report, calibration, heldout, budgets=[args.budget], tolerance=10.0,
                           stop_early=False, progress=lambda message: None)
     validated_plan = list(search.best["followers"])
-    reference = baseline(loaded.model, heldout)
+    reference = untouched(loaded.model, heldout)
 
     def perplexity(followers) -> float:
         return measure_quality(loaded.model, anchors_for(list(followers), n_layers), reference)["ppl_patched"]

@@ -37,12 +37,12 @@ from sa_analysis.data import token_batch
 from sa_analysis.loading import load_model
 from sa_analysis.pipeline import TextSpec, analyse
 from sa_analysis.planner import anchors_for, price_pairs
-from sa_analysis.damage.compare import token_ids
+from sa_analysis.damage.logprobs import token_ids
 from sa_analysis.damage.measure import Meter, measure_pairs, measure_spans, plan_from_damage
 from sa_analysis.damage.prefix import PrefixRun
 from sa_analysis.damage.table import DamageTable, plan_spans_ways, predict
 from sa_analysis.search import search_plans
-from sa_analysis.validate import baseline, measure_quality
+from sa_analysis.validate import measure_quality, untouched
 
 
 def span_plans(n_layers: int, length: int = 3) -> list[list[int]]:
@@ -85,9 +85,9 @@ def main() -> None:
     report = analyse(loaded, token_batch(loaded.tokenizer, split="calibration", n_seqs=8, seq_len=256,
                                           max_positions=loaded.info.max_positions))
     heldout_ids = token_ids(heldout_batch(loaded, args.heldout_seqs))  # [S, T]
-    heldout = baseline(model, heldout_ids)
+    heldout = untouched(model, heldout_ids)
     half = args.heldout_seqs // 2
-    halves = [baseline(model, heldout_ids[:half]), baseline(model, heldout_ids[half:])]
+    halves = [untouched(model, heldout_ids[:half]), untouched(model, heldout_ids[half:])]
     calibration = TextSpec(seq_len=256).damage_batch(loaded)
 
     timing = {}

@@ -88,7 +88,7 @@ def test_a_probe_reads_an_earlier_anchor_and_only_a_probe_may():
 
 
 def test_a_large_vocabulary_recomputes_the_baseline_from_the_head_with_the_same_numbers(monkeypatch):
-    from sa_analysis.damage import compare
+    from sa_analysis.damage import logprobs as compare
 
     model = tiny_model("llama", dtype=torch.float32, vocab_size=4096)
     ids = _ids(seq_len=40, vocab=4096)
@@ -246,7 +246,7 @@ def test_plan_from_damage_rests_on_measurements_and_checks_interactions(tmp_path
 
 def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     from sa_analysis.planner import compare_plans, evaluate_plan
-    from sa_analysis.damage.measure import measure_baselines
+    from sa_analysis.damage.measure import measure_similarity_plans
 
     loaded = _loaded(6)
     report = _report(n_layers=6, kl=np.random.default_rng(0).uniform(0.1, 1.0, (6, 6)))
@@ -254,7 +254,7 @@ def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     found = plan_from_damage(loaded, report, batch, budget=2, constraints=PlanConstraints(align_heads="off"))
     plans = compare_plans(report, evaluate_plan(found.plan, report, "kl"), cost="kl")
     count = found.meter.count
-    measured = measure_baselines(found, plans)
+    measured = measure_similarity_plans(found, plans)
     assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage.plan}
     run = PrefixRun.record(loaded.model, batch)  # an independent record of the same tokens
     for name, plan in plans.items():

@@ -134,15 +134,15 @@ def test_tasks_without_lm_eval_say_how_to_install(monkeypatch, default_tokenizer
 def test_quality_is_the_same_in_any_micro_batches_and_position_chunks(monkeypatch):
     """The baseline keeps final hidden states, never [S, T, V] log-probabilities: they are remade chunk by chunk of
     positions, so memory stays flat in the vocabulary and the numbers do not depend on the chunking."""
-    from sa_analysis.damage import compare
+    from sa_analysis.damage import logprobs as compare
     from sa_analysis.validate import quality
 
     model = tiny_model("llama", dtype=torch.float32, vocab_size=4096)
     ids = torch.randint(3, 4096, (4, 40), generator=torch.Generator().manual_seed(0))
     plan = {2: 1, 3: 1}
-    expected = quality.measure_quality(model, plan, quality.baseline(model, ids, batch_size=4))
+    expected = quality.measure_quality(model, plan, quality.untouched(model, ids, batch_size=4))
     monkeypatch.setattr(compare, "POSITION_CHUNK", 7)  # the comparison in chunks of positions
-    got = quality.measure_quality(model, plan, quality.baseline(model, ids, batch_size=2))
+    got = quality.measure_quality(model, plan, quality.untouched(model, ids, batch_size=2))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key  # float32 sums in another order

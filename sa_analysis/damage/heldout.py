@@ -5,7 +5,7 @@ agreement at every position but the last.
 `validate` (its quality section), the frontier (each budget's held-out point, and its `--baselines`) and `heal`
 (before and after healing) all measure through `measure_heldout`, so the same plan on the same tokens prints the same
 perplexity whichever command prints it. The untouched model is recorded once (`Untouched`: its final hidden states and
-output head); its log-probabilities are remade chunk by chunk (`damage.compare`), so memory stays flat in the
+output head); its log-probabilities are remade chunk by chunk (`damage.logprobs`), so memory stays flat in the
 vocabulary, and any later state of the same weights (patched, healed) is judged against that one recording.
 """
 
@@ -22,7 +22,7 @@ from .. import parts
 from ..patch import share_attention
 from ..planner.record import Damage
 from ..stats import interval, ppl_change
-from .compare import Sums, chunks, compare_chunk, log_softmax, token_ids
+from .logprobs import Sums, chunks, compare_chunk, log_softmax, token_ids
 
 if TYPE_CHECKING:
     from ..data import Tokens
@@ -122,7 +122,7 @@ def measure_heldout(model: torch.nn.Module | None, untouched: Untouched, plan: P
 
 def _measure(model: torch.nn.Module | None, untouched: Untouched) -> HeldOut:
     """Per micro-batch: the model's final hidden states, then both models' log-probabilities chunk by chunk of
-    positions, compared by `damage.compare` (the one comparison of log-probabilities)."""
+    positions, compared by `damage.logprobs` (the one comparison of log-probabilities)."""
     found: dict[str, list[float]] = {"untouched_nll": [], "nll_change": [], "kl": [], "top1": []}
     kl_max, n_tokens = 0.0, 0
     starts = range(0, untouched.input_ids.shape[0], untouched.batch_size)

@@ -9,8 +9,8 @@
 3. Interactions between spans, checked: the plan and its neighbours (the best plan without each of its followers)
    are measured whole; the least damaging is recommended, and its measured damage is the prediction for held-out
    text.
-4. The baselines (the plans similarity planners choose with as many shared layers) measured whole on the same
-   tokens (`measure_baselines`), so the recommendation is compared with them in the model's output units.
+4. The similarity planners' plans (with as many shared layers) measured whole on the same
+   tokens (`measure_similarity_plans`), so the recommendation is compared with them in the model's output units.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def plan_from_damage(loaded: LoadedModel, report: AttentionReport, batch: Tokens
     return DamageSearch(best, table, checked, run, meter)
 
 
-def measure_baselines(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each baseline plan (`planner.compare_plans`: {method: SharePlan, or why not}) measured whole on the calibration
+def measure_similarity_plans(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each similarity planner's plan (`planner.compare_plans`: {method: SharePlan, or why not}) measured whole on the calibration
     tokens the recommendation was measured on; also written into the recommended plan's `damage.baselines`.
     A plan equal to one already measured (the recommendation, or a neighbour it checked) takes that measurement."""
     if search.run is None or search.meter is None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import parts
 from ..patch import share_attention
-from .compare import KEEP_BYTES, Sums, chunks, compare_chunk, log_probs, token_ids
+from .logprobs import KEEP_BYTES, Sums, chunks, compare_chunk, log_probs, token_ids
 from ..planner.record import Damage
 
 if TYPE_CHECKING:

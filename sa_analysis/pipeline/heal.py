@@ -42,15 +42,16 @@ class HealStart:
     control: str  # "cached", "to run", "skipped" or "untouched model (distillation)"
 
 
-def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file: str | Path | None = None,
+def run_heal(source: ModelSpec, other_text: TextSpec, config: HealConfig, *, plan_file: str | Path | None = None,
              spans: str | None = None, data: str | Path | None = None, out: Path | None = None, resume: bool = False,
              status: Status | None = None, on_start: Callable[[HealStart], None] | None = None,
              on_step: Callable[[int, float], None] | None = None,
              on_phase: Callable[[str], None] | None = None, control: bool = True) -> HealReport | None:
     """Heal `source` for a plan (a plan file or spans), on Alpaca/JSONL/text `data` (its calibration part), judged
     against the control heal (`control=False` skips it: recovery is then not measured) on two held-out texts: the
-    held-out part of the data ("heal data, held out") and `text`, a text of another kind ("other text"; default: the
-    standard library's source code, against the default documentation text).
+    held-out part of the data ("heal data, held out") and `other_text`, a text of another kind ("other text"; default:
+    the standard library's source code, against the default documentation text); its `seq_len` and `n_seqs` size
+    both held-out batches.
 
     Several GPUs of one host: run under `accelerate launch --num_processes N` (one process per GPU: data parallel,
     or sharded with `config.shard="fsdp"` / `config.deepspeed`); only the main process returns the report (the
@@ -61,10 +62,11 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     if (plan_file is None) == (spans is None):
         raise UserError("Give exactly one of --plan PLAN.json or --spans 23-26,28-30.")
     out_dir = default_out_dir(out, source.model)
-    share_plan = check_before_loading(source.model, out=out_dir, text=text.text, seq_len=max(text.seq_len, config.seq_len),
+    share_plan = check_before_loading(source.model, out=out_dir, text=other_text.text,
+                                      seq_len=max(other_text.seq_len, config.seq_len),
                                       spans=spans, plan_file=plan_file)
     check_data_file(data)
-    heal_other_text(data, text.text)  # a mixture of both built-in texts needs a held-out text of another kind
+    heal_other_text(data, other_text.text)  # a mixture of both built-in texts needs a held-out text of another kind
     check_objective(config, share_plan)
     device = resolve_device(source.device)
     processes = _processes(device)  # under `accelerate launch` / torchrun: one process per GPU (gloo on CPUs)
@@ -84,7 +86,7 @@ def run_heal(source: ModelSpec, text: TextSpec, config: HealConfig, *, plan_file
     needed = config.steps * config.batch_size * config.grad_accum * processes.num_processes
     train_data = load_heal_data(data, loaded.tokenizer, seq_len=config.seq_len,
                                 vocab_size=None if loaded.tokenizer else info.vocab_size, max_examples=needed)
-    evals = heal_evals(loaded, data, text)
+    evals = heal_evals(loaded, data, other_text)
     control = control and config.objective == "lm"  # a distilled heal's control is the untouched model itself
     status = ("untouched model (distillation)" if config.objective == "distill" else "skipped" if not control else
               "cached" if control_path(control_key(loaded, config, train_data, evals)).is_file() else "to run")
@@ -109,17 +111,17 @@ HEAL_DATA_TEXT = "heal data, held out"
 OTHER_TEXT = "other text"
 
 
-def heal_evals(loaded: LoadedModel, data: str | Path | None, text: TextSpec) -> dict[str, Any]:
+def heal_evals(loaded: LoadedModel, data: str | Path | None, other_text: TextSpec) -> dict[str, Any]:
     """The two held-out texts a heal is judged on: the held-out part of its training data (as many sequences as that
-    part holds, up to `text.n_seqs`) and `text.text`, of another kind (`prechecks.heal_other_text`: by default the
+    part holds, up to `other_text.n_seqs`) and `other_text.text`, of another kind (`prechecks.heal_other_text`: by default the
     standard library's source code when healing on the documentation text, else the documentation)."""
     def batch(source, split_fewer: bool):
-        return token_batch(loaded.tokenizer, text=source, split="heldout", n_seqs=text.n_seqs, seq_len=text.seq_len,
+        return token_batch(loaded.tokenizer, text=source, split="heldout", n_seqs=other_text.n_seqs, seq_len=other_text.seq_len,
                            max_positions=loaded.info.max_positions, vocab_size=loaded.info.vocab_size,
                            allow_fewer=split_fewer)
 
     data_source = DEFAULT_TEXT if data is None else data
-    return {HEAL_DATA_TEXT: batch(data_source, True), OTHER_TEXT: batch(heal_other_text(data, text.text), False)}
+    return {HEAL_DATA_TEXT: batch(data_source, True), OTHER_TEXT: batch(heal_other_text(data, other_text.text), False)}
 
 
 def _processes(device):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import defaults
-from ..damage.measure import DamageSearch, measure_baselines, plan_from_damage
+from ..damage.measure import DamageSearch, measure_similarity_plans, plan_from_damage
 from ..loading import LoadedModel
 from ..planner import PlanConstraints, SharePlan, compare_plans, evaluate_plan, plan_spans
 from ..prechecks import check_plan_options
@@ -68,7 +68,7 @@ def run_plan(report: str | Path | None, source: ModelSpec | None, text: TextSpec
     alternatives = compare_plans(att, priced, cost=cost, first_shareable=constraints.first_shareable,
                                  keep=list(constraints.keep), max_span=plan.constraints.get("max_span"))
     if damage is not None:
-        measure_baselines(damage, alternatives)  # the baselines in output units, into plan.damage.baselines
+        measure_similarity_plans(damage, alternatives)  # the baselines in output units, into plan.damage.baselines
         damage.run = None  # the recorded layer inputs are not needed any more
     figure = out_dir / "plan.png"
     files = [plan.save(out_dir / "plan.json")]

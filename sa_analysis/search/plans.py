@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar, Any, Callable, Mapping, Sequence
 
 
 from ..artefact import JsonArtefact
-from ..damage.compare import token_ids
+from ..damage.logprobs import token_ids
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints
 from ..planner.record import SEARCH_BASIS, Damage, PlanDamage

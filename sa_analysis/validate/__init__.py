@@ -11,13 +11,13 @@ Searching for plans across budgets lives in `search` (it calls `validate_plan` o
 """
 
 from .plans import as_plan, check_plan_for_model, predicted_savings
-from .quality import baseline, measure_quality
+from .quality import measure_quality, untouched
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .run import validate_plan
 from .speed import compare_speed, measure_speed
 from .tasks import check_tasks, compare_tasks, run_tasks
 
 __all__ = [
-    "DEFAULT_TOLERANCE", "ValidationReport", "as_plan", "baseline", "check_plan_for_model", "check_tasks", "compare_speed", "compare_tasks",
-    "measure_quality", "measure_speed", "predicted_savings", "run_tasks", "validate_plan",
+    "DEFAULT_TOLERANCE", "ValidationReport", "as_plan", "check_plan_for_model", "check_tasks", "compare_speed", "compare_tasks",
+    "measure_quality", "measure_speed", "predicted_savings", "run_tasks", "untouched", "validate_plan",
 ]

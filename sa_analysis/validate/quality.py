@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..planner.plan import PlanLike
 
 
-def baseline(model: torch.nn.Module, batch: Tokens, batch_size: int = 4) -> Untouched:
+def untouched(model: torch.nn.Module, batch: Tokens, batch_size: int = 4) -> Untouched:
     """The unpatched model recorded once on `batch` (a TokenBatch or ids [S, T]), in micro-batches of `batch_size`
     sequences, to judge any number of plans against."""
     return Untouched.record(model, batch, batch_size)

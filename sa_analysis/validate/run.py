@@ -11,10 +11,10 @@ from ..artefact import provenance
 from ..errors import UserError
 from ..patch import check_mode
 from .plans import as_plan, check_plan_for_model, predicted_savings
-from ..damage.compare import token_ids
+from ..damage.logprobs import token_ids
 from ..damage.heldout import Untouched
 from ..parts import model_device
-from .quality import baseline, measure_quality
+from .quality import measure_quality, untouched
 from .report import DEFAULT_TOLERANCE, ValidationReport
 from .speed import compare_speed
 from .tasks import check_tasks, compare_tasks
@@ -39,7 +39,7 @@ def validate_plan(
     speed_new_tokens: int = defaults.DECODE_TOKENS,
     speed_repeats: int = 3,
     batch_size: int = 4,
-    baseline_outputs: Untouched | None = None,
+    untouched_outputs: Untouched | None = None,
 ) -> ValidationReport:
     """Baseline vs patched on the held-out `batch` (a TokenBatch of split "heldout", or ids [S, T]).
 
@@ -54,7 +54,7 @@ def validate_plan(
     model, info = loaded.model, loaded.info
     share_plan = as_plan(plan, info.n_layers, info.shape())
     check_plan_for_model(share_plan, info)
-    base = baseline_outputs or baseline(model, batch, batch_size)
+    base = untouched_outputs or untouched(model, batch, batch_size)  # the unpatched model, recorded once
     quality = measure_quality(model, share_plan, base, mode)
     ids = token_ids(batch)
     speed = None
