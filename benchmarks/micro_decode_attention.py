@@ -8,7 +8,9 @@ compiled static-cache step runs them.
 
 Per cell (batch x context, query heads / key-value heads): microseconds per layer (median of rounds, CUDA events,
 over `--layers` distinct caches so nothing stays in L2), and the K+V bytes a layer reads divided by that time (GB/s).
-The variants of the anchor's row are the candidates `patch.decode` can use; the table says which is fastest.
+The variants of the anchor's row are the candidates `patch.decode` can use; the table says which is fastest. Read
+the SDPA columns with care: in a whole compiled model the step ran cuDNN's attention at ~2.8 TB/s (batch 8, 2k),
+where SDPA alone here (default dispatch, a boolean mask) reached ~0.95 TB/s; `sdpa cudnn` asks for that kernel.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ def sdpa(q, k, v, mask):
     """What transformers' SDPA function runs at a decode step (keys and values expanded for GQA as it does)."""
     groups = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5, enable_gqa=groups > 1)
+
+
+def sdpa_cudnn(q, k, v, mask):
+    """SDPA on cuDNN's attention, the kernel transformers' compiled static-cache step ran in the model on the H100
+    (`profile_decode.py`, 2026-12-07: ~2.8 TB/s where the default dispatch here reached ~0.95 TB/s)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return sdpa(q, k, v, mask)
 
 
 def anchor_row(q, k, v, mask):
@@ -100,7 +111,7 @@ def follower_reduction(probs, v):
 FOLLOWERS = {"follower matmul (current)": follower, "follower reduction": follower_reduction}
 
 
-ANCHORS = {"sdpa (unpatched)": sdpa, "row fp32 (current)": anchor_row, "sdpa + row": anchor_sdpa_plus_row,
+ANCHORS = {"sdpa (unpatched)": sdpa, "sdpa cudnn": sdpa_cudnn, "row fp32 (current)": anchor_row, "sdpa + row": anchor_sdpa_plus_row,
            "row bf16 scores": anchor_bf16_scores, "row reduction": anchor_reduction_scores}
 
 

@@ -22,9 +22,9 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def test_faithfulness_equals_an_independent_float64_computation():
-    model = tiny_model("llama", dtype=torch.float64)
-    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+def test_faithfulness_equals_an_independent_float64_computation(device):
+    model = tiny_model("llama", dtype=torch.float64, device=device)
+    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1)).to(device)
     untouched = Untouched.record(model, ids, batch_size=2)
     base = torch.log_softmax(_logits(model, ids), -1)[:, :-1]  # [S, T-1, V]
     with share_attention(model, PLAN):
