@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sa_analysis import defaults  # noqa: E402
 from sa_analysis.damage.measure import plan_from_damage  # noqa: E402
+from sa_analysis.damage.heldout import Untouched, measure_heldout  # noqa: E402
 from sa_analysis.damage.prefix import PrefixRun  # noqa: E402
 from sa_analysis.planner.record import Damage  # noqa: E402
 from sa_analysis.damage.table import DamageTable  # noqa: E402
@@ -62,13 +63,13 @@ def main() -> None:
     if abs(recorded.baseline_nll - table.baseline_nll) > 1e-6 * abs(table.baseline_nll):
         raise SystemExit("these calibration tokens are not the ones the table was measured on")
     run = recorded if args.objective == "kl" else NllAsDamage(**vars(recorded))
-    held = PrefixRun.record(loaded.model, TextSpec(None, defaults.N_SEQS, report.seq_len).batch(loaded, "heldout"))
+    held = Untouched.record(loaded.model, TextSpec(None, defaults.N_SEQS, report.seq_len).batch(loaded, "heldout"))
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         started = time.perf_counter()
         plan = plan_from_damage(loaded, report, run, budget=budget, table=table,
                                 constraints=PlanConstraints(align_heads=args.align)).plan
-        measured = heldout_summary(held, plan)
+        measured = heldout_summary(loaded.model, held, plan)
         rows.append({"budget": budget, "followers": plan.followers, "aligned": plan.aligned_followers,
                      "heldout_change": math.expm1(measured["nll_change"]), "heldout_kl": measured["kl"],
                      "heldout_low": math.expm1(measured["nll_change_low"]), "heldout_high": math.expm1(measured["nll_change_high"]),
@@ -77,7 +78,7 @@ def main() -> None:
               f"{100 * rows[-1]['heldout_change']:+.1f}% [{100 * rows[-1]['heldout_low']:+.1f}, "
               f"{100 * rows[-1]['heldout_high']:+.1f}], KL {measured['kl']:.4f}", flush=True)
     args.out.write_text(json.dumps({"objective": args.objective, "align": args.align, "model": args.model,
-                                    "unshared_perplexity": math.exp(held.baseline_nll), "rows": rows}, indent=1))
+                                    "unshared_perplexity": measure_heldout(None, held).untouched_perplexity, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
