@@ -88,15 +88,14 @@ def print_search(search) -> None:
                    "perplexity change [95 %]", "pass"):
         table.add_column(column, justify="left" if column in ("spans", "heads", "proposed by", "pass") else "right",
                          overflow="fold")
-    candidates = sorted((r for r in search.rows if r["stage"] == "candidate"), key=lambda r: (r["n_shared"], r["kl_mean"]))
+    candidates = sorted((r for r in search.rows if r.stage == "candidate"), key=lambda r: (r.n_shared, r.kl_mean))
     for r in candidates:
-        cost = r.get("predicted_kl")
-        aligned = r.get("aligned") or []
-        heads = "index" if not aligned else "aligned" if len(aligned) == r["n_shared"] else "aligned " + ",".join(map(str, aligned))
-        table.add_row(str(r["n_shared"]), r["spans"], heads, ", ".join(r.get("methods", [r["method"]])),
-                      "-" if cost is None else f"{cost:.4g}", f"{r['kl_mean']:.4g}",
-                      f"{100 * r['ppl_change']:+.2f}% [{100 * r['ppl_change_low']:+.1f}, {100 * r['ppl_change_high']:+.1f}]",
-                      "yes" if r["passed"] else "no")
+        cost, aligned = r.predicted_kl, r.aligned
+        heads = "index" if not aligned else "aligned" if len(aligned) == r.n_shared else "aligned " + ",".join(map(str, aligned))
+        table.add_row(str(r.n_shared), r.spans, heads, ", ".join(r.methods), "-" if cost is None else f"{cost:.4g}",
+                      f"{r.kl_mean:.4g}",
+                      f"{100 * r.ppl_change:+.2f}% [{100 * r.ppl_change_low:+.1f}, {100 * r.ppl_change_high:+.1f}]",
+                      "yes" if r.passed else "no")
     console.print(table)
     singles = sorted(search.sensitivity.items(), key=lambda kv: kv[1])
     if singles:

@@ -284,17 +284,17 @@ def test_the_search_reuses_measurements_and_proves_the_choice_on_held_out_text(t
     heldout = TokenBatch(_ids(seed=3), "test", "heldout", 1)
     report = _report(n_layers=4)
     search = search_plans(loaded, report, calibration, heldout, tolerance=1e9)
-    singles = [r for r in search.rows if r["stage"] == "sensitivity"]
-    assert sorted(r["followers"][0] for r in singles if not r["aligned"]) == [1, 2, 3]
+    singles = [r for r in search.rows if r.stage == "sensitivity"]
+    assert sorted(r.followers[0] for r in singles if not r.aligned) == [1, 2, 3]
     assert len(search.best["followers"]) == 3 and search.validation.data["split"] == "heldout"
-    chosen = next(r for r in search.rows if r["followers"] == search.best["followers"] and r["stage"] == "candidate")
-    assert chosen["kl_low"] <= chosen["kl_mean"] <= chosen["kl_high"]
-    assert "measured damage" in chosen["methods"]
+    chosen = next(r for r in search.rows if r.followers == search.best["followers"] and r.stage == "candidate")
+    assert chosen.kl_low <= chosen.kl_mean <= chosen.kl_high
+    assert "measured damage" in chosen.methods
     again = PlanSearch.load(search.save(tmp_path / "search.json"))
     assert again.rows == search.rows and again.best_plan.followers == [1, 2, 3]
     assert plot_search(again, tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
     strict = search_plans(loaded, report, calibration, heldout, tolerance=0.0)
-    assert strict.best is None or all(r["passed"] for r in strict.rows if r["followers"] == strict.best["followers"])
+    assert strict.best is None or all(r.passed for r in strict.rows if r.followers == strict.best["followers"])
 
 
 def test_long_sequences_are_compared_at_strided_positions():

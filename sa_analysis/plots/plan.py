@@ -149,8 +149,8 @@ def _best_curves(ax, rows) -> None:
     for aligned, style in ((False, dict(color="0.25", linestyle="-")), (True, dict(color=PALETTE[2], linestyle="--"))):
         best: dict[int, float] = {}
         for r in rows:
-            if r["n_shared"] and bool(r.get("aligned")) == aligned:
-                best[r["n_shared"]] = min(best.get(r["n_shared"], np.inf), 100 * r["ppl_change"])
+            if r.n_shared and bool(r.aligned) == aligned:
+                best[r.n_shared] = min(best.get(r.n_shared, np.inf), 100 * r.ppl_change)
         if len(best) > 1 or (best and aligned):
             xs = sorted(best)
             ax.plot(xs, [best[x] for x in xs], linewidth=1, zorder=1, **style,
@@ -168,22 +168,22 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
         ax, calibration = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
         _predicted_vs_measured(calibration, search.rows)
         for method, style in SEARCH_STYLES.items():
-            rows = [r for r in search.rows if r["method"] == method]
+            rows = [r for r in search.rows if r.method == method]
             for aligned in (False, True):
-                group = [r for r in rows if bool(r.get("aligned")) == aligned]
+                group = [r for r in rows if bool(r.aligned) == aligned]
                 if not group:
                     continue
                 hollow = aligned and not method.startswith("single")  # a candidate with head maps: open marker
                 marker = {"marker": style["marker"], "s": style["s"], "facecolors": "none", "edgecolors": style["color"]} if hollow else style
-                ax.scatter([r["n_shared"] for r in group], [100 * r["ppl_change"] for r in group],
+                ax.scatter([r.n_shared for r in group], [100 * r.ppl_change for r in group],
                            label=f"{method}, head-aligned" if hollow else method, **marker)
         _best_curves(ax, search.rows)
         ax.axhline(100 * search.tolerance, color=PALETTE[3], linestyle="--", linewidth=1, label=f"tolerance {100 * search.tolerance:g}%")
         if search.best is not None:
             aligned = sorted(int(m) for m in (search.best.get("head_map") or {}))
-            best = next(r for r in search.rows if r["followers"] == search.best["followers"] and sorted(r.get("aligned", [])) == aligned)
-            ax.scatter([best["n_shared"]], [100 * best["ppl_change"]], marker="*", s=220, facecolor="none",
-                       edgecolor="black", linewidth=1.2, label=f"chosen: {best['spans']}")
+            best = next(r for r in search.rows if r.key == (tuple(search.best["followers"]), tuple(aligned)))
+            ax.scatter([best.n_shared], [100 * best.ppl_change], marker="*", s=220, facecolor="none",
+                       edgecolor="black", linewidth=1.2, label=f"chosen: {best.spans}")
         if search.validation is not None:
             held = search.validation
             ax.scatter([len(held.plan["followers"])], [100 * held.ppl_change], marker="D", s=60, facecolor="none",
@@ -203,8 +203,7 @@ def plot_search(search: "PlanSearch", path: str | Path) -> Path:
 
 def _predicted_vs_measured(ax, rows) -> None:
     """Predicted (spans summed) vs measured whole next-token KL, per layer count, with y = x."""
-    pairs = [(r["predicted_kl"], r["kl_mean"], r["n_shared"]) for r in rows
-             if r.get("predicted_kl") is not None and r["n_shared"] > 1]
+    pairs = [(r.predicted_kl, r.kl_mean, r.n_shared) for r in rows if r.predicted_kl is not None and r.n_shared > 1]
     ax.set_title("Predicted vs measured damage (calibration)")
     ax.set_xlabel("predicted: next-token KL of its spans, summed (nats)")
     ax.set_ylabel("measured: the plan whole (nats)")

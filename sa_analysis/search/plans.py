@@ -26,6 +26,60 @@ SEARCH_FORMAT = "sa-analysis/plan-search"
 
 
 @dataclass
+class MeasuredPlan:
+    """One plan the search measured whole on calibration tokens: how it was found, what it shares, its damage (KL and
+    perplexity change with 95 % intervals, top-1 agreement) and the span model's prediction where the planner made
+    one; one row of `PlanSearch` (search.json keeps these fields, in this order)."""
+
+    stage: str  # "sensitivity" (one follower alone with the layer before it) or "candidate" (a plan for a budget)
+    method: str  # how it was first found ("measured damage", "similarity", "single layer", ...)
+    methods: list[str]  # every method that found it
+    n_shared: int
+    spans: str
+    measured: dict[str, float]  # `Damage.summary()`: kl, nll_change with _low / _high, top1
+    predicted: dict[str, Any] | None  # the span model's prediction (per-follower keys as strings), or None
+    followers: list[int]
+    aligned: list[int]  # followers that reuse their anchor's heads through a head map
+    predicted_kl: float | None
+    predicted_nll_change: float | None
+    ppl_change: float
+    ppl_change_low: float
+    ppl_change_high: float
+    kl_mean: float
+    kl_low: float
+    kl_high: float
+    top1_agreement: float
+    passed: bool  # perplexity change within the search's tolerance
+
+    @classmethod
+    def of(cls, stage: str, method: str, plan: Any, measured: Mapping[str, float], tolerance: float,
+           predicted: Mapping[str, Any] | None) -> "MeasuredPlan":
+        """A plan and its measurement on calibration text (and the additive prediction from its followers alone)."""
+        ppl_change = ppl_change_of(measured["nll_change"])
+        return cls(stage=stage, method=method, methods=[method], n_shared=plan.n_shared, spans=plan.spans_spec(),
+                   measured=dict(measured), predicted=None if predicted is None else _json_keys(predicted),
+                   followers=list(plan.followers), aligned=list(plan.aligned_followers),
+                   predicted_kl=None if predicted is None else predicted["kl"],
+                   predicted_nll_change=None if predicted is None else predicted["nll_change"],
+                   ppl_change=ppl_change, ppl_change_low=ppl_change_of(measured["nll_change_low"]),
+                   ppl_change_high=ppl_change_of(measured["nll_change_high"]), kl_mean=measured["kl"],
+                   kl_low=measured["kl_low"], kl_high=measured["kl_high"], top1_agreement=measured["top1"],
+                   passed=bool(ppl_change <= tolerance))
+
+    @property
+    def key(self) -> tuple:
+        """What makes two measured plans the same plan: its followers, and which of them map heads."""
+        return tuple(self.followers), tuple(sorted(self.aligned))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MeasuredPlan":
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
 class PlanSearch(JsonArtefact):
     """What `search_plans` tried and chose: every measured plan, the sensitivity it fed back, the final check."""
 
@@ -36,7 +90,7 @@ class PlanSearch(JsonArtefact):
 
     tolerance: float
     mode: str
-    rows: list[dict[str, Any]]  # one per plan measured on the calibration text
+    rows: list[MeasuredPlan]  # one per plan measured on the calibration text
     sensitivity: dict[int, float]  # follower -> next-token KL (nats) when shared alone with the layer before it
     best: dict[str, Any] | None  # the chosen plan (SharePlan.to_dict()), None when nothing passes
     validation: ValidationReport | None  # the chosen plan re-checked on held-out text
@@ -49,14 +103,14 @@ class PlanSearch(JsonArtefact):
         return None if self.best is None else SharePlan.from_dict(self.best)
 
     def payload(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "mode": self.mode, "rows": self.rows,
+        return {"tolerance": self.tolerance, "mode": self.mode, "rows": [row.to_dict() for row in self.rows],
                 "sensitivity": {str(k): v for k, v in self.sensitivity.items()}, "best": self.best,
                 "validation": None if self.validation is None else self.validation.to_dict(), "meta": self.meta}
 
     @classmethod
     def from_payload(cls, data: Mapping[str, Any], source: str) -> "PlanSearch":
         validation = data.get("validation")
-        return cls(tolerance=data["tolerance"], mode=data["mode"], rows=data["rows"],
+        return cls(tolerance=data["tolerance"], mode=data["mode"], rows=[MeasuredPlan.from_dict(r) for r in data["rows"]],
                    sensitivity={int(k): v for k, v in data["sensitivity"].items()}, best=data["best"],
                    validation=None if validation is None else ValidationReport.from_dict(validation, source),
                    meta=data.get("meta", {}))
@@ -118,7 +172,7 @@ def search_plans(
             break
     rows = _singles(table, report.n_layers, tolerance) + rows
     best_row = _choose(rows)
-    best_plan = None if best_row is None else _chosen_plan(best_row, proposed[_row_key(best_row)], loaded.info, table)
+    best_plan = None if best_row is None else _chosen_plan(best_row, proposed[best_row.key], loaded.info, table)
     validation = None
     if best_plan is not None:
         say(f"validating {best_plan.spans_spec()} on held-out text")
@@ -141,22 +195,22 @@ def _maps_for(checked: Mapping[str, Any], table: DamageTable, plan: Any) -> dict
     return {m: list(table.maps[(m, anchor_of[m])]) for m in checked["aligned"]}
 
 
-def _add(rows: list, proposed: dict, method: str, plan: Any, measured: Mapping[str, float], tolerance: float,
-         predicted: Mapping[str, Any] | None) -> bool:
+def _add(rows: list[MeasuredPlan], proposed: dict, method: str, plan: Any, measured: Mapping[str, float],
+         tolerance: float, predicted: Mapping[str, Any] | None) -> bool:
     """Record a measured candidate once (a plan found again adds its method); returns whether it passes."""
     key = _plan_key(plan)
     for row in rows:
-        if _row_key(row) == key:
-            if method not in row["methods"]:
-                row["methods"].append(method)
-            return row["passed"]
-    row = _row("candidate", method, plan, measured, tolerance, predicted)
+        if row.key == key:
+            if method not in row.methods:
+                row.methods.append(method)
+            return row.passed
+    row = MeasuredPlan.of("candidate", method, plan, measured, tolerance, predicted)
     rows.append(row)
     proposed[key] = plan
-    return row["passed"]
+    return row.passed
 
 
-def _singles(table: DamageTable, n_layers: int, tolerance: float) -> list[dict[str, Any]]:
+def _singles(table: DamageTable, n_layers: int, tolerance: float) -> list[MeasuredPlan]:
     """One row per measured single follower with the layer before it as anchor (index and head-aligned)."""
     from ..planner import SharePlan
 
@@ -166,8 +220,8 @@ def _singles(table: DamageTable, n_layers: int, tolerance: float) -> list[dict[s
             continue
         heads = {m: table.maps[(m, a)]} if way == "aligned" else {}
         plan = SharePlan(n_layers, [m], head_map=heads)
-        rows.append(_row("sensitivity", "single layer" + (", aligned" if heads else ""), plan, Damage(**values).summary(),
-                         tolerance, None))
+        rows.append(MeasuredPlan.of("sensitivity", "single layer" + (", aligned" if heads else ""), plan,
+                                    Damage(**values).summary(), tolerance, None))
     return rows
 
 
@@ -182,32 +236,12 @@ def _plan_key(plan: Any) -> tuple:
     return tuple(plan.followers), tuple(sorted(plan.head_map))
 
 
-def _row_key(row: Mapping[str, Any]) -> tuple:
-    return tuple(row["followers"]), tuple(sorted(row.get("aligned", [])))
-
-
-def _chosen_plan(row: Mapping[str, Any], proposed: Any, info: ModelInfo, table: DamageTable):
+def _chosen_plan(row: MeasuredPlan, proposed: Any, info: ModelInfo, table: DamageTable):
     """The chosen plan as measured (its head maps included), for this model's shape, with its damage on calibration
     text as the prediction `validate` prints next to its held-out measurement."""
-    damage = PlanDamage.of_checked(row, table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)
+    damage = PlanDamage.of_checked(row.to_dict(), table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)
     return replace(proposed, model={**proposed.model, **info.shape()}, damage=damage,
-                   method="validated: " + ", ".join(row.get("methods", [row["method"]])), stability=None)
-
-
-def _row(stage: str, method: str, plan: Any, measured: Mapping[str, float], tolerance: float,
-         predicted: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A measured plan: its perplexity change and KL on calibration text (with intervals), and the additive
-    prediction from its followers alone where the planner made one."""
-    ppl_change = ppl_change_of(measured["nll_change"])
-    return {"stage": stage, "method": method, "methods": [method], "n_shared": plan.n_shared, "spans": plan.spans_spec(),
-            "measured": dict(measured), "predicted": None if predicted is None else _json_keys(predicted),
-            "followers": list(plan.followers), "aligned": list(plan.aligned_followers),
-            "predicted_kl": None if predicted is None else predicted["kl"],
-            "predicted_nll_change": None if predicted is None else predicted["nll_change"],
-            "ppl_change": ppl_change, "ppl_change_low": ppl_change_of(measured["nll_change_low"]),
-            "ppl_change_high": ppl_change_of(measured["nll_change_high"]), "kl_mean": measured["kl"],
-            "kl_low": measured["kl_low"], "kl_high": measured["kl_high"], "top1_agreement": measured["top1"],
-            "passed": bool(ppl_change <= tolerance)}
+                   method="validated: " + ", ".join(row.methods), stability=None)
 
 
 def _json_keys(predicted: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,17 +249,17 @@ def _json_keys(predicted: Mapping[str, Any]) -> dict[str, Any]:
     return {**predicted, "followers": {str(m): v for m, v in predicted.get("followers", {}).items()}}
 
 
-def _choose(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def _choose(rows: Sequence[MeasuredPlan]) -> MeasuredPlan | None:
     """The passing row with the most layers shared, then the least next-token KL.
 
     KL, not the perplexity change, ranks plans that pass: on a few thousand calibration tokens the perplexity change
     is noisy (it often comes out negative) and choosing its minimum picks noise; KL(baseline || patched) is a
     lower-variance measure of how far the patched model moved (on SmolLM2-135M it picked the better plan on held-out text).
     """
-    passing = [r for r in rows if r["passed"] and r["n_shared"] > 0]
+    passing = [r for r in rows if r.passed and r.n_shared > 0]
     if not passing:
         return None
-    return min(passing, key=lambda r: (-r["n_shared"], r["kl_mean"], r["ppl_change"]))
+    return min(passing, key=lambda r: (-r.n_shared, r.kl_mean, r.ppl_change))
 
 
 def describe_batch(batch: Any) -> dict[str, Any]:
