@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from . import defaults
 from .choices import BASELINES, check_choice, check_heal_objective, parse_baselines, parse_rows
 from .data import DEFAULT_TEXT, SOURCE_TEXT, load_documents, mixture_parts
 from .errors import UserError

@@ -1,11 +1,12 @@
 """The one comparison of a patched model's next-token distributions with the baseline's, on the same tokens: per
 sequence, summed over positions, `POSITION_CHUNK` positions at a time so that memory stays flat in the vocabulary.
-The prefix replay (`damage.prefix`) and held-out validation (`validate.quality`) both compare through it."""
+The prefix replay (`damage.prefix`) and the one held-out measurement (`damage.heldout`: validate, the frontier, heal)
+both compare through `compare_chunk`, chunk by chunk."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -45,17 +46,10 @@ class Sums:
         self.positions += other.positions
 
 
-def compare(base: torch.Tensor, patched: torch.Tensor, targets: torch.Tensor) -> Sums:
-    """Per-sequence sums of the baseline's NLL, the NLL change, KL(base || patched) and top-1 agreement. `base`, `patched` [S, P, V]
-    log-probabilities at the same positions, `targets` [S, P] the next tokens there."""
-    sums = Sums.zeros(base.shape[0])
-    for part in chunks(targets.shape[1]):
-        sums.add(compare_chunk(base[:, part], patched[:, part], targets[:, part]))
-    return sums
-
-
 def compare_chunk(base: torch.Tensor, patched: torch.Tensor, targets: torch.Tensor) -> Sums:
-    """`compare` for one chunk of positions: `base`, `patched` [S, c, V], `targets` [S, c]."""
+    """Per-sequence sums of the baseline's NLL, the NLL change, KL(base || patched) and top-1 agreement over one chunk
+    of positions: `base`, `patched` [S, c, V] log-probabilities at the same positions, `targets` [S, c] the next
+    tokens there."""
     kl = torch.linalg.vecdot(base.exp(), base - patched)  # [S, c]
     target = targets[..., None]  # [S, c, 1]
     base_target, patched_target = base.gather(-1, target).squeeze(-1), patched.gather(-1, target).squeeze(-1)  # [S, c]
@@ -66,7 +60,7 @@ def compare_chunk(base: torch.Tensor, patched: torch.Tensor, targets: torch.Tens
 
 
 def chunks(n_positions: int) -> Iterator[slice]:
-    """The position chunks `compare` works through."""
+    """The position chunks the comparison works through."""
     for start in range(0, n_positions, POSITION_CHUNK):
         yield slice(start, start + POSITION_CHUNK)
 

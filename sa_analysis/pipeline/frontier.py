@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from ..data import Tokens
     from ..heal.config import HealConfig
     from ..loading import LoadedModel
-    from ..heal import HealConfig
 
 STATE_FILE = "frontier_state.json"
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..choices import BASELINES, CONTIGUOUS, GREEDY, LAST_K
+from ..choices import CONTIGUOUS, GREEDY, LAST_K
 from ..damage.heldout import Untouched, measure_heldout
 from ..damage.prefix import PrefixRun
 from ..planner import SharePlan

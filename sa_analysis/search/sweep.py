@@ -7,7 +7,7 @@ next (a sweep costs little more than its largest budget alone). `search_plans` (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..damage.measure import DamageSearch, Meter, check_report_fits, plan_from_damage
 from ..damage.prefix import PrefixRun
