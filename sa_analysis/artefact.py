@@ -19,6 +19,18 @@ from .errors import UserError
 from .io import json_safe, read_json, write_json
 
 
+class Record:
+    """A record inside an artefact (a dataclass subclassing this): its fields as a dict, written as they are, and
+    back; a field an older file lacks reads as None."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
 class JsonArtefact:
     FORMAT: ClassVar[str]
     VERSION: ClassVar[int] = 1

@@ -116,21 +116,28 @@ def _mixture(spec: str, option: str) -> tuple[list[tuple[str, str]], str]:
     alone; in name order (a heal's training windows read them so: 1,000 steps of 4 x 256 tokens on docs + code read
     the documents up to `typing.py`, 90 % code by tokens). A measured batch takes its windows from each source in
     turn instead (`mixture_windows`), so that a short held-out batch holds every kind."""
+    return sorted(doc for found in mixture_sources(spec, option) for doc in found), MIXTURE.join(mixture_parts(spec))
+
+
+def mixture_sources(spec: str, option: str = "--text") -> list[list[tuple[str, str]]]:
+    """The documents of each source of a mixture, read once and checked: two sources or more, each of several
+    documents, no document name in two sources."""
     parts = mixture_parts(spec)
     if len(parts) < 2:
         raise UserError(f"{option} {spec!r} names one source; join two or more with '+', e.g. pydoc_data.topics+python-source.")
-    docs: dict[str, str] = {}
+    sources, names = [], set()
     for part in parts:
         found, source = load_documents(part, option)
         if len(found) < 2:
             raise UserError(f"{source} is one document, which a mixture cannot split into calibration and held-out "
                             f"parts; mix sources of several documents (built-in texts, JSONL files, folders).")
-        for name, body in found:
-            if name in docs:
+        for name, _ in found:
+            if name in names:
                 raise UserError(f"Two sources of {option} {spec} hold a document named {name!r}; mix sources whose "
                                 f"documents have different names.")
-            docs[name] = body
-    return sorted(docs.items()), MIXTURE.join(parts)
+            names.add(name)
+        sources.append(found)
+    return sources
 
 
 def _folder_documents(folder: Path, what: str, hint: str) -> list[tuple[str, str]]:
@@ -264,15 +271,20 @@ def token_batch(
     if n_seqs < 1 or seq_len < 2:
         raise UserError("--n-seqs must be at least 1 and --seq-len at least 2.")
     check_seq_len(seq_len, max_positions)
-    docs, source = load_documents(text)
-    docs = split_documents(docs, split)
+    if is_mixture(text):  # each source split and joined on its own (`mixture_windows`)
+        sources = [split_documents(found, split) for found in mixture_sources(str(text))]
+        docs, source = [doc for found in sources for doc in found], MIXTURE.join(mixture_parts(text))
+    else:
+        sources = None
+        docs, source = load_documents(text)
+        docs = split_documents(docs, split)
     if tokenizer is None:
         tokenizer = default_tokenizer(required=vocab_size is None)
     if tokenizer is None:  # a random-init model where the default tokenizer is not installed: timing work only
         return _random_tokens(n_seqs, seq_len, vocab_size, split)
     separator = document_separator(tokenizer)
-    if is_mixture(text):
-        ids = mixture_windows(tokenizer, text, split, separator, n_seqs, seq_len)
+    if sources is not None:
+        ids = mixture_windows(tokenizer, sources, separator, n_seqs, seq_len)
     else:
         ids = join_documents(tokenizer, docs, separator, needed=n_seqs * seq_len)
     if allow_fewer and 2 <= len(ids) < n_seqs * seq_len:  # what the split holds: whole windows, or one shorter one
@@ -291,16 +303,13 @@ def token_batch(
                       separator=_token_text(tokenizer, joined))
 
 
-def mixture_windows(tokenizer: Any, text: str | Path, split: Split, separator: int | None, n_seqs: int,
+def mixture_windows(tokenizer: Any, sources: list[list[tuple[str, str]]], separator: int | None, n_seqs: int,
                     seq_len: int) -> list[int]:
     """The ids of `n_seqs` windows of `seq_len` tokens from a mixture, window i from source i mod k (each source's
-    documents of `split` joined on their own), flattened; fewer when a source runs out. Joined in one stream, a
+    documents, of one split, joined on their own), flattened; fewer when a source runs out. Joined in one stream, a
     few long documents of one kind would fill a short batch (16 x 256 held-out tokens of docs + code were all code)."""
-    streams = []
-    for part in mixture_parts(text):
-        docs, _ = load_documents(part)
-        share = -(-n_seqs // len(mixture_parts(text)))  # windows asked of each source, at most
-        streams.append(join_documents(tokenizer, split_documents(docs, split), separator, needed=share * seq_len))
+    share = -(-n_seqs // len(sources))  # windows asked of each source, at most
+    streams = [join_documents(tokenizer, docs, separator, needed=share * seq_len) for docs in sources]
     ids: list[int] = []
     for i in range(n_seqs):
         stream, index = streams[i % len(streams)], i // len(streams)

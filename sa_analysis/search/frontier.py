@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Se
 
 import torch
 
-from ..artefact import JsonArtefact
+from ..artefact import JsonArtefact, Record
 from ..damage.heldout import HeldOut, Untouched, measure_heldout
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class FrontierPoint:
+class FrontierPoint(Record):
     """One budget of the frontier: the plan, its prediction (the whole plan measured on calibration tokens), its
     held-out measurement, its savings; after a heal, the healed perplexity on each held-out text."""
 
@@ -47,13 +47,6 @@ class FrontierPoint:
     healed_run: dict[str, Any] | None = None  # the heal's trainable parameters, seconds, first and last loss
     baselines: dict[str, dict[str, Any]] | None = None  # {method: followers, held-out summary, vs_recommended [mean,
     #   low, high] ratio - 1, calibration KL / NLL change} (`search.baselines.judge_baselines`), with --baselines
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FrontierPoint":
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
 
 @dataclass

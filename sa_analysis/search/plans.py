@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Any, Callable, Mapping, Sequence
 
 
-from ..artefact import JsonArtefact
+from ..artefact import JsonArtefact, Record
 from ..damage.logprobs import token_ids
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints
@@ -26,7 +26,7 @@ SEARCH_FORMAT = "sa-analysis/plan-search"
 
 
 @dataclass
-class MeasuredPlan:
+class MeasuredPlan(Record):
     """One plan the search measured whole on calibration tokens: how it was found, what it shares, its damage (KL and
     perplexity change with 95 % intervals, top-1 agreement) and the span model's prediction where the planner made
     one; one row of `PlanSearch` (search.json keeps these fields, in this order)."""
@@ -70,13 +70,6 @@ class MeasuredPlan:
     def key(self) -> tuple:
         """What makes two measured plans the same plan: its followers, and which of them map heads."""
         return tuple(self.followers), tuple(sorted(self.aligned))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MeasuredPlan":
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
 
 
 @dataclass
