@@ -120,7 +120,7 @@ def main() -> None:
                 attention = sum(float((similarity.alignment.aligned if chosen[m] == "aligned" else similarity.by_index)[m, a])
                                 for m, a in anchor_of.items())
                 # one span: the span model's prediction is its whole measurement (the same forward), else measure whole
-                whole = predicted if len(parts) == 1 else run.damage(anchor_of, heads).summary()
+                whole = predicted if len(parts) == 1 else run.damage(anchor_of, heads).summary().to_dict()
                 held = [measure_quality(model, anchor_of, h, head_map=heads) for h in halves]
                 rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted["kl"],
                              "sum_kl": float(sum(predicted["followers"][m]["kl"] for m in followers)),

@@ -85,16 +85,17 @@ def table_rows(frontier) -> list[dict]:
     for point in frontier.points:
         aligned = [int(m) for m in (point.plan.get("head_map") or {})]
         rows.append({"budget": point.budget, "method": "recommended", "followers": point.plan["followers"],
-                     "aligned": aligned, "heldout_perplexity": point.heldout["perplexity"],
-                     "heldout_change": point.heldout["perplexity"] / base - 1, "heldout_kl": point.heldout["kl"],
-                     "vs_recommended": [0.0, 0.0, 0.0], "calibration_kl": point.predicted["kl"],
-                     "calibration_nll_change": point.predicted["nll_change"], "healed": point.healed})
+                     "aligned": aligned, "heldout_perplexity": point.heldout.perplexity,
+                     "heldout_change": point.heldout.perplexity / base - 1, "heldout_kl": point.heldout.kl,
+                     "vs_recommended": [0.0, 0.0, 0.0], "calibration_kl": point.predicted.kl,
+                     "calibration_nll_change": point.predicted.nll_change,
+                     "healed": {text: {"change": h.change} for text, h in (point.healed or {}).items()}})
         for method, row in (point.baselines or {}).items():
-            rows.append({"budget": point.budget, "method": method, "followers": row["followers"],
-                         "aligned": row["aligned"], "heldout_perplexity": row["heldout"]["perplexity"],
-                         "heldout_change": row["heldout"]["perplexity"] / base - 1, "heldout_kl": row["heldout"]["kl"],
-                         "vs_recommended": row["vs_recommended"], "calibration_kl": row["calibration"]["kl"],
-                         "calibration_nll_change": row["calibration"]["nll_change"]})
+            rows.append({"budget": point.budget, "method": method, "followers": row.followers,
+                         "aligned": row.aligned, "heldout_perplexity": row.heldout.perplexity,
+                         "heldout_change": row.heldout.perplexity / base - 1, "heldout_kl": row.heldout.kl,
+                         "vs_recommended": row.vs_recommended, "calibration_kl": row.calibration.kl,
+                         "calibration_nll_change": row.calibration.nll_change})
     return rows
 
 

@@ -39,15 +39,15 @@ def kl_bound(frontier: Frontier) -> tuple[dict[str, float], str]:
     if within["kl_bound"]:
         return within["kl_bound"], f"the {within['before']}-layer plan before healing"
     first = min(frontier.points, key=lambda p: p.budget)
-    return ({t: first.healed[t]["kl_before"] for t in TEXTS},
+    return ({t: first.healed[t].kl_before for t in TEXTS},
             f"no budget is within the tolerance before healing: the {first.budget}-layer plan before healing stands in")
 
 
 def reach(frontier: Frontier, bound: dict[str, float]) -> tuple[int | None, int | None]:
     """(largest budget within the tolerance of the untouched model on both texts, the faithful reach)."""
     tol = frontier.tolerance
-    close = [p.budget for p in frontier.points if all(p.healed[t]["change_untouched"] <= tol for t in TEXTS)]
-    faithful = [b for b in close if all(next(p for p in frontier.points if p.budget == b).healed[t]["kl_after"] <= bound[t]
+    close = [p.budget for p in frontier.points if all(p.healed[t].change_untouched <= tol for t in TEXTS)]
+    faithful = [b for b in close if all(next(p for p in frontier.points if p.budget == b).healed[t].kl_after <= bound[t]
                                          for t in TEXTS)]
     return (max(close) if close else None), (max(faithful) if faithful else None)
 
@@ -69,15 +69,15 @@ def main(argv=None) -> int:
         point = next((p for p in reference.points if p.budget == budget), None) or next(
             p for f in found.values() for p in f.points if p.budget == budget)
         base = reference.baseline["perplexity"]
-        cells = [str(budget), f"{point.savings['kv_cache_fraction_saved']:.1%}", f"{100 * (point.heldout['perplexity'] / base - 1):+.1f} %"]
+        cells = [str(budget), f"{point.savings['kv_cache_fraction_saved']:.1%}", f"{100 * (point.heldout.perplexity / base - 1):+.1f} %"]
         for name in names:
             p = next((q for q in found[name].points if q.budget == budget), None)
             if p is None or not p.healed:
                 cells.append("")
                 continue
             h = [p.healed[t] for t in TEXTS]
-            cells.append(f"{100 * h[0]['change_untouched']:+.1f} / {100 * h[1]['change_untouched']:+.1f} %, "
-                         f"{h[0]['kl_after']:.3f} / {h[1]['kl_after']:.3f}")
+            cells.append(f"{100 * h[0].change_untouched:+.1f} / {100 * h[1].change_untouched:+.1f} %, "
+                         f"{h[0].kl_after:.3f} / {h[1].kl_after:.3f}")
         print("| " + " | ".join(cells) + " |")
     print(f"\nKL bound ({said}): " + ", ".join(f"{t} {v:.3f}" for t, v in bound.items()))
     for name in names:
@@ -105,8 +105,8 @@ def figure(found: dict[str, Frontier], names: list[str], bound: dict[str, float]
             long = "1000" in name
             for t, dash in zip(TEXTS, ("-", ":")):
                 x = [p.budget for p in frontier.points]
-                y = [100 * p.healed[t]["change_untouched"] for p in frontier.points]
-                kl = [p.healed[t]["kl_after"] for p in frontier.points]
+                y = [100 * p.healed[t].change_untouched for p in frontier.points]
+                kl = [p.healed[t].kl_after for p in frontier.points]
                 label = f"{name} ({'docs' if t == TEXTS[0] else 'code'})"
                 kw = dict(color=colour, marker=marker, linestyle=dash, markersize=3 if not long else 6,
                           markerfacecolor="none" if long else colour, linewidth=1.2, label=label)

@@ -71,12 +71,12 @@ def main() -> None:
                                 constraints=PlanConstraints(align_heads=args.align)).plan
         measured = heldout_summary(loaded.model, held, plan)
         rows.append({"budget": budget, "followers": plan.followers, "aligned": plan.aligned_followers,
-                     "heldout_change": math.expm1(measured["nll_change"]), "heldout_kl": measured["kl"],
-                     "heldout_low": math.expm1(measured["nll_change_low"]), "heldout_high": math.expm1(measured["nll_change_high"]),
+                     "heldout_change": math.expm1(measured.nll_change), "heldout_kl": measured.kl,
+                     "heldout_low": math.expm1(measured.nll_change_low), "heldout_high": math.expm1(measured.nll_change_high),
                      "seconds": time.perf_counter() - started})
         print(f"budget {budget}: {plan.spans_spec()} (aligned {plan.aligned_followers}) held-out "
               f"{100 * rows[-1]['heldout_change']:+.1f}% [{100 * rows[-1]['heldout_low']:+.1f}, "
-              f"{100 * rows[-1]['heldout_high']:+.1f}], KL {measured['kl']:.4f}", flush=True)
+              f"{100 * rows[-1]['heldout_high']:+.1f}], KL {measured.kl:.4f}", flush=True)
     args.out.write_text(json.dumps({"objective": args.objective, "align": args.align, "model": args.model,
                                     "unshared_perplexity": measure_heldout(None, held).untouched_perplexity, "rows": rows}, indent=1))
 

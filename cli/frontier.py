@@ -59,21 +59,15 @@ def frontier(
     damage (calibration text), its measured perplexity on held-out text and what it saves (KV cache, Q/K and score
     FLOPs); with --heal-steps, each plan healed and judged against the control. Measurements are shared across
     budgets and saved as they are made (--resume goes on from them). Writes frontier.json and frontier.png."""
-    from sa_analysis.prechecks import (check_before_loading, check_budgets, check_data_file, check_heal_objective,
-                                       heal_other_text, parse_baselines, parse_budgets)
+    from sa_analysis.prechecks import check_frontier, check_heal_objective, parse_baselines, parse_budgets
 
     check_heal_objective(heal_objective, heal_lm_weight, "--heal-objective")
     if not heal_steps and (heal_objective != "lm" or heal_lm_weight or heal_method != "lora" or heal_lora_mlp):
         raise UserError("The --heal-* options choose how each plan is healed; add --heal-steps N (N > 0) to heal them.")
-    wanted = check_budgets(parse_budgets(budgets), (model or DEFAULT_MODEL) if report is None else None)
     methods = parse_baselines(baselines)
-    if report is None:
-        check_before_loading(model or DEFAULT_MODEL, text=text, seq_len=seq_len)
-    check_data_file(heal_data, "--heal-data")
-    if heal_steps:
-        heal_other_text(heal_data, other_text, "--other-text")
-    if other_text is not None:
-        check_before_loading(None, text=other_text)
+    wanted = check_frontier((model or DEFAULT_MODEL) if report is None else None, budgets=parse_budgets(budgets),
+                            baselines=methods, text=text, seq_len=seq_len, heal=bool(heal_steps), heal_data=heal_data,
+                            other_text=other_text)
     from sa_analysis.pipeline import HealConfig, ModelSpec, PlanConstraints, TextSpec, run_frontier
 
     constraints = PlanConstraints.parse(first_shareable, keep, max_span, align_heads, allow_mask_change)
@@ -163,11 +157,11 @@ def print_baselines(frontier) -> None:
     for p in points:
         aligned = set((p.plan.get("head_map") or {}).keys())
         followers = ", ".join(f"{m}{'ᵃ' if str(m) in aligned else ''}" for m in p.plan["followers"])
-        table.add_row(str(p.budget), "recommended", followers, f"{p.predicted['kl']:.3f}", _ppl_interval(p.heldout, base), "")
+        table.add_row(str(p.budget), "recommended", followers, f"{p.predicted.kl:.3f}", _ppl_interval(p.heldout, base), "")
         for method, row in p.baselines.items():
-            mid, low, high = (100 * v for v in row["vs_recommended"])
-            table.add_row("", method, ", ".join(f"{m}{'ᵃ' if m in row['aligned'] else ''}" for m in row["followers"]),
-                          f"{row['calibration']['kl']:.3f}", _ppl_interval(row["heldout"], base),
+            mid, low, high = (100 * v for v in row.vs_recommended)
+            table.add_row("", method, ", ".join(f"{m}{'ᵃ' if m in row.aligned else ''}" for m in row.followers),
+                          f"{row.calibration.kl:.3f}", _ppl_interval(row.heldout, base),
                           f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]")
     console.print(table)
     console.print("calibration KL: what each method saw when it chose (next-token KL on the calibration tokens); "
@@ -176,13 +170,13 @@ def print_baselines(frontier) -> None:
 
 
 def _healed_cells(values, distill: bool) -> list[str]:
-    """The healed cells of one text: against the untouched model and the control (perplexity ratio, paired 95 %
-    interval over sequences), and KL to the untouched model before -> after healing."""
+    """The healed cells of one text (a `HealedText`): against the untouched model and the control (perplexity ratio,
+    paired 95 % interval over sequences), and KL to the untouched model before -> after healing."""
     if values is None:
         return ["", *([] if distill else [""]), ""]
-    untouched = signed_percent(values, "after_untouched") if values.get("after_untouched") is not None else "n/a"
-    kl = (f"{values['kl_before']:.3f} -> {values['kl_after']:.3f}"
-          if values.get("kl_before") is not None and values.get("kl_after") is not None else "n/a")
+    untouched = signed_percent(values, "after_untouched")
+    kl = (f"{values.kl_before:.3f} -> {values.kl_after:.3f}"
+          if values.kl_before is not None and values.kl_after is not None else "n/a")
     return [untouched, *([] if distill else [_healed(values)]), kl]
 
 
@@ -192,10 +186,10 @@ def _budget(value) -> str:
 
 def _healed(values) -> str:
     """Healed shared against the control (perplexity ratio), with its paired 95 % interval over sequences (nats)."""
-    if values.get("change") is None:
+    if values.change is None:
         return "n/a"
-    return signed_percent({"after": math.log1p(values["change"]), "after_low": values.get("after_low"),
-                           "after_high": values.get("after_high")}, "after")
+    return signed_percent({"after": math.log1p(values.change), "after_low": values.after_low,
+                           "after_high": values.after_high}, "after")
 
 
 def _fraction(value) -> str:
@@ -203,5 +197,6 @@ def _fraction(value) -> str:
 
 
 def _ppl_interval(values, base: float) -> str:
-    mid, low, high = (100 * (values[f"perplexity{s}"] / base - 1) for s in ("", "_low", "_high"))
+    """A held-out `Summary`'s perplexity against `base`, in % with its interval."""
+    mid, low, high = (100 * (p / base - 1) for p in (values.perplexity, values.perplexity_low, values.perplexity_high))
     return f"{mid:+.1f}% [{low:+.1f}, {high:+.1f}]"

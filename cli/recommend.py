@@ -13,7 +13,7 @@ from cli.app import (
     RandomInitOpt, RowsOpt, TextOpt, app, console, format_bytes, loading_status, print_note, sequence_progress, spinner,
     user_errors, wrote,
 )
-from cli.tables import print_checked, signed_percent
+from cli.tables import fields, print_checked, signed_percent
 from sa_analysis import defaults
 
 
@@ -159,7 +159,8 @@ def _print_plan(plan) -> None:
         console.print(f"note: {note}", highlight=False)
 
 
-def _kl_interval(values: dict) -> str:
+def _kl_interval(values) -> str:
+    values = fields(values)
     return f"{values['kl']:.4f} [{values['kl_low']:.4f}, {values['kl_high']:.4f}]"
 
 
@@ -172,7 +173,7 @@ def _print_comparison(plans: dict, cost: str, plan) -> None:
     planners minimise) and, when the plan was chosen by measured damage, each measured whole on the same tokens."""
     measured = dict(plan.damage.baselines) if plan.damage else {}
     if plan.damage:
-        measured["optimal"] = plan.damage.plan
+        measured["optimal"] = plan.damage.plan.to_dict()
     title = "Alternatives with the same number of shared layers"
     title += (": next-token KL measured whole on the calibration tokens, and the attention cost similarity planners "
               f"minimise ({cost})") if measured else f" (predicted {cost} cost, same cost matrix)"

@@ -20,8 +20,8 @@ def print_validation(report) -> None:
     rows = [("perplexity", f"{q['ppl_baseline']:.4g}", f"{q['ppl_patched']:.4g}", f"{100 * q['ppl_change']:+.2f}%",
              lambda: signed_percent(predicted)),
             ("next-token KL (nats)", "", f"{q['kl_mean']:.4g}", "",
-             lambda: f"{predicted['kl']:.4g} [{predicted['kl_low']:.4g}, {predicted['kl_high']:.4g}]"),
-            ("top-1 agreement", "", f"{100 * q['top1_agreement']:.1f}%", "", lambda: f"{100 * predicted['top1']:.1f}%")]
+             lambda: f"{predicted.kl:.4g} [{predicted.kl_low:.4g}, {predicted.kl_high:.4g}]"),
+            ("top-1 agreement", "", f"{100 * q['top1_agreement']:.1f}%", "", lambda: f"{100 * predicted.top1:.1f}%")]
     for label, base, patched, change, guess in rows:
         table.add_row(label, base, patched, change, *((guess(),) if predicted else ()))
     console.print(table)
@@ -40,13 +40,16 @@ def print_validation(report) -> None:
 
 def _print_speed(speed: dict, predicted: Optional[dict]) -> None:
     base, patched, ratio = speed["baseline"], speed["patched"], speed["ratio"]
+    mode = f", {speed['mode']} mode" if speed.get("mode") else ""
     table = Table(title=f"Speed and memory (batch {base['batch']}, {base['prompt_len']}-token prompt, "
-                        f"{base['n_new']} decoded tokens, {base['timer']})", title_justify="left")
+                        f"{base['n_new']} decoded tokens, {base['timer']}{mode})", title_justify="left")
     for column in ("", "baseline", "patched", "patched / baseline", "predicted"):
         table.add_column(column, justify="right" if column else "left")
     kv_pred = None if not predicted else 1 - predicted.get("kv_cache_fraction_saved", 0)
     rows = [("prefill tokens/s", "prefill_tokens_per_s", _num, None),
-            ("decode tokens/s", "decode_tokens_per_s", _num, None),
+            ("decode tokens/s, eager", "decode_tokens_per_s", _num, None),
+            *([("decode tokens/s, compiled", "compiled_decode_tokens_per_s", _num, None)]
+              if base.get("compiled_decode_tokens_per_s") is not None else []),
             ("KV-cache bytes", "kv_cache_bytes", _bytes, kv_pred),
             ("K-cache bytes", "k_cache_bytes", _bytes, None),
             ("peak memory", "peak_memory_bytes", _bytes, None)]
@@ -110,11 +113,18 @@ def print_search(search) -> None:
         console.print(f"[bold]Best within tolerance:[/] {best.summary()} (spans {best.spans_spec()})", highlight=False)
 
 
-def signed_percent(values: dict, key: str = "nll_change", missing: str = "-") -> str:
+def fields(values) -> dict:
+    """A record's fields as a dict (a dict as it is): what the formatters of named values read."""
+    return values.to_dict() if hasattr(values, "to_dict") else values
+
+
+def signed_percent(values, key: str = "nll_change", missing: str = "-") -> str:
     """The relative perplexity change an NLL change in nats implies, with its interval where there is one:
-    '+7.2% [+2.9, +11.6]' ('+7.2%' without one; `missing` when there is no value). Every table prints gaps so."""
+    '+7.2% [+2.9, +11.6]' ('+7.2%' without one; `missing` when there is no value). Every table prints gaps so.
+    `values`: a record (`Summary`, `HealedText`) or a dict with `key`, `key_low`, `key_high`."""
     import math
 
+    values = fields(values)
     if values.get(key) is None:
         return missing
     text = f"{100 * math.expm1(values[key]):+.1f}%"
@@ -132,9 +142,9 @@ def print_checked(checked: list, plan) -> None:
         table.add_column(column, justify="left" if column in ("spans", "aligned", "chosen") else "right")
     for row in checked:
         predicted, measured = row["predicted"], row["measured"]
-        ratio = "" if not predicted or predicted["kl"] <= 0 else f"{measured['kl'] / predicted['kl']:.2f}"
+        ratio = "" if not predicted or predicted["kl"] <= 0 else f"{measured.kl / predicted['kl']:.2f}"
         chosen = row["followers"] == plan.followers and row["aligned"] == plan.aligned_followers
         table.add_row(row["spans"], ",".join(map(str, row["aligned"])) or "-",
-                      "-" if not predicted else f"{predicted['kl']:.4f}", f"{measured['kl']:.4f}", ratio,
+                      "-" if not predicted else f"{predicted['kl']:.4f}", f"{measured.kl:.4f}", ratio,
                       signed_percent(measured), "yes" if chosen else "")
     console.print(table)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 from importlib import metadata
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -20,15 +20,33 @@ from .io import json_safe, read_json, write_json
 
 
 class Record:
-    """A record inside an artefact (a dataclass subclassing this): its fields as a dict, written as they are, and
-    back; a field an older file lacks reads as None."""
+    """A record inside an artefact (a dataclass subclassing this): its fields as a dict, written as they are (a field
+    holding records, alone or as the values of a dict, as their dicts), and back; a field an older file lacks reads
+    as None. A field holding a record names its type in `RECORDS`, a dict of records in `RECORD_MAPS`."""
+
+    RECORDS: ClassVar[dict[str, type]] = {}  # field -> the record type of its value
+    RECORD_MAPS: ClassVar[dict[str, type]] = {}  # field -> the record type of each value of its dict
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {name: _plain(value) for name, value in self.__dict__.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+        values = {f.name: data.get(f.name) for f in fields(cls)}
+        for name, kind in cls.RECORDS.items():
+            values[name] = None if values[name] is None else kind.from_dict(values[name])
+        for name, kind in cls.RECORD_MAPS.items():
+            values[name] = None if values[name] is None else {k: kind.from_dict(v) for k, v in values[name].items()}
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    """A record as its dict, a dict of records as a dict of dicts; anything else as it is."""
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, dict) and any(isinstance(v, Record) for v in value.values()):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class JsonArtefact:

@@ -112,6 +112,29 @@ def check_budgets(budgets: Sequence[int] | None, model: str | None = None, *, n_
     return wanted
 
 
+def check_frontier(model: str | None, *, budgets: Sequence[int] | None, baselines: Sequence[str] = (),
+                   text: str | Path | None = None, seq_len: int | None = None, heal: bool = False,
+                   heal_data: str | Path | None = None, other_text: str | Path | None = None) -> list[int] | None:
+    """Every input of a frontier run that needs no model, checked once in one place (the CLI calls it before torch
+    is imported, `run_frontier` for library users): the budgets against the layer count the config states (`model`
+    None: a saved report's model, checked once it is read), the baseline methods, the text and --seq-len, the
+    healing data and the other held-out text (with `heal`: one of another kind must exist). Returns the budgets
+    sorted (None: the default, once the layer count is known)."""
+    shape = peek_shape(model) if model else None
+    wanted = check_budgets(budgets, n_layers=shape.n_layers if shape else None)
+    check_baselines(baselines)
+    if model is not None:
+        load_documents(text)  # a missing, empty or binary text file
+        if shape is not None and seq_len is not None:
+            shape.check_seq_len(seq_len)
+    check_data_file(heal_data, "--heal-data")
+    if heal:
+        heal_other_text(heal_data, other_text, "--other-text")  # a mixture of both built-in texts needs one named
+    if other_text is not None:
+        load_documents(other_text, option="--other-text")
+    return wanted
+
+
 def check_baselines(names: Sequence[str]) -> None:
     """Baseline methods by their names (`choices.BASELINES`), as `parse_baselines` gives them."""
     for name in names:
@@ -128,5 +151,5 @@ def output_folder(out: str | Path | None, model: str) -> Path:
     return default_out_dir(out, model)
 
 
-__all__ = ["check_baselines", "check_before_loading", "check_budgets", "check_data_file", "check_heal_objective", "heal_other_text", "check_family_options", "check_metric",
+__all__ = ["check_baselines", "check_before_loading", "check_budgets", "check_data_file", "check_frontier", "check_heal_objective", "heal_other_text", "check_family_options", "check_metric",
            "check_plan_options", "output_folder", "parse_baselines", "parse_budgets", "parse_rows"]

@@ -226,17 +226,17 @@ def test_plan_from_damage_rests_on_measurements_and_checks_interactions(tmp_path
     plan, table = found.plan, found.table
     assert plan.n_shared == 2 and all(table.has(m, a) for m, a in plan.anchor_of.items())
     assert {(m, a) for m, a, _ in table.pairs} >= {(m, m - 1) for m in range(1, 5)}
-    measured = [row["measured"]["kl"] for row in found.checked]
+    measured = [row["measured"].kl for row in found.checked]
     chosen = next(row for row in found.checked if row["followers"] == plan.followers)
-    assert chosen["measured"]["kl"] == min(measured)
+    assert chosen["measured"].kl == min(measured)
     run = PrefixRun.record(loaded.model, batch)
-    assert chosen["measured"]["kl"] == pytest.approx(run.damage(plan.anchor_of).kl_mean, rel=1e-12)  # measured whole
-    assert plan.damage.plan["kl"] == chosen["measured"]["kl"]
+    assert chosen["measured"].kl == pytest.approx(run.damage(plan.anchor_of).kl_mean, rel=1e-12)  # measured whole
+    assert plan.damage.plan == chosen["measured"]
     for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5):  # every span of two or more measured whole
         assert len(ways) == 1 or (a, ways) in table.spans
     run_spans = {a: len(ways) for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5)}
     if len(run_spans) == 1:  # one span: the span model's prediction is the whole plan's measurement
-        assert plan.damage.predicted["kl"] == pytest.approx(chosen["measured"]["kl"], rel=1e-12)
+        assert plan.damage.predicted["kl"] == pytest.approx(chosen["measured"].kl, rel=1e-12)
     else:
         assert plan.damage.predicted["kl"] == pytest.approx(sum(plan.damage.followers[m]["kl"] for m in plan.followers))
     assert any("about" in line and "left" in line for line in said)  # progress with a time estimate
@@ -255,7 +255,7 @@ def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     plans = compare_plans(report, evaluate_plan(found.plan, report, "kl"), cost="kl")
     count = found.meter.count
     measured = measure_similarity_plans(found, plans)
-    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage.plan}
+    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage.plan.to_dict()}
     run = PrefixRun.record(loaded.model, batch)  # an independent record of the same tokens
     for name, plan in plans.items():
         if isinstance(plan, str):

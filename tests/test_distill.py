@@ -142,7 +142,7 @@ def test_the_frontier_heals_by_distillation_and_names_the_faithful_reach(tmp_pat
     assert frontier.heal["objective"] == "distill" and frontier.heal["control"] is None
     for point in frontier.points:
         for values in point.healed.values():
-            assert values["control"] == values["baseline"] and values["kl_after"] is not None
-            assert values["change_untouched"] == pytest.approx(values["healed"] / values["baseline"] - 1)
+            assert values.control == values.baseline and values.kl_after is not None
+            assert values.change_untouched == pytest.approx(values.healed / values.baseline - 1)
         assert point.healed_run["n_trainable"] > 0
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -71,8 +71,8 @@ def test_one_table_serves_every_budget_and_held_out_perplexity_is_the_whole_mode
         plan = SharePlan.from_dict(point.plan)
         assert plan.n_shared == k
         expected = _held_out_perplexity(loaded.model, heldout.input_ids, plan)
-        assert point.heldout["perplexity"] == pytest.approx(expected, rel=1e-9), k
-        assert point.heldout["perplexity_low"] <= point.heldout["perplexity"] <= point.heldout["perplexity_high"]
+        assert point.heldout.perplexity == pytest.approx(expected, rel=1e-9), k
+        assert point.heldout.perplexity_low <= point.heldout.perplexity <= point.heldout.perplexity_high
         assert point.savings["n_shared"] == k and point.savings["kv_cache_fraction_saved"] == pytest.approx(k / 12)
 
 
@@ -102,7 +102,7 @@ def test_a_stopped_frontier_resumes_without_measuring_again(tmp_path):
     # the resumed run measured exactly what the uninterrupted one measured after budget 1
     assert state.points[2].measurements == fresh.points[2].measurements - fresh.points[1].measurements
     assert state.points[2].plan["followers"] == fresh.points[2].plan["followers"]
-    assert state.points[2].heldout == pytest.approx(fresh.points[2].heldout)
+    assert state.points[2].heldout.to_dict() == pytest.approx(fresh.points[2].heldout.to_dict())
 
 
 def test_the_baselines_are_what_they_say():
@@ -111,7 +111,7 @@ def test_the_baselines_are_what_they_say():
     assert last_layers_plan(6, 2).followers == [4, 5] and last_layers_plan(6, 2).anchor_of == {4: 3, 5: 3}
     plan, damage = best_contiguous_plan(run, 2)
     every = {first: run.damage(SharePlan(n_layers=6, followers=[first, first + 1]).anchor_of).kl_mean for first in range(1, 5)}
-    assert plan.followers[0] == min(every, key=every.get) and damage["kl"] == pytest.approx(min(every.values()))
+    assert plan.followers[0] == min(every, key=every.get) and damage.kl == pytest.approx(min(every.values()))
     greedy = greedy_plans(run, 3)
     assert [len(p.followers) for p, _ in greedy.values()] == [1, 2, 3]
     assert set(greedy[1][0].followers) < set(greedy[2][0].followers) < set(greedy[3][0].followers)  # nested
@@ -144,13 +144,13 @@ def test_the_frontier_measures_the_baselines_beside_each_budget():
         ours = SharePlan.from_dict(point.plan)
         ours_nll = [math.log(_held_out_perplexity(loaded.model, ids[i:i + 1], ours)) for i in range(3)]
         for method, row in point.baselines.items():
-            assert row["followers"] == expected[method], (k, method)
-            plan = SharePlan(6, row["followers"])
-            assert row["heldout"]["perplexity"] == pytest.approx(_held_out_perplexity(loaded.model, ids, plan), rel=1e-9)
+            assert row.followers == expected[method], (k, method)
+            plan = SharePlan(6, row.followers)
+            assert row.heldout.perplexity == pytest.approx(_held_out_perplexity(loaded.model, ids, plan), rel=1e-9)
             theirs = [math.log(_held_out_perplexity(loaded.model, ids[i:i + 1], plan)) for i in range(3)]
             mean, low, high = paired_interval(theirs, ours_nll)
-            assert row["vs_recommended"] == pytest.approx([math.expm1(v) for v in (mean, low, high)], rel=1e-6, abs=1e-9)
-            assert row["calibration"]["kl"] == pytest.approx(run.damage(plan.anchor_of).kl_mean)
+            assert row.vs_recommended == pytest.approx([math.expm1(v) for v in (mean, low, high)], rel=1e-6, abs=1e-9)
+            assert row.calibration.kl == pytest.approx(run.damage(plan.anchor_of).kl_mean)
     assert untouched.untouched_nll == pytest.approx(base_nll, rel=1e-9)
 
 
@@ -164,13 +164,16 @@ def test_unknown_baselines_are_refused_with_a_suggestion():
 
 
 def _point(budget, ppl, healed=None):
+    from sa_analysis.planner.record import Summary
     from sa_analysis.search import FrontierPoint
 
+    nll = math.log(ppl / 10)
     return FrontierPoint(budget=budget, plan={"followers": list(range(1, budget + 1))},
-                         predicted={"kl": 0.1, "kl_low": 0.0, "kl_high": 0.2, "nll_change": 0.01,
-                                    "nll_change_low": 0.0, "nll_change_high": 0.02},
-                         heldout={"perplexity": ppl, "perplexity_low": ppl * 0.98, "perplexity_high": ppl * 1.02,
-                                  "nll_change": math.log(ppl / 10)},
+                         predicted=Summary(kl=0.1, kl_low=0.0, kl_high=0.2, nll_change=0.01, nll_change_low=0.0,
+                                           nll_change_high=0.02, top1=0.9),
+                         heldout=Summary(kl=0.1, kl_low=0.0, kl_high=0.2, nll_change=nll, nll_change_low=nll - 0.02,
+                                         nll_change_high=nll + 0.02, top1=0.9, perplexity=ppl,
+                                         perplexity_low=ppl * 0.98, perplexity_high=ppl * 1.02),
                          savings={"kv_cache_fraction_saved": budget / 20, "context_len": 4096},
                          measurements=budget, seconds=1.0, healed=healed)
 
@@ -178,9 +181,15 @@ def _point(budget, ppl, healed=None):
 def test_the_largest_budget_within_the_tolerance_before_and_after_healing(tmp_path):
     from sa_analysis.plots import plot_frontier
 
+    from dataclasses import replace
+
+    from sa_analysis.search.frontier import HealedText
+
     def healed(change, untouched, kl_before, kl_after):
-        one = {"change": change, "change_untouched": untouched, "kl_before": kl_before, "kl_after": kl_after}
-        return {"heal data, held out": one, "other text": {**one, "change": change / 2}}
+        one = HealedText(baseline=10.0, patched=11.0, healed=10 * (1 + untouched), control=10 * (1 + untouched) / (1 + change),
+                         change=change, change_untouched=untouched, before=0.1, after_untouched=math.log1p(untouched),
+                         kl_before=kl_before, kl_after=kl_after)
+        return {"heal data, held out": one, "other text": replace(one, change=change / 2)}
 
     points = [_point(1, 10.2, healed(0.01, 0.0, 0.02, 0.01)), _point(2, 10.4, healed(0.03, 0.04, 0.05, 0.03)),
               _point(3, 10.8, healed(0.06, 0.02, 0.09, 0.06)),  # within of the untouched model, but further in KL
@@ -192,7 +201,7 @@ def test_the_largest_budget_within_the_tolerance_before_and_after_healing(tmp_pa
                                  "after_untouched": {"heal data, held out": 3, "other text": 3},
                                  "kl_bound": bound, "faithful": 3}
     points[3].healed = None  # the bound then comes from the frontier's own held-out KL of that plan
-    points[3].heldout["kl"] = 0.04
+    points[3].heldout.kl = 0.04
     assert frontier.within()["kl_bound"] == {"heal data, held out": 0.04, "other text": 0.04}
     assert frontier.within()["faithful"] == 2
     points[3].healed = healed(0.2, 0.06, 0.1, 0.04)
@@ -245,8 +254,8 @@ def test_the_command_heals_each_plan_against_one_control_and_resumes(tmp_path, m
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     for point in frontier.points:
         for values in point.healed.values():
-            assert values["change"] == pytest.approx(values["healed"] / values["control"] - 1)
-    controls = {p.healed["other text"]["control"] for p in frontier.points}
+            assert values.change == pytest.approx(values.healed / values.control - 1)
+    controls = {p.healed["other text"].control for p in frontier.points}
     assert len(controls) == 1  # one control serves every plan
     again = CliRunner().invoke(app, [str(a) for a in args + ["--resume"]])
     assert again.exit_code == 0 and "resumed:" in again.output and "damage 1:" not in again.output, again.output

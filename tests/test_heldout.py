@@ -55,9 +55,9 @@ def test_a_plan_shared_for_the_call_is_the_plan_shared_around_it():
     assert inside.per_sequence() == around.per_sequence()
     assert measure_heldout(model, untouched).kl == pytest.approx([0.0] * 4, abs=1e-12)  # the patch is gone again
     summary, quality = inside.summary(), inside.quality()
-    assert summary["perplexity"] == pytest.approx(quality["ppl_patched"], rel=1e-12)
-    assert summary["perplexity"] == pytest.approx(math.exp(sum(inside.nll) / 4), rel=1e-12)
-    assert summary["perplexity_low"] < summary["perplexity"] < summary["perplexity_high"]
+    assert summary.perplexity == pytest.approx(quality["ppl_patched"], rel=1e-12)
+    assert summary.perplexity == pytest.approx(math.exp(sum(inside.nll) / 4), rel=1e-12)
+    assert summary.perplexity_low < summary.perplexity < summary.perplexity_high
     assert quality["ppl_baseline"] == pytest.approx(inside.untouched_perplexity, rel=1e-12)
     assert quality["n_tokens"] == 4 * 17 and quality["kl_max"] >= max(inside.kl)
 

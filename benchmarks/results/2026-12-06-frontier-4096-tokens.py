@@ -9,5 +9,5 @@ r = run_frontier(ModelSpec(), TextSpec(None, defaults.N_SEQS, None), budgets="3,
                  progress=lambda m: print(f"[{time.time()-t:5.0f}] {m}", flush=True))
 import math
 for p in r.frontier.points:
-    print("KL@4096", p.budget, p.plan["followers"], "held %+.1f%%" % (100 * math.expm1(p.heldout["nll_change"])),
-          "cal NLL %+.1f%%" % (100 * math.expm1(p.predicted["nll_change"])), flush=True)
+    print("KL@4096", p.budget, p.plan["followers"], "held %+.1f%%" % (100 * math.expm1(p.heldout.nll_change)),
+          "cal NLL %+.1f%%" % (100 * math.expm1(p.predicted.nll_change)), flush=True)

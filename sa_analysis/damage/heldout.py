@@ -20,7 +20,7 @@ import torch
 
 from .. import parts
 from ..patch import share_attention
-from ..planner.record import Damage
+from ..planner.record import Damage, Summary
 from ..stats import interval, ppl_change
 from .logprobs import Sums, chunks, compare_chunk, log_softmax, token_ids
 
@@ -84,13 +84,10 @@ class HeldOut:
         """The same measurement as output damage (KL, NLL change, top-1 per sequence)."""
         return Damage(list(self.kl), list(self.nll_change), list(self.top1))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> Summary:
         """KL and NLL change with their 95 % intervals over sequences, top-1 agreement, and the perplexity with the
         interval of its NLL change (`perplexity`, `perplexity_low`, `perplexity_high`)."""
-        found = {**interval("kl", self.kl), **interval("nll_change", self.nll_change), "top1": _mean(self.top1)}
-        for suffix in ("", "_low", "_high"):
-            found[f"perplexity{suffix}"] = math.exp(_mean(self.untouched_nll) + found[f"nll_change{suffix}"])
-        return found
+        return Summary.of(self.kl, self.nll_change, self.top1, untouched_nll=_mean(self.untouched_nll))
 
     def quality(self) -> dict[str, float]:
         """`validate`'s quality section: both perplexities, the relative change with its 95 % interval, NLLs, KL

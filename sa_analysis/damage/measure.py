@@ -113,7 +113,7 @@ def plan_from_damage(loaded: LoadedModel, report: AttentionReport, batch: Tokens
     plan = settle(constraints.keep)
     candidates = [plan] + [alt for alt in (_without(settle, constraints, f) for f in plan.followers) if alt is not None]
     checked = _check(run, candidates, table, meter)
-    best_index = min(range(len(checked)), key=lambda i: checked[i]["measured"]["kl"])
+    best_index = min(range(len(checked)), key=lambda i: checked[i]["measured"].kl)
     best = next(p for p in candidates if p.followers == checked[best_index]["followers"]
                 and p.aligned_followers == checked[best_index]["aligned"])
     best.damage = PlanDamage.of_checked(checked[best_index], run.n_tokens, run.n_seqs, run.baseline_nll)
@@ -144,7 +144,7 @@ def measure_similarity_plans(search: DamageSearch, plans: Mapping[str, Any]) -> 
             known[key] = search.meter.timed(f"{name} plan {plan.spans_spec()} whole",
                                             lambda: search.run.damage(plan.anchor_of, plan.head_map),
                                             left=len(candidates) - i - 1).summary()
-        measured[name] = {"followers": list(plan.followers), "aligned": plan.aligned_followers, **known[key]}
+        measured[name] = {"followers": list(plan.followers), "aligned": plan.aligned_followers, **known[key].to_dict()}
     if search.plan.damage is not None:
         search.plan.damage.baselines = {name: row for name, row in measured.items() if name != "optimal"}
     return measured
@@ -213,8 +213,8 @@ def _check(run: PrefixRun, candidates: list[SharePlan], table: DamageTable, mete
                                left=len(candidates) - i - 1)
         summary = measured.summary()
         if predicted_kl:
-            ratio = max(ratio, summary["kl"] / predicted_kl)
-        best_high = min(best_high, summary["kl_high"])
+            ratio = max(ratio, summary.kl / predicted_kl)
+        best_high = min(best_high, summary.kl_high)
         rows.append({"followers": list(plan.followers), "aligned": plan.aligned_followers, "spans": plan.spans_spec(),
                      "predicted": predicted, "measured": summary})
     return rows

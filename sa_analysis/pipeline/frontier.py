@@ -19,9 +19,9 @@ from ..artefact import provenance
 from ..errors import UserError
 from ..io import json_safe, read_json, write_json
 from ..planner import PlanConstraints, SharePlan
-from ..prechecks import check_baselines, check_before_loading, check_budgets, heal_other_text
+from ..prechecks import check_budgets, check_frontier
 from ..progress import Say
-from ..search.frontier import Frontier, FrontierState, measure_frontier
+from ..search.frontier import Frontier, FrontierState, HealedText, measure_frontier
 from .heatmap import report_or_measure
 from .inputs import CaptureSpec, ModelSpec, Status, TextSpec
 
@@ -58,11 +58,8 @@ def run_frontier(source: ModelSpec, text: TextSpec, capture: CaptureSpec = Captu
     `progress(message)` hears one line per measurement, heal step and budget.
     """
     say = progress or (lambda _m: None)
-    check_budgets(budgets, source.model if report is None else None)  # fails fast, before the model loads
-    check_baselines(baselines)
-    check_before_loading(source.model if report is None else None, text=text.text, seq_len=text.seq_len)
-    if heal_config is not None:
-        heal_other_text(heal_data, other_text, "--other-text")  # a mixture of both built-in texts needs a held-out text of another kind
+    check_frontier(source.model if report is None else None, budgets=budgets, baselines=baselines, text=text.text,
+                   seq_len=text.seq_len, heal=heal_config is not None, heal_data=heal_data, other_text=other_text)
     started = time.perf_counter()
     att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, status=status)
     loaded = loaded or placed.load(status)
@@ -110,9 +107,7 @@ def heal_frontier(placed: ModelSpec, loaded: LoadedModel, state: FrontierState, 
         fresh = placed.load(None)  # the untouched weights: every plan heals from the same start
         report = heal(fresh, SharePlan.from_dict(point.plan), train, evals, config, export=False, control=found,
                       on_step=_steps(progress, f"heal {i + 1} of {len(todo)}", config.steps))
-        point.healed = {name: {**e["perplexity"], **report.gaps(name), "change": _change(e["perplexity"]),
-                               "change_untouched": e["perplexity"]["healed"] / e["perplexity"]["baseline"] - 1}
-                        for name, e in report.evals.items()}
+        point.healed = {name: HealedText.of(e["perplexity"], report.gaps(name)) for name, e in report.evals.items()}
         point.healed_run = {"n_trainable": report.run.get("n_trainable"), "seconds": report.run.get("seconds"),
                             "loss_first": report.losses[0] if report.losses else None,
                             "loss_last": report.losses[-1] if report.losses else None}
@@ -132,11 +127,6 @@ def _steps(progress: Say, what: str, total: int) -> Callable[[int, float], None]
             progress(f"{what}: step {step}/{total}, loss {loss:.3f}, about {left:.0f} s left of it")
 
     return say
-
-
-def _change(perplexity: dict[str, float]) -> float | None:
-    """Healed shared model against the control (relative perplexity change), None without a control."""
-    return perplexity["healed"] / perplexity["control"] - 1 if "control" in perplexity else None
 
 
 def write_frontier(frontier: Frontier, out: Path) -> list[Path]:

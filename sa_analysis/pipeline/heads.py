@@ -9,7 +9,7 @@ from pathlib import Path
 from ..io import write_json
 from ..planner.families import DRAWS, HeadFamilies, head_families
 from ..report import AttentionReport
-from .heatmap import report_or_measure
+from .heatmap import check_report_inputs, report_or_measure
 from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 
@@ -28,6 +28,7 @@ def run_heads(report: str | Path | None, source: ModelSpec | None, text: TextSpe
     figure; `progress`, `status`, `notice` as `run_heatmap`."""
     from ..plots.families import plot_head_families
 
+    check_report_inputs(report, source, text)
     att, out_dir, _source, _loaded = report_or_measure(report, source, text, capture, out, progress, status, notice)
     families = head_families(att, metric, threshold, draws=DRAWS)
     table = out_dir / "head_families.json"

@@ -24,6 +24,7 @@ def run_heatmap(source: ModelSpec, text: TextSpec = TextSpec(seq_len=None), capt
     (report, paths). `progress(total)` may return a context manager yielding `advance(i)` (a bar over sequences);
     `status(message)` a context manager shown while the model loads; `notice(message)` hears a choice the user should
     know of before the work (sampled rows, see `analyse`)."""
+    check_before_loading(source.model, out=out, text=text.text, seq_len=text.seq_len)
     _loaded, report, paths = measure_heatmap(source, text, capture, out=out, progress=progress, status=status,
                                              notice=notice)
     return report, paths
@@ -32,12 +33,12 @@ def run_heatmap(source: ModelSpec, text: TextSpec = TextSpec(seq_len=None), capt
 def measure_heatmap(source: ModelSpec, text: TextSpec, capture: CaptureSpec = CaptureSpec(), *, out: Path,
                     progress: Bar | None = None, status: Status | None = None, notice: Say | None = None,
                     ) -> tuple[LoadedModel, AttentionReport, list[Path]]:
-    """`run_heatmap`, returning the loaded model too (a plan measured on it next need not load it again).
+    """`run_heatmap` less its checks (the job that calls it has made them), returning the loaded model too (a plan
+    measured on it next need not load it again).
 
     `text.seq_len` None: `defaults.SEQ_LEN`, or twice the sliding window of a model that mixes windowed and global
     layers (`shapes.analysis_length`; the report's settings say why, under "length_note").
     """
-    check_before_loading(source.model, out=out, text=text.text, seq_len=text.seq_len)
     rows = parse_rows(capture.rows, text.seq_len, capture.path)
     loaded = source.load(status)
     loaded.without_sharing()  # a healed folder: measure each layer's own attention
@@ -59,7 +60,8 @@ def report_or_measure(report: str | Path | None, source: ModelSpec | None, text:
                       notice: Say | None = None) -> tuple[AttentionReport, Path, ModelSpec, LoadedModel | None]:
     """(report, output folder, the model to measure plans on, loaded model or None): load `report` (checking the
     model against it; that model is the report's own unless `source` names one) or measure `source` now (what the
-    jobs that start from a report do: plan, heads, frontier)."""
+    jobs that start from a report do: plan, heads, frontier; each has checked its inputs before, `check_report_inputs`
+    for plan and heads)."""
     if report is not None:
         att = AttentionReport.load(report)
         named = None if source is None else source.model
@@ -73,6 +75,13 @@ def report_or_measure(report: str | Path | None, source: ModelSpec | None, text:
     loaded, att, _paths = measure_heatmap(source, text, capture, out=out_dir, progress=progress, status=status,
                                           notice=notice)
     return att, out_dir, source, loaded
+
+
+def check_report_inputs(report: str | Path | None, source: ModelSpec | None, text: TextSpec) -> None:
+    """What a job starting from a report or a fresh capture can check before loading: without a report, the model's
+    text and --seq-len (the report's own are checked when it is read)."""
+    if report is None and source is not None:
+        check_before_loading(source.model, text=text.text, seq_len=text.seq_len)
 
 
 def redraw_heatmap(report: str | Path, out: Path | None = None, formats: Iterable[str] = ("png",),

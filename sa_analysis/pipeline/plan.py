@@ -16,7 +16,7 @@ from ..loading import LoadedModel
 from ..planner import PlanConstraints, SharePlan, compare_plans, evaluate_plan, plan_spans
 from ..prechecks import check_plan_options
 from ..report import AttentionReport
-from .heatmap import report_or_measure
+from .heatmap import check_report_inputs, report_or_measure
 from .inputs import Bar, CaptureSpec, ModelSpec, Say, Status, TextSpec
 
 SIMILARITY_NOTE = ("chosen by attention similarity alone (summed head-mean KL), which ranks the measured perplexity of "
@@ -54,6 +54,7 @@ def run_plan(report: str | Path | None, source: ModelSpec | None, text: TextSpec
     from ..plots import heatmap_metric_for, plot_plan_over_heatmap
 
     parsed_budget = check_plan_options(budget, max_cost, cost, predict)
+    check_report_inputs(report, source, text)
     att, out_dir, placed, loaded = report_or_measure(report, source, text, capture, out, progress, status, notice)
     damage = None
     if predict == "output" or (predict == "auto" and loaded is not None):

@@ -37,7 +37,7 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
     points = sorted(frontier.points, key=lambda p: p.budget)
     baselines = baseline_series(frontier) if baselines is None else baselines
     healed = [p for p in points if p.healed]
-    faithful = bool(healed) and all(v.get("kl_after") is not None for p in healed for v in p.healed.values())
+    faithful = bool(healed) and all(v.kl_after is not None for p in healed for v in p.healed.values())
     with paper_style():
         fig = new_figure(10.4 if faithful else 7.2 if healed else 4.2, 3.4)
         axes = fig.subplots(1, 3 if faithful else 2 if healed else 1, squeeze=False)[0]  # own y scales: healed models can fall far below the untouched one
@@ -61,18 +61,16 @@ def plot_frontier(frontier: Any, path_stem: str | Path, baselines: Mapping[str, 
 
 
 def baseline_series(frontier: Any) -> dict[str, dict[str, Any]]:
-    """The baselines the frontier measured beside its plans, as the figure draws them: per method the KV cache saved,
-    the held-out % change against the unshared model and, where a baseline was healed, its % change against the
-    control per text (`healed`)."""
+    """The baselines the frontier measured beside its plans, as the figure draws them: per method the KV cache saved
+    and the held-out % change against the unshared model (`after`, healed baselines per text, is left to callers that
+    heal them: `benchmarks/frontier_baselines.py`)."""
     base = frontier.baseline["perplexity"]
     series: dict[str, dict[str, Any]] = {}
     for point in sorted(frontier.points, key=lambda p: p.budget):
         for method, row in (point.baselines or {}).items():
             entry = series.setdefault(method, {"saved": [], "before": [], "after": {}})
             entry["saved"].append(saved_percent(point))
-            entry["before"].append(100 * (row["heldout"]["perplexity"] / base - 1))
-            for text, values in (row.get("healed") or {}).items():
-                entry["after"].setdefault(text, []).append(100 * values["change"])
+            entry["before"].append(100 * (row.heldout.perplexity / base - 1))
     return series
 
 
@@ -95,7 +93,7 @@ def _log_change_axis(axis: Any) -> None:
 def _before(axis: Any, frontier: Any, points: list, baselines: Mapping[str, Mapping[str, Any]]) -> None:
     """Predicted and measured change against the unshared model, each budget labelled by its layer count."""
     x = [saved_percent(p) for p in points]
-    predicted = [_percent(p.predicted, "nll_change") for p in points]
+    predicted = [_percent(p.predicted) for p in points]
     measured = [_percent_ppl(p.heldout, frontier.baseline["perplexity"]) for p in points]
     _with_interval(axis, x, predicted, PALETTE[1], "predicted (calibration)", "o", "--", filled=False)
     _with_interval(axis, x, measured, PALETTE[0], "measured (held-out)", "o", "-")
@@ -145,8 +143,8 @@ def _faithfulness(axis: Any, frontier: Any, healed: list) -> None:
     bound = frontier.within().get("kl_bound") or {}
     for j, text in enumerate(healed[0].healed):
         marker, style = TEXT_STYLE.get(j, ("o", "-"))
-        before = [p.healed[text]["kl_before"] for p in healed]
-        after = [p.healed[text]["kl_after"] for p in healed]
+        before = [p.healed[text].kl_before for p in healed]
+        after = [p.healed[text].kl_after for p in healed]
         axis.plot(x, before, marker=marker, linestyle=style, color=PALETTE[6], markerfacecolor="white", linewidth=0.9,
                   markersize=3.5, label=f"before healing, {text}")
         axis.plot(x, after, marker=marker, linestyle=style, color=PALETTE[0], linewidth=1.0, markersize=3.5,
@@ -169,21 +167,22 @@ def _with_interval(axis: Any, x: list[float], values: list[tuple[float, float, f
                   elinewidth=0.7, label=label, markerfacecolor=colour if filled else "white")
 
 
-def _healed_percent(values: Mapping[str, float], change: str = "change", gap: str = "after") -> tuple[float, float, float]:
-    """(mid, low, high) in % of the healed shared model against a yardstick: the control (`change`, `after`) or the
-    untouched model (`change_untouched`, `after_untouched`); no interval: the mid thrice; not measured: NaN."""
-    if values.get(change) is None:
+def _healed_percent(values: Any, change: str = "change", gap: str = "after") -> tuple[float, float, float]:
+    """(mid, low, high) in % of the healed shared model (a `HealedText`) against a yardstick: the control (`change`,
+    `after`) or the untouched model (`change_untouched`, `after_untouched`); no interval: the mid thrice; not
+    measured: NaN."""
+    if getattr(values, change) is None:
         return (math.nan, math.nan, math.nan)
-    mid = 100 * values[change]
-    if values.get(f"{gap}_low") is None:
-        return (mid, mid, mid)
-    return (mid, percent(values[f"{gap}_low"]), percent(values[f"{gap}_high"]))
+    mid = 100 * getattr(values, change)
+    low, high = getattr(values, f"{gap}_low"), getattr(values, f"{gap}_high")
+    return (mid, mid, mid) if low is None else (mid, percent(low), percent(high))
 
 
-def _percent(values: Mapping[str, float], name: str) -> tuple[float, float, float]:
-    """(mid, low, high) of exp(NLL change) - 1 in %."""
-    return tuple(percent(values[f"{name}{s}"]) for s in ("", "_low", "_high"))  # type: ignore[return-value]
+def _percent(values: Any) -> tuple[float, float, float]:
+    """(mid, low, high) of exp(NLL change) - 1 in %, of a `Summary`."""
+    return percent(values.nll_change), percent(values.nll_change_low), percent(values.nll_change_high)
 
 
-def _percent_ppl(values: Mapping[str, float], baseline: float) -> tuple[float, float, float]:
-    return tuple(100 * (values[f"perplexity{s}"] / baseline - 1) for s in ("", "_low", "_high"))  # type: ignore[return-value]
+def _percent_ppl(values: Any, baseline: float) -> tuple[float, float, float]:
+    """(mid, low, high) of the perplexity of a held-out `Summary` against `baseline`, in %."""
+    return tuple(100 * (p / baseline - 1) for p in (values.perplexity, values.perplexity_low, values.perplexity_high))  # type: ignore[return-value]

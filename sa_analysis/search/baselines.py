@@ -14,14 +14,17 @@ the recommendation): `frontier --baselines` puts them beside the recommendation 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
+from ..artefact import Record
 from ..choices import CONTIGUOUS, GREEDY, LAST_K
 from ..damage.heldout import Untouched, measure_heldout
 from ..damage.prefix import PrefixRun
 from ..planner import SharePlan
+from ..planner.record import Summary
 from ..progress import Say
 from ..stats import paired_interval, ppl_change
 
@@ -42,9 +45,9 @@ def best_contiguous_plan(run: PrefixRun, k: int, first_shareable: int = 1, model
         plan = SharePlan(n_layers=run.n_layers, followers=list(range(first, first + k)), model=dict(model or {}),
                          method=f"best contiguous {k}-span")
         summary = run.damage(plan.anchor_of).summary()
-        say(f"contiguous {first}-{first + k - 1}: KL {summary['kl']:.4f}")
-        if best is None or summary["kl"] < best[0]:
-            best = (summary["kl"], plan, summary)
+        say(f"contiguous {first}-{first + k - 1}: KL {summary.kl:.4f}")
+        if best is None or summary.kl < best[0]:
+            best = (summary.kl, plan, summary)
     if best is None:
         raise ValueError(f"no contiguous span of {k} followers fits {run.n_layers} layers")
     return best[1], best[2]
@@ -64,8 +67,8 @@ def greedy_plans(run: PrefixRun, max_k: int, first_shareable: int = 1, model: di
                 continue
             trial = SharePlan(n_layers=run.n_layers, followers=sorted(chosen + [layer]))
             summary = run.damage(trial.anchor_of).summary()
-            if best is None or summary["kl"] < best[0]:
-                best = (summary["kl"], layer, summary)
+            if best is None or summary.kl < best[0]:
+                best = (summary.kl, layer, summary)
         assert best is not None
         chosen.append(best[1])
         plan = SharePlan(n_layers=run.n_layers, followers=sorted(chosen), model=dict(model or {}), method=f"greedy ({k})")
@@ -91,8 +94,29 @@ def baseline_plans(run: PrefixRun, budgets: Sequence[int], names: Sequence[str],
     return plans
 
 
+@dataclass
+class Calibration(Record):
+    """What a baseline's method saw when it chose: the plan measured whole on the calibration tokens (nats/token)."""
+
+    kl: float
+    nll_change: float
+
+
+@dataclass
+class JudgedBaseline(Record):
+    """One baseline plan beside the recommendation of its budget, on the same held-out tokens."""
+
+    followers: list[int]
+    aligned: list[int]  # followers reusing their anchor's heads through a head map (none for these methods)
+    heldout: Summary  # the one held-out measurement (`damage.heldout`)
+    vs_recommended: list[float]  # [mean, low, high] perplexity ratio - 1 against the recommendation, paired (95 %); > 0: worse
+    calibration: Calibration
+
+    RECORDS: ClassVar[dict[str, type]] = {"heldout": Summary, "calibration": Calibration}
+
+
 def judge_baselines(model: torch.nn.Module, run: PrefixRun, held: Untouched, recommended: SharePlan,
-                    plans: Mapping[str, SharePlan]) -> dict[str, dict[str, Any]]:
+                    plans: Mapping[str, SharePlan]) -> dict[str, JudgedBaseline]:
     """Each baseline plan on the held-out tokens (the one held-out measurement), beside the recommended plan of its
     budget: its held-out summary, its difference from the recommendation (held-out NLL change paired over the same
     sequences, as a perplexity ratio - 1 with its 95 % interval; positive: the baseline is worse), and what its
@@ -103,7 +127,7 @@ def judge_baselines(model: torch.nn.Module, run: PrefixRun, held: Untouched, rec
         measured = measure_heldout(model, held, plan)
         mean, low, high = paired_interval(measured.nll_change, ours)
         chosen_on = run.damage(plan.anchor_of, plan.head_map)
-        judged[method] = {"followers": list(plan.followers), "aligned": plan.aligned_followers,
-                          "heldout": measured.summary(), "vs_recommended": [ppl_change(v) for v in (mean, low, high)],
-                          "calibration": {"kl": chosen_on.kl_mean, "nll_change": chosen_on.nll_mean}}
+        judged[method] = JudgedBaseline(followers=list(plan.followers), aligned=plan.aligned_followers,
+                                        heldout=measured.summary(), vs_recommended=[ppl_change(v) for v in (mean, low, high)],
+                                        calibration=Calibration(chosen_on.kl_mean, chosen_on.nll_mean))
     return judged

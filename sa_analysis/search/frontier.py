@@ -20,7 +20,8 @@ from ..damage.heldout import HeldOut, Untouched, measure_heldout
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints, SharePlan
 from ..progress import Say
-from .baselines import baseline_plans, judge_baselines
+from ..planner.record import Summary
+from .baselines import JudgedBaseline, baseline_plans, judge_baselines
 from .sweep import BudgetSweep
 
 if TYPE_CHECKING:
@@ -31,22 +32,65 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class HealedText(Record):
+    """A budget's plan after healing, on one held-out text: perplexities, the heal report's three yardsticks (`gaps`:
+    nats per token, 95 % paired intervals where measured) and faithfulness (KL and top-1 agreement with the untouched
+    model). None where not measured (no control: `control`, `change`, `after`, ...)."""
+
+    baseline: float  # the untouched model's perplexity
+    patched: float  # shared, before healing
+    healed: float
+    change_untouched: float  # healed / baseline - 1
+    before: float  # NLL gap to the untouched model before healing
+    after_untouched: float  # ... after healing
+    control: float | None = None  # the control's perplexity (the same fine-tune without sharing)
+    change: float | None = None  # healed / control - 1
+    after: float | None = None  # NLL gap to the control after healing
+    fine_tuning: float | None = None  # what the fine-tune alone did (baseline against control)
+    closed: float | None = None  # the share of the gap healing closed
+    before_low: float | None = None
+    before_high: float | None = None
+    after_untouched_low: float | None = None
+    after_untouched_high: float | None = None
+    after_low: float | None = None
+    after_high: float | None = None
+    kl_before: float | None = None
+    kl_after: float | None = None
+    kl_control: float | None = None
+    top1_before: float | None = None
+    top1_after: float | None = None
+    top1_control: float | None = None
+
+    @classmethod
+    def of(cls, perplexity: Mapping[str, float], gaps: Mapping[str, float | None]) -> "HealedText":
+        """From a heal report's perplexities of one text ({"baseline", "patched", "healed", "control"?}) and gaps."""
+        control = perplexity.get("control")
+        return cls(**perplexity, **gaps, change=None if control is None else perplexity["healed"] / control - 1,
+                   change_untouched=perplexity["healed"] / perplexity["baseline"] - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, less the control and the interval bounds where they were not measured (as earlier files)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None or not (k == "control" or k.endswith(("_low", "_high")))}
+
+
+@dataclass
 class FrontierPoint(Record):
     """One budget of the frontier: the plan, its prediction (the whole plan measured on calibration tokens), its
-    held-out measurement, its savings; after a heal, the healed perplexity on each held-out text."""
+    held-out measurement, its savings; after a heal, each held-out text healed; with --baselines, the baselines."""
 
     budget: int
     plan: dict[str, Any]  # SharePlan.to_dict() (its damage record included)
-    predicted: dict[str, float]  # kl, nll_change with 95 % intervals, calibration tokens
-    heldout: dict[str, float]  # kl, nll_change with 95 % intervals, top1, perplexity (+ low/high), held-out tokens
+    predicted: Summary  # kl, nll_change with 95 % intervals, top1, calibration tokens
+    heldout: Summary  # kl, nll_change with 95 % intervals, top1, perplexity (+ low/high), held-out tokens
     savings: dict[str, Any]
     measurements: int  # measurements this run had made when the point was done (a resumed run counts from 0)
     seconds: float
-    healed: dict[str, dict[str, float]] | None = None  # {text: {"baseline", "patched", "healed", "control", "change",
-    #   "change_untouched", the heal report's gaps: "before", "after", "after_untouched", "kl_before", "kl_after", ...}}
+    healed: dict[str, HealedText] | None = None  # {held-out text: the healed plan on it}
     healed_run: dict[str, Any] | None = None  # the heal's trainable parameters, seconds, first and last loss
-    baselines: dict[str, dict[str, Any]] | None = None  # {method: followers, held-out summary, vs_recommended [mean,
-    #   low, high] ratio - 1, calibration KL / NLL change} (`search.baselines.judge_baselines`), with --baselines
+    baselines: dict[str, JudgedBaseline] | None = None  # {method: the baseline of this budget} (--baselines)
+
+    RECORDS: ClassVar[dict[str, type]] = {"predicted": Summary, "heldout": Summary}
+    RECORD_MAPS: ClassVar[dict[str, type]] = {"healed": HealedText, "baselines": JudgedBaseline}
 
 
 @dataclass
@@ -65,7 +109,7 @@ class FrontierState:
         return cls(DamageTable.from_dict(data["table"]), {p.budget: p for p in points})
 
 
-def heldout_summary(model: torch.nn.Module, held: Untouched, plan: SharePlan) -> dict[str, float]:
+def heldout_summary(model: torch.nn.Module, held: Untouched, plan: SharePlan) -> Summary:
     """The plan measured whole on held-out tokens (`damage.heldout`, the one held-out measurement): KL and NLL change
     with intervals, top-1 agreement, perplexity (with the interval of its NLL change)."""
     return measure_heldout(model, held, plan).summary()
@@ -95,7 +139,7 @@ def measure_frontier(loaded: "LoadedModel", report: "AttentionReport", calibrati
         plan = search.plan
         plan.constraints.setdefault("budget", budget)
         state.points[budget] = FrontierPoint(
-            budget=budget, plan=plan.to_dict(), predicted=dict(plan.damage.plan),
+            budget=budget, plan=plan.to_dict(), predicted=plan.damage.plan,
             heldout=heldout_summary(loaded.model, held, plan), savings=plan.savings(), measurements=sweep.meter.count,
             seconds=round(time.perf_counter() - started, 1))
         if on_measured is not None:
@@ -172,20 +216,19 @@ class Frontier(JsonArtefact):
         healed text whose next-token KL to the untouched model is no larger than the largest budget within the
         tolerance before healing had before healing (`kl_bound`, per text)."""
         before = within_tolerance(self.points, self.tolerance,
-                                  lambda p: p.heldout["perplexity"] / self.baseline["perplexity"] - 1)
+                                  lambda p: p.heldout.perplexity / self.baseline["perplexity"] - 1)
         found: dict[str, Any] = {"before": before}
         healed = [p for p in self.points if p.healed]
         texts = sorted({name for p in healed for name in p.healed})
         for key, change in (("after", "change"), ("after_untouched", "change_untouched")):
             found[key] = {name: within_tolerance(healed, self.tolerance,
-                                                 lambda p, n=name, c=change: p.healed[n].get(c) if n in p.healed else None)
+                                                 lambda p, n=name, c=change: getattr(p.healed[n], c) if n in p.healed else None)
                           for name in texts}
         bound = self.kl_bound(before, texts)
         found["kl_bound"] = bound
         faithful = [p.budget for p in healed if bound and all(
-            n in p.healed and (p.healed[n].get("change_untouched") is not None)
-            and p.healed[n]["change_untouched"] <= self.tolerance
-            and p.healed[n].get("kl_after") is not None and p.healed[n]["kl_after"] <= bound[n] for n in texts)]
+            n in p.healed and p.healed[n].change_untouched <= self.tolerance
+            and p.healed[n].kl_after is not None and p.healed[n].kl_after <= bound[n] for n in texts)]
         found["faithful"] = max(faithful) if faithful else None
         return found
 
@@ -196,7 +239,6 @@ class Frontier(JsonArtefact):
         point = next((p for p in self.points if p.budget == before), None)
         if point is None or not texts:
             return None
-        if point.healed and all(point.healed.get(n, {}).get("kl_before") is not None for n in texts):
-            return {n: float(point.healed[n]["kl_before"]) for n in texts}
-        kl = point.heldout.get("kl")
-        return None if kl is None else {n: float(kl) for n in texts}
+        if point.healed and all(n in point.healed and point.healed[n].kl_before is not None for n in texts):
+            return {n: float(point.healed[n].kl_before) for n in texts}
+        return {n: float(point.heldout.kl) for n in texts}

@@ -11,7 +11,7 @@ from ..artefact import JsonArtefact, Record
 from ..damage.logprobs import token_ids
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints
-from ..planner.record import SEARCH_BASIS, Damage, PlanDamage
+from ..planner.record import SEARCH_BASIS, Damage, PlanDamage, Summary
 from ..stats import ppl_change as ppl_change_of
 from ..validate.report import DEFAULT_TOLERANCE, ValidationReport
 from ..validate.run import check_options, validate_plan
@@ -36,7 +36,7 @@ class MeasuredPlan(Record):
     methods: list[str]  # every method that found it
     n_shared: int
     spans: str
-    measured: dict[str, float]  # `Damage.summary()`: kl, nll_change with _low / _high, top1
+    measured: Summary  # `Damage.summary()`: kl, nll_change with _low / _high, top1
     predicted: dict[str, Any] | None  # the span model's prediction (per-follower keys as strings), or None
     followers: list[int]
     aligned: list[int]  # followers that reuse their anchor's heads through a head map
@@ -51,19 +51,21 @@ class MeasuredPlan(Record):
     top1_agreement: float
     passed: bool  # perplexity change within the search's tolerance
 
+    RECORDS: ClassVar[dict[str, type]] = {"measured": Summary}
+
     @classmethod
-    def of(cls, stage: str, method: str, plan: Any, measured: Mapping[str, float], tolerance: float,
+    def of(cls, stage: str, method: str, plan: Any, measured: Summary, tolerance: float,
            predicted: Mapping[str, Any] | None) -> "MeasuredPlan":
         """A plan and its measurement on calibration text (and the additive prediction from its followers alone)."""
-        ppl_change = ppl_change_of(measured["nll_change"])
+        ppl_change = ppl_change_of(measured.nll_change)
         return cls(stage=stage, method=method, methods=[method], n_shared=plan.n_shared, spans=plan.spans_spec(),
-                   measured=dict(measured), predicted=None if predicted is None else _json_keys(predicted),
+                   measured=measured, predicted=None if predicted is None else _json_keys(predicted),
                    followers=list(plan.followers), aligned=list(plan.aligned_followers),
                    predicted_kl=None if predicted is None else predicted["kl"],
                    predicted_nll_change=None if predicted is None else predicted["nll_change"],
-                   ppl_change=ppl_change, ppl_change_low=ppl_change_of(measured["nll_change_low"]),
-                   ppl_change_high=ppl_change_of(measured["nll_change_high"]), kl_mean=measured["kl"],
-                   kl_low=measured["kl_low"], kl_high=measured["kl_high"], top1_agreement=measured["top1"],
+                   ppl_change=ppl_change, ppl_change_low=ppl_change_of(measured.nll_change_low),
+                   ppl_change_high=ppl_change_of(measured.nll_change_high), kl_mean=measured.kl,
+                   kl_low=measured.kl_low, kl_high=measured.kl_high, top1_agreement=measured.top1,
                    passed=bool(ppl_change <= tolerance))
 
     @property
@@ -188,7 +190,7 @@ def _maps_for(checked: Mapping[str, Any], table: DamageTable, plan: Any) -> dict
     return {m: list(table.maps[(m, anchor_of[m])]) for m in checked["aligned"]}
 
 
-def _add(rows: list[MeasuredPlan], proposed: dict, method: str, plan: Any, measured: Mapping[str, float],
+def _add(rows: list[MeasuredPlan], proposed: dict, method: str, plan: Any, measured: Summary,
          tolerance: float, predicted: Mapping[str, Any] | None) -> bool:
     """Record a measured candidate once (a plan found again adds its method); returns whether it passes."""
     key = _plan_key(plan)
