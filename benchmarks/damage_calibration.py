@@ -120,14 +120,14 @@ def main() -> None:
                 attention = sum(float((similarity.alignment.aligned if chosen[m] == "aligned" else similarity.by_index)[m, a])
                                 for m, a in anchor_of.items())
                 # one span: the span model's prediction is its whole measurement (the same forward), else measure whole
-                whole = predicted if len(parts) == 1 else run.damage(anchor_of, heads).summary().to_dict()
+                whole = predicted if len(parts) == 1 else run.damage(anchor_of, heads).summary()
                 held = [measure_quality(model, anchor_of, h, head_map=heads) for h in halves]
-                rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted["kl"],
-                             "sum_kl": float(sum(predicted["followers"][m]["kl"] for m in followers)),
-                             "attention_kl": attention, "whole_kl": whole["kl"], "whole_nll": whole["nll_change"],
+                rows.append({"kind": kind, "way": way, "followers": followers, "predicted_kl": predicted.kl,
+                             "sum_kl": float(sum(predicted.followers[m].kl for m in followers)),
+                             "attention_kl": attention, "whole_kl": whole.kl, "whole_nll": whole.nll_change,
                              "heldout_ppl": _pooled(held, "nll_patched", math.exp), "heldout_kl": _pooled(held, "kl_mean"),
                              "heldout_ppl_halves": [h["ppl_patched"] for h in held]})
-                print(f"{kind} {way} {followers}: predicted {predicted['kl']:.4f}, held-out ppl {rows[-1]['heldout_ppl']:.3f}",
+                print(f"{kind} {way} {followers}: predicted {predicted.kl:.4f}, held-out ppl {rows[-1]['heldout_ppl']:.3f}",
                       flush=True)
 
     def rank(group: list[dict], key: str) -> float:

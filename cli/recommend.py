@@ -134,8 +134,8 @@ def _print_plan(plan) -> None:
     table.add_section()
     if damage:
         predicted, whole = damage.predicted, damage.plan
-        for name, span in (predicted.get("spans") or {}).items():
-            table.add_row(f"span {name}", str(span["anchor"]), "whole", _kl_interval(span), "",
+        for name, span in (predicted.spans if predicted else {}).items():
+            table.add_row(f"span {name}", str(span.anchor), "whole", _kl_interval(span), "",
                           signed_percent(span, "nll_change"), "")
         if predicted:
             table.add_row("predicted", "", f"{len(plan.head_map)} aligned", _kl_interval(predicted), "",

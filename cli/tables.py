@@ -142,9 +142,9 @@ def print_checked(checked: list, plan) -> None:
         table.add_column(column, justify="left" if column in ("spans", "aligned", "chosen") else "right")
     for row in checked:
         predicted, measured = row["predicted"], row["measured"]
-        ratio = "" if not predicted or predicted["kl"] <= 0 else f"{measured.kl / predicted['kl']:.2f}"
+        ratio = "" if not predicted or predicted.kl <= 0 else f"{measured.kl / predicted.kl:.2f}"
         chosen = row["followers"] == plan.followers and row["aligned"] == plan.aligned_followers
         table.add_row(row["spans"], ",".join(map(str, row["aligned"])) or "-",
-                      "-" if not predicted else f"{predicted['kl']:.4f}", f"{measured.kl:.4f}", ratio,
+                      "-" if not predicted else f"{predicted.kl:.4f}", f"{measured.kl:.4f}", ratio,
                       signed_percent(measured), "yes" if chosen else "")
     console.print(table)

@@ -147,8 +147,8 @@ def test_a_head_map_is_taken_where_it_measured_less():
     assert table.way_for(2, 1, "auto") == "aligned" and table.way_for(3, 2, "auto") == "index"
     assert table.way_for(3, 2, "on") == "aligned" and table.way_for(2, 1, "off") == "index"
     prediction = predict(table, [2], {2: [1, 0, 3, 2]})
-    assert prediction["kl"] == pytest.approx(0.1) and prediction["followers"][2]["way"] == "aligned"
-    assert prediction["kl_low"] < 0.1 < prediction["kl_high"]
+    assert prediction.kl == pytest.approx(0.1) and prediction.followers[2].way == "aligned"
+    assert prediction.kl_low < 0.1 < prediction.kl_high
     again = DamageTable.from_dict(table.to_dict())
     assert again.pairs == table.pairs and again.maps == table.maps
 
@@ -168,9 +168,9 @@ def test_a_span_measured_whole_replaces_the_sum_of_its_followers():
     whole = plan_spans(_report(), budget=2, align_heads="off", damage=table)
     assert whole.followers == [2, 4]  # 0.1 + 0.3 as two spans beats 0.7
     prediction = predict(table, [2, 3], {})
-    assert prediction["kl"] == pytest.approx(0.7) and prediction["spans"]["2-3"]["anchor"] == 1
-    assert prediction["additive"] == [] and predict(table, [3, 4], {})["additive"] == ["3-4"]
-    assert predict(table, [3, 4], {})["kl"] == pytest.approx(0.1 + 0.3)  # (3, 2) and (4, 2) alone
+    assert prediction.kl == pytest.approx(0.7) and prediction.spans["2-3"].anchor == 1
+    assert prediction.additive == [] and predict(table, [3, 4], {}).additive == ["3-4"]
+    assert predict(table, [3, 4], {}).kl == pytest.approx(0.1 + 0.3)  # (3, 2) and (4, 2) alone
     assert table.interaction() == pytest.approx(0.7 / 0.2)
     prices = damage_prices(table, price_pairs(_report(), "kl", "off"), "off")
     assert prices.spans.whole == {(1, 2): pytest.approx(0.7)} and prices.spans.interaction == pytest.approx(3.5)
@@ -236,12 +236,13 @@ def test_plan_from_damage_rests_on_measurements_and_checks_interactions(tmp_path
         assert len(ways) == 1 or (a, ways) in table.spans
     run_spans = {a: len(ways) for a, ways in plan_spans_ways(plan.followers, plan.head_map, 5)}
     if len(run_spans) == 1:  # one span: the span model's prediction is the whole plan's measurement
-        assert plan.damage.predicted["kl"] == pytest.approx(chosen["measured"].kl, rel=1e-12)
+        assert plan.damage.predicted.kl == pytest.approx(chosen["measured"].kl, rel=1e-12)
     else:
-        assert plan.damage.predicted["kl"] == pytest.approx(sum(plan.damage.followers[m]["kl"] for m in plan.followers))
+        assert plan.damage.predicted.kl == pytest.approx(sum(plan.damage.followers[m].kl for m in plan.followers))
     assert any("about" in line and "left" in line for line in said)  # progress with a time estimate
     again = SharePlan.load(plan.save(tmp_path / "plan.json"))
-    assert again.damage.followers.keys() == plan.damage.followers.keys() and again.damage.plan == plan.damage.plan
+    assert again.damage.followers == plan.damage.followers and again.damage.plan == plan.damage.plan
+    assert again.damage.predicted == plan.damage.predicted
 
 
 def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):

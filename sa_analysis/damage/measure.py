@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
 from ..progress import Say
 from .prefix import PrefixRun
-from ..planner.record import Damage, PlanDamage
+from ..planner.record import Damage, PlanDamage, Prediction
 from .table import DamageTable, predict, unmeasured_pairs, unmeasured_spans
 
 if TYPE_CHECKING:
@@ -200,12 +200,12 @@ def _check(run: PrefixRun, candidates: list[SharePlan], table: DamageTable, mete
     """The candidates measured whole, the planner's choice first, then its neighbours by predicted damage, until the
     ranking is settled: a neighbour whose prediction (its spans summed), times the largest whole / predicted ratio
     seen so far, exceeds the best measured plan's upper bound cannot come out best, and it is not measured."""
-    first, rest = candidates[0], sorted(candidates[1:], key=lambda p: (_predicted(table, p) or {}).get("kl", float("inf")))
+    first, rest = candidates[0], sorted(candidates[1:], key=lambda p: getattr(_predicted(table, p), "kl", float("inf")))
     rows, seen, ratio, best_high = [], set(), 1.0, float("inf")
     for i, plan in enumerate([first] + rest):
         key = (tuple(plan.followers), tuple(sorted(plan.head_map)))
         predicted = _predicted(table, plan)
-        predicted_kl = None if predicted is None else predicted["kl"]
+        predicted_kl = None if predicted is None else predicted.kl
         if key in seen or (rows and predicted_kl is not None and predicted_kl * ratio > best_high):
             continue
         seen.add(key)
@@ -220,6 +220,6 @@ def _check(run: PrefixRun, candidates: list[SharePlan], table: DamageTable, mete
     return rows
 
 
-def _predicted(table: DamageTable, plan: SharePlan) -> dict[str, Any] | None:
+def _predicted(table: DamageTable, plan: SharePlan) -> Prediction | None:
     """The span model's prediction (`predict`) of a plan whose pairs are all measured, else None."""
     return None if unmeasured_pairs(plan.anchor_of, table) else predict(table, plan.followers, plan.head_map)

@@ -24,6 +24,7 @@ import numpy as np
 from ..planner.layers import anchors_for
 from ..planner.optimal import SpanPrices
 from ..planner.pricing import PairPrices
+from ..planner.record import FollowerDamage, Prediction, SpanDamage
 from ..stats import interval
 
 ESTIMATE_FLOOR = 0.5  # an unmeasured deeper anchor is estimated at no less than this share of the adjacent damage
@@ -164,7 +165,7 @@ def unmeasured_spans(followers: Iterable[int], head_map: Mapping[int, Sequence[i
             if len(ways) > 1 and (a, ways) not in table.spans]
 
 
-def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int, Sequence[int]]) -> dict[str, Any]:
+def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int, Sequence[int]]) -> Prediction:
     """The span model's prediction for a plan, with `LEVEL` intervals over sequences: each follower's measured damage
     alone (with its anchor, by its way of sharing), each span measured whole (`spans`, named "first-last"), and
     the total: per sequence, the sum over spans of the whole measurement, or of the followers alone where a span
@@ -175,15 +176,17 @@ def predict(table: DamageTable, followers: Iterable[int], head_map: Mapping[int,
     for m, a in anchor_of.items():
         way = "aligned" if m in head_map else "index"
         values = table.pairs[(m, a, way)]
-        per_follower[m] = {"anchor": a, "way": way, **interval("kl", values["kl"]), **interval("nll_change", values["nll_change"])}
+        per_follower[m] = FollowerDamage(anchor=a, way=way, **interval("kl", values["kl"]),
+                                         **interval("nll_change", values["nll_change"]))
     kl, nll, spans, additive = np.zeros(table.n_seqs), np.zeros(table.n_seqs), {}, []
     for a, ways in plan_spans_ways(followers, head_map, table.n_layers):
         name = f"{a + 1}-{a + len(ways)}" if len(ways) > 1 else f"{a + 1}"
         whole = table.spans.get((a, ways))
         if whole is not None:
-            spans[name] = {"anchor": a, **interval("kl", whole["kl"]), **interval("nll_change", whole["nll_change"])}
+            spans[name] = SpanDamage(anchor=a, **interval("kl", whole["kl"]), **interval("nll_change", whole["nll_change"]))
         elif len(ways) > 1:
             additive.append(name)
         kl += whole["kl"] if whole is not None else table.pair_sum(a, ways)
         nll += whole["nll_change"] if whole is not None else table.pair_sum(a, ways, "nll_change")
-    return {"followers": per_follower, "spans": spans, "additive": additive, **interval("kl", kl), **interval("nll_change", nll)}
+    return Prediction(**interval("kl", kl), **interval("nll_change", nll), spans=spans, additive=additive,
+                      followers=per_follower)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from ..artefact import Record
 from ..errors import UserError
@@ -49,6 +49,61 @@ class Summary(Record):
 
 
 @dataclass
+class FollowerDamage(Record):
+    """One follower shared alone with its anchor (by index or through its head map: `way`), nats per token."""
+
+    anchor: int
+    way: str  # "index" or "aligned"
+    kl: float
+    kl_low: float
+    kl_high: float
+    nll_change: float
+    nll_change_low: float
+    nll_change_high: float
+
+
+@dataclass
+class SpanDamage(Record):
+    """The followers of one anchor measured whole (they interact), nats per token."""
+
+    anchor: int
+    kl: float
+    kl_low: float
+    kl_high: float
+    nll_change: float
+    nll_change_low: float
+    nll_change_high: float
+
+
+@dataclass
+class Prediction(Record):
+    """The span model's prediction of a plan (`damage.table.predict`): per sequence, the sum over spans of each span
+    measured whole, or of its followers alone where it was not (`additive` names those); with intervals."""
+
+    kl: float
+    kl_low: float
+    kl_high: float
+    nll_change: float
+    nll_change_low: float
+    nll_change_high: float
+    spans: dict[str, SpanDamage]  # "first-last" -> the span measured whole
+    additive: list[str]  # spans of two or more followers predicted from their followers alone
+    followers: dict[int, FollowerDamage]
+
+    RECORD_MAPS: ClassVar[dict[str, type]] = {"spans": SpanDamage, "followers": FollowerDamage}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "followers": {str(m): v.to_dict() for m, v in self.followers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":
+        found = super().from_dict(data)
+        found.followers = {int(m): v for m, v in (found.followers or {}).items()}
+        found.spans, found.additive = found.spans or {}, list(found.additive or [])
+        return found
+
+
+@dataclass
 class Damage:
     """Per-sequence output damage of one patched run against the baseline, on the same tokens."""
 
@@ -81,16 +136,16 @@ class Damage:
 class PlanDamage:
     """A plan's output damage on calibration tokens, and what it rests on.
 
-    `followers[m]`: follower m measured alone with its anchor ({"anchor", "way", "kl", "kl_low", "kl_high",
-    "nll_change", ...}); `predicted`: the span model's sum (each span measured whole where it was, its followers
-    alone summed where not: `spans`, `additive`), with intervals; `plan`: the whole plan as measured (interactions
-    between spans included; the prediction for held-out text); `baselines`: the baseline plans measured whole on
-    the same tokens ({method: {"followers", "aligned", "kl", ...}}). KL and NLL change in nats per token.
+    `followers[m]`: follower m measured alone with its anchor; `predicted`: the span model's sum (each span measured
+    whole where it was, its followers alone summed where not), None where it was not made; `plan`: the whole plan as
+    measured (interactions between spans included; the prediction for held-out text); `baselines`: the baseline
+    plans measured whole on the same tokens ({method: {"followers", "aligned", "kl", ...}}). KL and NLL change in
+    nats per token. Written as before: the followers beside the prediction, not inside it.
     """
 
     plan: Summary
-    followers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    predicted: dict[str, Any] = field(default_factory=dict)
+    followers: dict[int, FollowerDamage] = field(default_factory=dict)
+    predicted: Prediction | None = None
     n_tokens: int = 0
     n_seqs: int = 0
     baseline_nll: float = 0.0
@@ -100,12 +155,9 @@ class PlanDamage:
     @classmethod
     def of_checked(cls, checked: Mapping[str, Any], n_tokens: int, n_seqs: int, baseline_nll: float,
                    basis: str = MEASURED_BASIS) -> "PlanDamage":
-        """From a whole plan as the damage search checked it ({"predicted": span model or None, "measured": Summary
-        or its dict})."""
-        predicted = dict(checked.get("predicted") or {})
-        followers = {int(m): dict(v) for m, v in dict(predicted.pop("followers", {}) or {}).items()}
-        measured = checked["measured"]
-        return cls(plan=measured if isinstance(measured, Summary) else Summary.from_dict(measured), followers=followers, predicted=predicted, n_tokens=int(n_tokens),
+        """From a whole plan as the damage search checked it ({"predicted": Prediction or None, "measured": Summary})."""
+        predicted = checked.get("predicted")
+        return cls(plan=checked["measured"], followers=dict(predicted.followers) if predicted else {}, predicted=predicted, n_tokens=int(n_tokens),
                    n_seqs=int(n_seqs), baseline_nll=float(baseline_nll), basis=basis)
 
     @property
@@ -119,7 +171,8 @@ class PlanDamage:
                             "with `sa-analyze recommend-spans`.")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"followers": {str(m): v for m, v in self.followers.items()}, "predicted": self.predicted,
+        predicted = {} if self.predicted is None else {k: v for k, v in self.predicted.to_dict().items() if k != "followers"}
+        out = {"followers": {str(m): v.to_dict() for m, v in self.followers.items()}, "predicted": predicted,
                "plan": self.plan.to_dict(), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs, "baseline_nll": self.baseline_nll,
                "basis": self.basis}
         if self.baselines:
@@ -131,7 +184,11 @@ class PlanDamage:
         if not isinstance(data, Mapping) or not isinstance(data.get("plan"), Mapping):
             raise UserError("The plan's damage record has no whole-plan measurement; re-create the plan with "
                             "`sa-analyze recommend-spans`.")
-        return cls(plan=Summary.from_dict(data["plan"]), followers={int(m): dict(v) for m, v in dict(data.get("followers") or {}).items()},
-                   predicted=dict(data.get("predicted") or {}), n_tokens=int(data.get("n_tokens", 0)),
+        followers = {int(m): FollowerDamage.from_dict(v) for m, v in dict(data.get("followers") or {}).items()}
+        predicted = data.get("predicted") or None
+        if predicted is not None:
+            predicted = Prediction.from_dict(predicted)
+            predicted.followers = followers
+        return cls(plan=Summary.from_dict(data["plan"]), followers=followers, predicted=predicted, n_tokens=int(data.get("n_tokens", 0)),
                    n_seqs=int(data.get("n_seqs", 0)), baseline_nll=float(data.get("baseline_nll", 0.0)),
                    basis=str(data.get("basis", MEASURED_BASIS)), baselines=dict(data.get("baselines") or {}))

@@ -11,7 +11,7 @@ from ..artefact import JsonArtefact, Record
 from ..damage.logprobs import token_ids
 from ..damage.table import DamageTable
 from ..planner import PlanConstraints
-from ..planner.record import SEARCH_BASIS, Damage, PlanDamage, Summary
+from ..planner.record import SEARCH_BASIS, Damage, PlanDamage, Prediction, Summary
 from ..stats import ppl_change as ppl_change_of
 from ..validate.report import DEFAULT_TOLERANCE, ValidationReport
 from ..validate.run import check_options, validate_plan
@@ -37,7 +37,7 @@ class MeasuredPlan(Record):
     n_shared: int
     spans: str
     measured: Summary  # `Damage.summary()`: kl, nll_change with _low / _high, top1
-    predicted: dict[str, Any] | None  # the span model's prediction (per-follower keys as strings), or None
+    predicted: Prediction | None  # the span model's prediction, or None
     followers: list[int]
     aligned: list[int]  # followers that reuse their anchor's heads through a head map
     predicted_kl: float | None
@@ -51,18 +51,18 @@ class MeasuredPlan(Record):
     top1_agreement: float
     passed: bool  # perplexity change within the search's tolerance
 
-    RECORDS: ClassVar[dict[str, type]] = {"measured": Summary}
+    RECORDS: ClassVar[dict[str, type]] = {"measured": Summary, "predicted": Prediction}
 
     @classmethod
     def of(cls, stage: str, method: str, plan: Any, measured: Summary, tolerance: float,
-           predicted: Mapping[str, Any] | None) -> "MeasuredPlan":
+           predicted: Prediction | None) -> "MeasuredPlan":
         """A plan and its measurement on calibration text (and the additive prediction from its followers alone)."""
         ppl_change = ppl_change_of(measured.nll_change)
         return cls(stage=stage, method=method, methods=[method], n_shared=plan.n_shared, spans=plan.spans_spec(),
-                   measured=measured, predicted=None if predicted is None else _json_keys(predicted),
+                   measured=measured, predicted=predicted,
                    followers=list(plan.followers), aligned=list(plan.aligned_followers),
-                   predicted_kl=None if predicted is None else predicted["kl"],
-                   predicted_nll_change=None if predicted is None else predicted["nll_change"],
+                   predicted_kl=None if predicted is None else predicted.kl,
+                   predicted_nll_change=None if predicted is None else predicted.nll_change,
                    ppl_change=ppl_change, ppl_change_low=ppl_change_of(measured.nll_change_low),
                    ppl_change_high=ppl_change_of(measured.nll_change_high), kl_mean=measured.kl,
                    kl_low=measured.kl_low, kl_high=measured.kl_high, top1_agreement=measured.top1,
@@ -234,14 +234,9 @@ def _plan_key(plan: Any) -> tuple:
 def _chosen_plan(row: MeasuredPlan, proposed: Any, info: ModelInfo, table: DamageTable):
     """The chosen plan as measured (its head maps included), for this model's shape, with its damage on calibration
     text as the prediction `validate` prints next to its held-out measurement."""
-    damage = PlanDamage.of_checked(row.to_dict(), table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)
+    damage = PlanDamage.of_checked({"measured": row.measured, "predicted": row.predicted}, table.n_tokens, table.n_seqs, table.baseline_nll, SEARCH_BASIS)
     return replace(proposed, model={**proposed.model, **info.shape()}, damage=damage,
                    method="validated: " + ", ".join(row.methods), stability=None)
-
-
-def _json_keys(predicted: Mapping[str, Any]) -> dict[str, Any]:
-    """The prediction with its per-follower keys as strings, as JSON writes them (a saved search reads back equal)."""
-    return {**predicted, "followers": {str(m): v for m, v in predicted.get("followers", {}).items()}}
 
 
 def _choose(rows: Sequence[MeasuredPlan]) -> MeasuredPlan | None:
