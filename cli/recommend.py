@@ -171,9 +171,9 @@ def _share(value: float | None) -> str:
 def _print_comparison(plans: dict, cost: str, plan) -> None:
     """The recommendation beside the baselines with as many shared layers: their attention cost (what similarity
     planners minimise) and, when the plan was chosen by measured damage, each measured whole on the same tokens."""
-    measured = dict(plan.damage.baselines) if plan.damage else {}
+    measured = {name: row.measured for name, row in plan.damage.baselines.items()} if plan.damage else {}
     if plan.damage:
-        measured["optimal"] = plan.damage.plan.to_dict()
+        measured["optimal"] = plan.damage.plan
     title = "Alternatives with the same number of shared layers"
     title += (": next-token KL measured whole on the calibration tokens, and the attention cost similarity planners "
               f"minimise ({cost})") if measured else f" (predicted {cost} cost, same cost matrix)"

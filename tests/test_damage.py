@@ -256,18 +256,19 @@ def test_the_baselines_are_measured_whole_on_the_same_tokens(tmp_path):
     plans = compare_plans(report, evaluate_plan(found.plan, report, "kl"), cost="kl")
     count = found.meter.count
     measured = measure_similarity_plans(found, plans)
-    assert measured["optimal"] == {"followers": found.plan.followers, "aligned": [], **found.plan.damage.plan.to_dict()}
+    assert measured["optimal"].followers == found.plan.followers and measured["optimal"].aligned == []
+    assert measured["optimal"].measured == found.plan.damage.plan
     run = PrefixRun.record(loaded.model, batch)  # an independent record of the same tokens
     for name, plan in plans.items():
         if isinstance(plan, str):
             assert name not in measured
             continue
-        assert measured[name]["kl"] == pytest.approx(run.damage(plan.anchor_of, plan.head_map).kl_mean, rel=1e-9), name
+        assert measured[name].measured.kl == pytest.approx(run.damage(plan.anchor_of, plan.head_map).kl_mean, rel=1e-9), name
     new = {tuple(p.followers) for n, p in plans.items() if not isinstance(p, str)} - {tuple(r["followers"]) for r in found.checked}
     assert found.meter.count - count == len(new)  # a plan measured before is not measured again
     assert set(found.plan.damage.baselines) == set(measured) - {"optimal"}
     again = SharePlan.load(found.plan.save(tmp_path / "plan.json"))
-    assert again.damage.baselines == json_round_trip(found.plan.damage.baselines)
+    assert again.damage.baselines == found.plan.damage.baselines
 
 
 def json_round_trip(value):

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..planner import PlanConstraints, SharePlan, plan_spans, price_pairs, shareable_mask
 from ..progress import Say
 from .prefix import PrefixRun
-from ..planner.record import Damage, PlanDamage, Prediction
+from ..planner.record import Damage, MeasuredAlternative, PlanDamage, Prediction
 from .table import DamageTable, predict, unmeasured_pairs, unmeasured_spans
 
 if TYPE_CHECKING:
@@ -129,14 +129,14 @@ def plan_from_damage(loaded: LoadedModel, report: AttentionReport, batch: Tokens
     return DamageSearch(best, table, checked, run, meter)
 
 
-def measure_similarity_plans(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def measure_similarity_plans(search: DamageSearch, plans: Mapping[str, Any]) -> dict[str, MeasuredAlternative]:
     """Each similarity planner's plan (`planner.compare_plans`: {method: SharePlan, or why not}) measured whole on the calibration
     tokens the recommendation was measured on; also written into the recommended plan's `damage.baselines`.
     A plan equal to one already measured (the recommendation, or a neighbour it checked) takes that measurement."""
     if search.run is None or search.meter is None:
         raise ValueError("the damage search's prefix was released; measure the baselines before releasing it")
     known = {(tuple(row["followers"]), tuple(row["aligned"])): row["measured"] for row in search.checked}
-    measured: dict[str, dict[str, Any]] = {}
+    measured: dict[str, MeasuredAlternative] = {}
     candidates = {name: plan for name, plan in plans.items() if not isinstance(plan, str) and plan.n_shared}
     for i, (name, plan) in enumerate(candidates.items()):
         key = (tuple(plan.followers), tuple(plan.aligned_followers))
@@ -144,7 +144,7 @@ def measure_similarity_plans(search: DamageSearch, plans: Mapping[str, Any]) -> 
             known[key] = search.meter.timed(f"{name} plan {plan.spans_spec()} whole",
                                             lambda: search.run.damage(plan.anchor_of, plan.head_map),
                                             left=len(candidates) - i - 1).summary()
-        measured[name] = {"followers": list(plan.followers), "aligned": plan.aligned_followers, **known[key].to_dict()}
+        measured[name] = MeasuredAlternative(list(plan.followers), list(plan.aligned_followers), known[key])
     if search.plan.damage is not None:
         search.plan.damage.baselines = {name: row for name, row in measured.items() if name != "optimal"}
     return measured

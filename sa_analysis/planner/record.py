@@ -104,6 +104,24 @@ class Prediction(Record):
 
 
 @dataclass
+class MeasuredAlternative(Record):
+    """Another plan with as many shared layers (a similarity planner's), measured whole on the same calibration
+    tokens as the recommendation. Written flat: {"followers", "aligned", "kl", "kl_low", ...}."""
+
+    followers: list[int]
+    aligned: list[int]  # followers reusing their anchor's heads through a head map
+    measured: Summary
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"followers": list(self.followers), "aligned": list(self.aligned), **self.measured.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MeasuredAlternative":
+        return cls(followers=[int(m) for m in data["followers"]], aligned=[int(m) for m in data.get("aligned") or []],
+                   measured=Summary.from_dict(data))
+
+
+@dataclass
 class Damage:
     """Per-sequence output damage of one patched run against the baseline, on the same tokens."""
 
@@ -139,7 +157,7 @@ class PlanDamage:
     `followers[m]`: follower m measured alone with its anchor; `predicted`: the span model's sum (each span measured
     whole where it was, its followers alone summed where not), None where it was not made; `plan`: the whole plan as
     measured (interactions between spans included; the prediction for held-out text); `baselines`: the baseline
-    plans measured whole on the same tokens ({method: {"followers", "aligned", "kl", ...}}). KL and NLL change in
+    plans measured whole on the same tokens ({method: MeasuredAlternative}). KL and NLL change in
     nats per token. Written as before: the followers beside the prediction, not inside it.
     """
 
@@ -150,7 +168,7 @@ class PlanDamage:
     n_seqs: int = 0
     baseline_nll: float = 0.0
     basis: str = MEASURED_BASIS
-    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baselines: dict[str, MeasuredAlternative] = field(default_factory=dict)
 
     @classmethod
     def of_checked(cls, checked: Mapping[str, Any], n_tokens: int, n_seqs: int, baseline_nll: float,
@@ -176,7 +194,7 @@ class PlanDamage:
                "plan": self.plan.to_dict(), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs, "baseline_nll": self.baseline_nll,
                "basis": self.basis}
         if self.baselines:
-            out["baselines"] = self.baselines
+            out["baselines"] = {name: row.to_dict() for name, row in self.baselines.items()}
         return out
 
     @classmethod
@@ -191,4 +209,4 @@ class PlanDamage:
             predicted.followers = followers
         return cls(plan=Summary.from_dict(data["plan"]), followers=followers, predicted=predicted, n_tokens=int(data.get("n_tokens", 0)),
                    n_seqs=int(data.get("n_seqs", 0)), baseline_nll=float(data.get("baseline_nll", 0.0)),
-                   basis=str(data.get("basis", MEASURED_BASIS)), baselines=dict(data.get("baselines") or {}))
+                   basis=str(data.get("basis", MEASURED_BASIS)), baselines={name: MeasuredAlternative.from_dict(row) for name, row in dict(data.get("baselines") or {}).items()})
