@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_patch import predictions  # noqa: E402
 from sa_analysis.loading import load_model  # noqa: E402
-from sa_analysis.patch import share_attention  # noqa: E402
+from sa_analysis.patch import cache_bytes, kernels, share_attention  # noqa: E402
 from sa_analysis.planner import SharePlan  # noqa: E402
 
 T0 = time.time()
@@ -58,24 +58,70 @@ def step_ms(model, prompt, n_new, compiled) -> float:
     return 1000 * (generate_seconds(model, prompt, n_new, compiled) - generate_seconds(model, prompt, 1, compiled)) / (n_new - 1)
 
 
-def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repeats: int, mode: str = "infer") -> dict:
+def memory(model, prompt, n_new: int, compiled: bool) -> dict:
+    """KV-cache bytes after one generate of `n_new` tokens, and the peak memory allocated during it (GiB)."""
+    options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(prompt), return_dict_in_generate=True)
+    options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = model.generate(prompt, **options)
+    torch.cuda.synchronize()
+    return {"kv_bytes": cache_bytes(out.past_key_values)["total"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@contextlib.contextmanager
+def variant(model, plan, name: str, mode: str):
+    """The model as `name` runs it: unpatched, patched, or patched with the kernels off ("patched matmul": the
+    inference path's batched matmuls, what ran before the split-key kernels)."""
+    if name == "unpatched":
+        yield
+        return
+    old, kernels.ENABLED = kernels.ENABLED, name != "patched matmul"
+    try:
+        with share_attention(model, plan, mode=mode):
+            yield
+    finally:
+        kernels.ENABLED = old
+
+
+def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repeats: int, mode: str = "infer",
+         names: tuple[str, ...] = ("unpatched", "patched")) -> dict:
     """Median ms per step of the unpatched and the patched model, alternating round by round; after every switch one
     untimed generate, so that what a switch costs (the compiled step recompiled or its CUDA graph re-recorded for the
     other model) stays out of the timing (2026-12-07: without it, batch 8 at 2k read 0.978x, with the patch kept on
     1.088x, `profile_decode.py`)."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(batch))
-    times: dict[str, list[float]] = {"unpatched": [], "patched": []}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    memories = {}
     for round_ in range(repeats + 1):
         for name in times:
-            with share_attention(model, plan, mode=mode) if name == "patched" else contextlib.nullcontext():
+            with variant(model, plan, name, mode):
                 generate_seconds(model, prompt, n_new, compiled)  # the switch's cost, untimed
                 value = step_ms(model, prompt, n_new, compiled)
+                if not round_:
+                    memories[name] = memory(model, prompt, n_new, compiled)
             if round_:
                 times[name].append(value)
-    torch.cuda.reset_peak_memory_stats()
     found = {name: statistics.median(values) for name, values in times.items()}
-    return {"ms_per_step": found, "all": times, "speedup": found["unpatched"] / found["patched"]}
+    return {"ms_per_step": found, "all": times, "memory": memories,
+            "speedup": {name: found["unpatched"] / found[name] for name in names if name != "unpatched"}}
+
+
+def print_table(rows: list[dict]) -> None:
+    """One row per cell: ms per step and tokens/s of each model, the measured and predicted ratios, KV and peak memory."""
+    print("\n| decode | batch | context | unpatched ms/step | patched ms/step | tokens/s unpatched -> patched | measured "
+          "| predicted | patched, kernels off | KV GiB unpatched -> patched | peak GiB unpatched -> patched |")
+    print("|---" * 11 + "|")
+    for r in rows:
+        ms, mem = r["ms_per_step"], r["memory"]
+        off = f"{r['speedup']['patched matmul']:.3f}x" if "patched matmul" in r["speedup"] else "-"
+        print(f"| {r['kind']} | {r['batch']} | {r['context']} | {ms['unpatched']:.2f} | {ms['patched']:.2f} | "
+              f"{1000 * r['batch'] / ms['unpatched']:,.0f} -> {1000 * r['batch'] / ms['patched']:,.0f} | "
+              f"**{r['speedup']['patched']:.3f}x** | {r['predicted_speedup']:.3f}x | {off} | "
+              f"{mem['unpatched']['kv_bytes'] / 2**30:.2f} -> {mem['patched']['kv_bytes'] / 2**30:.2f} | "
+              f"{mem['unpatched']['peak_gib']:.1f} -> {mem['patched']['peak_gib']:.1f} |")
 
 
 def fits(loaded, batch: int, context: int, n_new: int) -> bool:
@@ -95,13 +141,17 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="infer", choices=("infer", "fast", "exact"), help="the patch's mode")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmul", action="store_true",
+                        help="also time the patched model with the kernels off (the inference path's batched matmuls)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     import transformers
+    import triton
 
     loaded = load_model(args.model, random_init=True, device="cuda", dtype="bfloat16")
     plan = SharePlan.from_spans(args.spans, loaded.info.n_layers, model=loaded.info.shape())
-    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"triton {triton.__version__}; "
         f"{args.model} random bf16, {plan.summary()}, mode {args.mode}")
     rows = []
     for kind in args.kinds.split(","):
@@ -110,20 +160,17 @@ def main(argv=None) -> int:
             if not fits(loaded, batch, context, args.new_tokens):
                 log(f"{kind} b{batch} ctx{context}: skipped (does not fit)")
                 continue
-            measured = cell(loaded.model, plan, batch, context, args.new_tokens, kind == "compiled", args.repeats, args.mode)
+            names = ("unpatched", "patched", "patched matmul") if args.matmul else ("unpatched", "patched")
+            measured = cell(loaded.model, plan, batch, context, args.new_tokens, kind == "compiled", args.repeats,
+                            args.mode, names)
             pred = predictions(loaded, plan, context, context, args.new_tokens, batch)
             row = {"kind": kind, "batch": batch, "context": context, **measured,
                    "predicted_speedup": pred["decode_speedup"]}
             rows.append(row)
-            log(f"{kind} b{batch} ctx{context}: {measured['ms_per_step']['unpatched']:.2f} -> "
-                f"{measured['ms_per_step']['patched']:.2f} ms/step, {row['speedup']:.3f}x (predicted "
-                f"{row['predicted_speedup']:.3f}x)")
-    print("\n| decode | batch | context | unpatched ms/step | patched ms/step | tokens/s patched | measured | predicted |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ms = r["ms_per_step"]
-        print(f"| {r['kind']} | {r['batch']} | {r['context']} | {ms['unpatched']:.2f} | {ms['patched']:.2f} | "
-              f"{1000 * r['batch'] / ms['patched']:,.0f} | {r['speedup']:.3f}x | {r['predicted_speedup']:.3f}x |")
+            log(f"{kind} b{batch} ctx{context}: " + ", ".join(f"{n} {v:.2f}" for n, v in measured["ms_per_step"].items())
+                + f" ms/step; patched {row['speedup']['patched']:.3f}x (predicted {row['predicted_speedup']:.3f}x)")
+            torch._dynamo.reset()  # each cell compiles its own step; do not let earlier graphs pile up
+    print_table(rows)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_decode.json").write_text(json.dumps({"args": vars(args), "rows": rows,

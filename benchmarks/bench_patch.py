@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny 32-layer shape on the CPU (smoke test)")
     parser.add_argument("--model", default="llama2-7b", help="alias built with random weights (default llama2-7b)")
     parser.add_argument("--spans", default="23-30", help="followers, e.g. 23-30 (default: 8 of 32 layers, anchor 22)")
-    parser.add_argument("--mode", default="fast", choices=("fast", "exact"))
+    parser.add_argument("--mode", default="fast", choices=("fast", "exact", "infer"), help="the patch's mode (infer: prefill as fast, decode steps reuse the anchor's row)")
     parser.add_argument("--prefill-len", type=int, default=None, help="prefill tokens (default 4096; tiny 128)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt before decoding (default 2048; tiny 64)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 256; tiny 8)")

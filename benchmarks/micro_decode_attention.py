@@ -7,10 +7,12 @@ compiled static-cache step runs them.
     PYTHONPATH=. python benchmarks/micro_decode_attention.py --out results/micro.json
 
 Per cell (batch x context, query heads / key-value heads): microseconds per layer (median of rounds, CUDA events,
-over `--layers` distinct caches so nothing stays in L2), and the K+V bytes a layer reads divided by that time (GB/s).
-The variants of the anchor's row are the candidates `patch.decode` can use; the table says which is fastest. Read
-the SDPA columns with care: in a whole compiled model the step ran cuDNN's attention at ~2.8 TB/s (batch 8, 2k),
-where SDPA alone here (default dispatch, a boolean mask) reached ~0.95 TB/s; `sdpa cudnn` asks for that kernel.
+over `--layers` distinct caches so nothing stays in L2), and the bytes a layer reads divided by that time (GB/s): K
+and V for SDPA, V alone for a follower. The anchor and follower columns are the inference path before the split-key
+kernels (batched matmuls: cuBLAS matrix-vector products) and now (`patch.kernels`); `--programs-per-sm` also times the
+follower kernel at other splits of the keys. Read the SDPA columns with care: in a whole compiled model the step ran
+cuDNN's attention at ~2.8 TB/s (batch 8, 2k), where SDPA alone here (default dispatch, a boolean mask) reached
+~0.95 TB/s; `sdpa cudnn` asks for that kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sa_analysis.capture import AttentionInputs  # noqa: E402
+from sa_analysis.patch import kernels  # noqa: E402
 from sa_analysis.patch.decode import attend, decode_probs  # noqa: E402
 
 
@@ -64,55 +67,40 @@ def sdpa_cudnn(q, k, v, mask):
 
 
 def anchor_row(q, k, v, mask):
-    """The inference path's anchor: the row (patch.decode.decode_probs), then its own output from it."""
+    """The inference path's anchor: the row (patch.decode.decode_probs), then its own output from it; on the GPU both
+    products run as the split-key Triton kernels of `patch.kernels`."""
     probs = decode_probs(inputs_of(q, k, mask))
     return attend(probs, v), probs
 
 
-def anchor_sdpa_plus_row(q, k, v, mask):
-    """Alternative: the anchor keeps the fused kernel's output and forms the row for followers beside it."""
-    return sdpa(q, k, v, mask), decode_probs(inputs_of(q, k, mask))
-
-
-def anchor_bf16_scores(q, k, v, mask):
-    """Alternative: bf16 dot products (the model's own precision) upcast before the softmax."""
+def anchor_row_matmul(q, k, v, mask):
+    """The anchor before the kernels (2026-12-07, second session): float32 scores by a batched matmul from the bf16
+    operands (cuBLAS gemv), softmax, bf16 matmul of the row with V."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
-    grouped = q.reshape(b, hkv, h // hkv, d)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, G, K]
+    grouped = q.reshape(b * hkv, h // hkv, d)
+    scores = torch.bmm(grouped, k.reshape(b * hkv, -1, d).transpose(1, 2), out_dtype=torch.float32)
+    scores = scores.view(b, hkv, h // hkv, -1) * d ** -0.5  # [B, Hkv, G, K]
     probs = torch.softmax(scores.masked_fill(~mask.reshape(b, 1, 1, -1), float("-inf")), dim=-1)
-    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, 1, d).transpose(1, 2), probs
-
-
-def anchor_reduction_scores(q, k, v, mask):
-    """Alternative: fp32 dot products as a multiply-and-sum, which the compiler turns into one reduction kernel."""
-    b, h, _, d = q.shape
-    hkv = k.shape[1]
-    grouped = q.reshape(b, hkv, h // hkv, 1, d).float()
-    scores = (grouped * k.unsqueeze(2).float()).sum(-1) * d ** -0.5  # [B, Hkv, G, K]
-    probs = torch.softmax(scores.masked_fill(~mask.reshape(b, 1, 1, -1), float("-inf")), dim=-1)
-    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, 1, d).transpose(1, 2), probs
+    return follower_matmul(probs.reshape(b, h, 1, -1), v), probs
 
 
 def follower(probs, v):
-    """The inference path's follower: the anchor's row times its own values (bf16 matmul)."""
+    """The inference path's follower: the anchor's row times its own values (`patch.decode.attend`)."""
     return attend(probs, v)
 
 
-def follower_reduction(probs, v):
-    """Alternative: the row (float32) times the values as a multiply-and-sum over keys (one reduction kernel)."""
+def follower_matmul(probs, v):
+    """The follower before the kernels: the row cast to bf16 times the values as a batched matmul (cuBLAS gemv)."""
     b, h, _, k = probs.shape
     hkv = v.shape[1]
-    grouped = probs.reshape(b, hkv, h // hkv, k, 1)  # [B, Hkv, G, K, 1]
-    out = (grouped * v.unsqueeze(2).float()).sum(-2)  # [B, Hkv, G, D]
-    return out.to(v.dtype).reshape(b, h, 1, -1).transpose(1, 2)
+    out = torch.matmul(probs.reshape(b, hkv, h // hkv, k).to(v.dtype), v)  # [B, Hkv, G, D]
+    return out.reshape(b, h, 1, -1).transpose(1, 2)
 
 
-FOLLOWERS = {"follower matmul (current)": follower, "follower reduction": follower_reduction}
-
-
-ANCHORS = {"sdpa (unpatched)": sdpa, "sdpa cudnn": sdpa_cudnn, "row fp32 (current)": anchor_row, "sdpa + row": anchor_sdpa_plus_row,
-           "row bf16 scores": anchor_bf16_scores, "row reduction": anchor_reduction_scores}
+ANCHORS = {"sdpa (unpatched)": sdpa, "sdpa cudnn": sdpa_cudnn, "anchor matmul (before)": anchor_row_matmul,
+           "anchor triton (now)": anchor_row}
+FOLLOWERS = {"follower matmul (before)": follower_matmul, "follower triton (now)": follower}
 
 
 def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
@@ -137,17 +125,21 @@ def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
     return statistics.median(times)
 
 
-def follower_times(layers, mask) -> dict[str, float]:
+def follower_times(layers, mask, programs_per_sm=()) -> dict[str, float]:
     probs = [decode_probs(inputs_of(q, k, mask)) for q, k, _ in layers]
     pairs = [(p, None, v) for p, (_, _, v) in zip(probs, layers)]
     found = {}
     for name, fn in FOLLOWERS.items():
         found[name] = time_per_layer(lambda p, _k, v, _m, fn=fn: fn(p, v), pairs, mask)
         torch._dynamo.reset()
-    reference = follower(probs[0], layers[0][2]).float()
-    for name, fn in FOLLOWERS.items():
-        error = (fn(probs[0], layers[0][2]).float() - reference).abs().max().item()
-        assert error < 5e-2, f"{name} differs from the current follower by {error}"
+    for per_sm in programs_per_sm:  # the split of the keys: programs per SM
+        old, kernels.PROGRAMS_PER_SM = kernels.PROGRAMS_PER_SM, per_sm
+        found[f"follower triton {per_sm}/SM"] = time_per_layer(lambda p, _k, v, _m: follower(p, v), pairs, mask)
+        kernels.PROGRAMS_PER_SM = old
+        torch._dynamo.reset()
+    reference = follower_matmul(probs[0], layers[0][2]).float()
+    error = (follower(probs[0], layers[0][2]).float() - reference).abs().max().item()
+    assert error < 5e-2, f"the kernel differs from the matmul by {error}"
     return found
 
 
@@ -156,8 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", default="1x2048,8x2048,32x2048,1x8192,8x8192,1x32768,3x32768")
     parser.add_argument("--shapes", default="32/32,32/8", help="query heads / key-value heads (Llama-2-7B, Llama-3.1-8B)")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--programs-per-sm", default="", help="also time the follower kernel at these splits, e.g. 2,8,16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    kernels.ENABLED = True  # "now": the inference path with the kernels, whatever the library's default
     torch.manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):
@@ -170,17 +164,20 @@ def main(argv=None) -> int:
             for name, fn in ANCHORS.items():
                 row[name] = time_per_layer(fn, layers, mask)
                 torch._dynamo.reset()
-            row.update(follower_times(layers, mask))
-            row["sdpa GB/s"] = kv_bytes / row["sdpa (unpatched)"] / 1e3
+            per_sm = [int(x) for x in args.programs_per_sm.split(",") if x]
+            row.update(follower_times(layers, mask, per_sm))
+            row["sdpa cudnn GB/s"] = kv_bytes / row["sdpa cudnn"] / 1e3
+            row["follower triton GB/s"] = kv_bytes / 2 / row["follower triton (now)"] / 1e3
             rows.append(row)
             print(" | ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             del layers
-    names = ["sdpa (unpatched)", *[n for n in ANCHORS if n != "sdpa (unpatched)"], *FOLLOWERS]
-    print("\n| Hq/Hkv | batch x context | " + " | ".join(f"{n} us" for n in names) + " | sdpa GB/s |")
-    print("|---" * (len(names) + 3) + "|")
+    names = [n for n in rows[0] if n not in ("heads", "kv_heads", "batch", "context") and not n.endswith("GB/s")]
+    print("\n| Hq/Hkv | batch x context | " + " | ".join(f"{n} us" for n in names) + " | sdpa cudnn GB/s | follower triton GB/s (V only) |")
+    print("|---" * (len(names) + 4) + "|")
     for row in rows:
         cells = " | ".join(f"{row[n]:.1f}" for n in names)
-        print(f"| {row['heads']}/{row['kv_heads']} | {row['batch']}x{row['context']} | {cells} | {row['sdpa GB/s']:.0f} |")
+        print(f"| {row['heads']}/{row['kv_heads']} | {row['batch']}x{row['context']} | {cells} | "
+              f"{row['sdpa cudnn GB/s']:.0f} | {row['follower triton GB/s']:.0f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

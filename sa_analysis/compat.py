@@ -125,6 +125,12 @@ def new_cache(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
+def compiles_static_decode(model: Any) -> bool:
+    """Whether transformers compiles this model's decode step under `generate(cache_implementation="static")` (the
+    class says so with `_can_compile_fullgraph`)."""
+    return bool(getattr(type(model), "_can_compile_fullgraph", False))
+
+
 def cache_layer_tensors(cache: Any) -> list[tuple[Any, Any]]:
     """[(keys, values)] per layer of a transformers cache (the `layers[i].keys/values` attributes; None if empty)."""
     return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in getattr(cache, "layers", [])]

@@ -97,6 +97,8 @@ def test_speed_block_measures_kv_bytes_and_throughput(tmp_path):
     for side in ("baseline", "patched"):
         assert speed[side]["prefill_tokens_per_s"] > 0 and speed[side]["decode_tokens_per_s"] > 0
         assert speed[side]["peak_memory_bytes"] is None  # CPU
+        assert "compiled_decode_tokens_per_s" not in speed[side]  # compiled decoding is measured on a GPU
+    assert speed["mode"] == "infer"  # a fast-mode validation times the inference path
     assert speed["patched"]["k_cache_bytes"] * 2 == speed["baseline"]["k_cache_bytes"]  # 2 of 4 layers keep no K
     assert speed["ratio"]["kv_cache_bytes"] == pytest.approx(0.75)
     assert report.predicted["kv_cache_fraction_saved"] == pytest.approx(0.25)

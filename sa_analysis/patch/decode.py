@@ -5,6 +5,9 @@ computes them (reading its keys once) and its own output from them, and each fol
 values, reading no keys at all. Prefill keeps the model's own kernel (flash kernels never form the probabilities).
 Query heads are grouped over their key/value heads as transformers' `repeat_kv` groups them (query head h reads key
 head h // G), so nothing is expanded: scores [B, Hkv, G, K], values [B, Hkv, K, D].
+
+On a GPU in half precision the scores and the row times values run as the split-key Triton kernels of
+`patch.kernels` (one pass over K or V at the GPU's bandwidth); elsewhere, and as their reference, as batched matmuls.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from __future__ import annotations
 import torch
 
 from ..capture import AttentionInputs
+from . import kernels
 
 
 def scores_fp32(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, G, K] float32 dot products of grouped queries [B, Hkv, G, D] with keys [B, Hkv, K, D]: from the
-    half-precision operands directly on a GPU (`out_dtype`, one read of the keys), through float32 copies elsewhere."""
+    half-precision operands directly on a GPU (the split-key kernel, else `out_dtype`: one read of the keys), through
+    float32 copies elsewhere."""
+    if kernels.usable(key):
+        return kernels.scores(query, key)
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
         b, h, g, d = query.shape
         flat_q, flat_k = query.reshape(b * h, g, d), key.reshape(b * h, key.shape[2], d)
@@ -46,6 +53,9 @@ def attend(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     reads value head h // G), as the attention functions return it."""
     batch, n_heads, _, n_keys = probs.shape
     n_kv = value.shape[1]
-    grouped = probs.reshape(batch, n_kv, n_heads // n_kv, n_keys).to(value.dtype)  # [B, Hkv, G, K]
-    output = torch.matmul(grouped, value)  # [B, Hkv, G, D]
+    grouped = probs.reshape(batch, n_kv, n_heads // n_kv, n_keys)  # [B, Hkv, G, K]
+    if kernels.usable(value):
+        output = kernels.row_values(grouped, value)  # [B, Hkv, G, D]: split over keys, one pass over V
+    else:
+        output = torch.matmul(grouped.to(value.dtype), value)  # [B, Hkv, G, D]
     return output.reshape(batch, n_heads, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]

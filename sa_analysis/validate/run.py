@@ -44,7 +44,9 @@ def validate_plan(
     """Baseline vs patched on the held-out `batch` (a TokenBatch of split "heldout", or ids [S, T]).
 
     `plan`: a SharePlan, `{follower: anchor}`, or a spans string. Passes when the relative perplexity increase is
-    at most `tolerance`. Speed uses the first `speed_batch` sequences (default: all, at most 8) as the prompt.
+    at most `tolerance`. Speed uses the first `speed_batch` sequences (default: all, at most 8) as the prompt, and
+    for fast mode the inference path (`mode="infer"`: the same prefill, decode steps reusing the anchor's row, equal
+    to exact mode to the model's precision): eager decoding everywhere, compiled decoding on a GPU.
     """
     if isinstance(getattr(batch, "split", None), str) and batch.split != "heldout":
         raise UserError("Validation must run on held-out text, never the calibration text the plan was chosen on; use split='heldout'.")
@@ -60,7 +62,8 @@ def validate_plan(
     speed = None
     if measure_speed:
         prompt = ids[: speed_batch or min(ids.shape[0], 8)]
-        speed = compare_speed(model, share_plan, prompt, mode, speed_new_tokens, repeats=speed_repeats)
+        speed_mode = "infer" if mode == "fast" else mode  # fast mode's prefill, the inference path's decode steps
+        speed = compare_speed(model, share_plan, prompt, speed_mode, speed_new_tokens, repeats=speed_repeats)
     task_results = compare_tasks(model, loaded.tokenizer, share_plan, tasks, mode, task_limit) if tasks else None
     meta = provenance(model_device(model))
     notes = mask_notes(share_plan, info, ids.shape[1])

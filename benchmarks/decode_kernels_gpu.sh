@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 35 on one GPU: the decode kernels' GPU tests (against float64 and against exact mode, eager and compiled),
+# the inference path's CUDA tests, whole-model decode through generate() (unpatched, patched, patched with the kernels
+# off), the GQA shape, one layer's decode attention kernel by kernel, eager decode, prefill.
+# Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,decode,gqa,micro,eager,prefill (default
+# all; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
+# DECODE_FLAGS (default --matmul: also the patched model with the kernels off) and DECODE_TIMEOUT tune the decode stage.
+set -u
+out=$1 stages=${2:-tests,decode,gqa,micro,eager,prefill}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+has() { [[ ",$stages," == *",$1,"* ]]; }
+python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/versions.txt"
+if has tests; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_patch.py -k infer 2>&1 | tail -n 4 | tee -a "$out/tests.txt"
+fi
+if has decode; then
+  timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/bench_decode.py --kinds compiled --cells 8x2048,1x32768 ${DECODE_FLAGS---matmul} --repeats 3 \
+    --out "$out/llama2" 2>&1 | grep -v -i warn | tail -n 12 | tee "$out/decode-llama2.txt"
+fi
+if has gqa; then
+  timeout 200 python3 benchmarks/bench_decode.py --model llama3.1-8b --kinds compiled --cells 8x2048,1x32768 \
+    --repeats 3 --out "$out/llama31" 2>&1 | grep -v -i warn | tail -n 10 | tee "$out/decode-llama31.txt"
+fi
+if has micro; then
+  timeout 150 python3 benchmarks/micro_decode_attention.py --cells 8x2048,1x32768 --shapes 32/32,32/8 \
+    --programs-per-sm 2,16 --out "$out/micro.json" 2>&1 | grep -v -i warn | tail -n 8 | tee "$out/micro.txt"
+fi
+if has eager; then
+  timeout 150 python3 benchmarks/bench_decode.py --kinds eager --cells 1x2048,8x2048,32x2048 --repeats 3 \
+    --out "$out/eager" 2>&1 | grep -v -i warn | tail -n 10 | tee "$out/decode-eager.txt"
+fi
+if has prefill; then
+  timeout 200 python3 benchmarks/bench_patch.py --mode infer --new-tokens 64 --batches 1 --out "$out/patch" 2>&1 \
+    | grep -v -i warn | tail -n 20 | tee "$out/patch.txt"
+fi

@@ -1,0 +1,87 @@
+"""The inference path's decode kernels (Triton, CUDA only): an anchor's scores and the row times values, each split
+over keys so that a decode step reads the keys (scores) or the values (row times values) once, at the GPU's bandwidth.
+
+Why: at a decode step the unpatched model runs a fused flash-decoding kernel over K and V (cuDNN on an H100, about
+2.8 TB/s); the batched matmuls that form the row [B, Hkv, G, K] x V [B, Hkv, K, D] run as cuBLAS matrix-vector
+products with one block per (sequence, head), about 1.5 TB/s (BENCHMARKS.md, 2026-12-07), so a follower that reads
+half the bytes saved only a tenth of the time. Splitting the keys over many programs (flash-decoding's split-K) keeps
+every SM reading.
+
+Both kernels are registered as `torch.library.triton_op`s, so transformers' compiled static-cache step traces them
+into its graph (no graph break, captured by CUDA graphs) and eager decoding calls them directly. `usable()` says
+whether a call can take them (CUDA tensors of half precision, Triton and `triton_op` present); `patch.decode` falls
+back to batched matmuls elsewhere, which are also the reference the GPU tests compare against.
+
+Shapes, grouped as `patch.decode` groups them (query head h reads key/value head h // G):
+    query [B, Hkv, G, D], keys [B, Hkv, K, D] -> scores [B, Hkv, G, K] float32
+    row [B, Hkv, G, K] (float32), values [B, Hkv, K, D] -> output [B, Hkv, G, D] in the values' dtype
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_KEYS = 64  # keys per tile: one tl.dot of [G_PAD, D] x [D, 64] (scores) or [G_PAD, 64] x [64, D] (row x values)
+# True: the inference path's decode steps run the kernels on CUDA (H100, 2026-12-07: against float64 and the batched
+# matmuls in tests/test_decode_kernels.py; compiled decode of the Llama-2-7B shape 1.092x at batch 8, 2k, BENCHMARKS.md);
+# False: batched matmuls everywhere (the reference the GPU tests and benchmarks compare against).
+ENABLED = True
+PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
+
+
+def _register():
+    """(scores op, row-values op), registered once at import, or None where Triton or `torch.library.triton_op`
+    (torch >= 2.6) is missing. At import, not on first use: the compiled step must find them as constants."""
+    try:
+        from torch.library import triton_op, wrap_triton
+
+        from . import _triton_decode as kernels
+    except ImportError:
+        return None
+
+    @triton_op("sa_analysis::decode_scores", mutates_args=())
+    def decode_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return kernels.scores(query, key, wrap_triton(kernels.scores_kernel), BLOCK_KEYS)
+
+    @triton_op("sa_analysis::decode_row_values", mutates_args=())
+    def decode_row_values(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, n_kv, n_keys, _ = value.shape
+        split = keys_per_program(batch * n_kv, n_keys, value.device)
+        return kernels.row_values(row, value, wrap_triton(kernels.row_values_kernel), BLOCK_KEYS, split)
+
+    return decode_scores, decode_row_values
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can serve a decode step on `tensor` (a CUDA tensor of bf16 / fp16, Triton present)."""
+    return ENABLED and _OPS is not None and tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
+
+
+def scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, K] float32 dot products of grouped queries [B, Hkv, G, D] with keys [B, Hkv, K, D] (unscaled)."""
+    return _OPS[0](query, key)
+
+
+def row_values(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, D] the row [B, Hkv, G, K] (float32, cast to the values' dtype as a matmul would) times the values
+    [B, Hkv, K, D], summed in float32 over splits of the keys; returned in the values' dtype."""
+    return _OPS[1](row, value)
+
+
+def keys_per_program(rows: int, n_keys: int, device: torch.device) -> int:
+    """Keys one program of the row-values kernel sums: a multiple of BLOCK_KEYS, so that `rows` (sequences x key/value
+    heads) x splits makes about PROGRAMS_PER_SM programs per SM. Fixed by the shapes, so a compiled step keeps it."""
+    programs = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = max(1, programs // max(rows, 1))
+    tiles = -(-n_keys // BLOCK_KEYS)
+    return BLOCK_KEYS * max(1, -(-tiles // splits))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_OPS = _register()
