@@ -296,3 +296,25 @@ def test_the_command_prints_the_baselines_and_draws_them(tmp_path):
     assert (tmp_path / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     wrong = CliRunner().invoke(app, [str(a) for a in args[:-2] + ["--baselines", "gready", "--out", tmp_path / "o2"]])
     assert wrong.exit_code == 1 and "did you mean greedy" in wrong.output and not (tmp_path / "o2").exists()
+
+
+def test_published_frontier_files_read_into_records_and_write_back_the_same():
+    """Frontier files written before the records (2026-12-07, two heal objectives, 15 budgets healed) read into
+    Summary / HealedText / PlanDamage fields and write back key for key, value for value (a field added since, the
+    baselines, as None)."""
+    from sa_analysis.io import json_safe
+    from sa_analysis.planner.record import Summary
+    from sa_analysis.search.frontier import HealedText
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "2026-12-07-h100-heal-objectives"
+    for name in ("smollm2-lm1000", "smollm2-distill100"):
+        written = json.loads((results / name / "frontier.json").read_text())
+        frontier = Frontier.from_dict(written)
+        point = frontier.points[0]
+        assert isinstance(point.heldout, Summary) and point.heldout.perplexity > 0
+        assert all(isinstance(h, HealedText) for h in point.healed.values())
+        assert SharePlan.from_dict(point.plan).damage.plan.kl == point.predicted.kl
+        again = json.loads(json.dumps(json_safe(frontier.to_dict())))
+        for old, new in zip(written["points"], again["points"]):  # a field added since reads as None
+            assert new == {**old, **{k: None for k in set(new) - set(old)}}, name
+        assert again["within"] == written["within"], name
