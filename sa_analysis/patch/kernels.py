@@ -28,17 +28,21 @@ BLOCK_KEYS = 64  # keys per tile: one tl.dot of [G_PAD, D] x [D, 64] (scores) or
 # matmuls in tests/test_decode_kernels.py; compiled decode of the Llama-2-7B shape 1.092x at batch 8, 2k, BENCHMARKS.md);
 # False: batched matmuls everywhere (the reference the GPU tests and benchmarks compare against).
 ENABLED = True
+UNAVAILABLE: str | None = None  # why the kernels could not be registered, where they could not
 PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
 
 
 def _register():
     """(scores op, row-values op), registered once at import, or None where Triton or `torch.library.triton_op`
-    (torch >= 2.6) is missing. At import, not on first use: the compiled step must find them as constants."""
+    (torch >= 2.6) is missing or Triton fails to import (`UNAVAILABLE` says why): the library must import on any
+    machine. At import, not on first use: the compiled step must find them as constants."""
+    global UNAVAILABLE
     try:
         from torch.library import triton_op, wrap_triton
 
         from . import _triton_decode as kernels
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001 - an optional accelerator path; the batched matmuls serve instead
+        UNAVAILABLE = f"{type(exc).__name__}: {exc}"
         return None
 
     @triton_op("sa_analysis::decode_scores", mutates_args=())
