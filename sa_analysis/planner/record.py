@@ -18,10 +18,9 @@ SEARCH_BASIS = "measured whole on calibration tokens by the plan search"
 
 
 @dataclass
-class Summary(Record):
-    """A plan's damage summed up over sequences: mean next-token KL and NLL change (nats per token) with their 95 %
-    intervals, top-1 agreement; on held-out text also the perplexity with the interval of its NLL change. Written
-    as the flat dict it always was ({"kl", "kl_low", ..., "perplexity_high"}; the perplexity only where measured)."""
+class Intervals(Record):
+    """Mean next-token KL and NLL change over sequences (nats per token) with their 95 % intervals: what every damage
+    record below states, written flat ({"kl", "kl_low", "kl_high", "nll_change", ...})."""
 
     kl: float
     kl_low: float
@@ -29,6 +28,13 @@ class Summary(Record):
     nll_change: float
     nll_change_low: float
     nll_change_high: float
+
+
+@dataclass
+class Summary(Intervals):
+    """A plan's damage summed up over sequences: the intervals, top-1 agreement, and on held-out text the perplexity
+    with the interval of its NLL change (written only where measured)."""
+
     top1: float
     perplexity: float | None = None
     perplexity_low: float | None = None
@@ -49,43 +55,24 @@ class Summary(Record):
 
 
 @dataclass
-class FollowerDamage(Record):
-    """One follower shared alone with its anchor (by index or through its head map: `way`), nats per token."""
+class SpanDamage(Intervals):
+    """The followers of one anchor measured whole (they interact)."""
 
     anchor: int
+
+
+@dataclass
+class FollowerDamage(SpanDamage):
+    """One follower shared alone with its anchor, by index or through its head map (`way`)."""
+
     way: str  # "index" or "aligned"
-    kl: float
-    kl_low: float
-    kl_high: float
-    nll_change: float
-    nll_change_low: float
-    nll_change_high: float
 
 
 @dataclass
-class SpanDamage(Record):
-    """The followers of one anchor measured whole (they interact), nats per token."""
-
-    anchor: int
-    kl: float
-    kl_low: float
-    kl_high: float
-    nll_change: float
-    nll_change_low: float
-    nll_change_high: float
-
-
-@dataclass
-class Prediction(Record):
+class Prediction(Intervals):
     """The span model's prediction of a plan (`damage.table.predict`): per sequence, the sum over spans of each span
     measured whole, or of its followers alone where it was not (`additive` names those); with intervals."""
 
-    kl: float
-    kl_low: float
-    kl_high: float
-    nll_change: float
-    nll_change_low: float
-    nll_change_high: float
     spans: dict[str, SpanDamage]  # "first-last" -> the span measured whole
     additive: list[str]  # spans of two or more followers predicted from their followers alone
     followers: dict[int, FollowerDamage]
