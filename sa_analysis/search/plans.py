@@ -40,33 +40,63 @@ class MeasuredPlan(Record):
     predicted: Prediction | None  # the span model's prediction, or None
     followers: list[int]
     aligned: list[int]  # followers that reuse their anchor's heads through a head map
-    predicted_kl: float | None
-    predicted_nll_change: float | None
-    ppl_change: float
-    ppl_change_low: float
-    ppl_change_high: float
-    kl_mean: float
-    kl_low: float
-    kl_high: float
-    top1_agreement: float
     passed: bool  # perplexity change within the search's tolerance
 
     RECORDS: ClassVar[dict[str, type]] = {"measured": Summary, "predicted": Prediction}
+    DERIVED: ClassVar[tuple[str, ...]] = ("predicted_kl", "predicted_nll_change", "ppl_change", "ppl_change_low",
+                                          "ppl_change_high", "kl_mean", "kl_low", "kl_high", "top1_agreement")
 
     @classmethod
     def of(cls, stage: str, method: str, plan: Any, measured: Summary, tolerance: float,
            predicted: Prediction | None) -> "MeasuredPlan":
         """A plan and its measurement on calibration text (and the additive prediction from its followers alone)."""
-        ppl_change = ppl_change_of(measured.nll_change)
         return cls(stage=stage, method=method, methods=[method], n_shared=plan.n_shared, spans=plan.spans_spec(),
-                   measured=measured, predicted=predicted,
-                   followers=list(plan.followers), aligned=list(plan.aligned_followers),
-                   predicted_kl=None if predicted is None else predicted.kl,
-                   predicted_nll_change=None if predicted is None else predicted.nll_change,
-                   ppl_change=ppl_change, ppl_change_low=ppl_change_of(measured.nll_change_low),
-                   ppl_change_high=ppl_change_of(measured.nll_change_high), kl_mean=measured.kl,
-                   kl_low=measured.kl_low, kl_high=measured.kl_high, top1_agreement=measured.top1,
-                   passed=bool(ppl_change <= tolerance))
+                   measured=measured, predicted=predicted, followers=list(plan.followers),
+                   aligned=list(plan.aligned_followers), passed=bool(ppl_change_of(measured.nll_change) <= tolerance))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, with the values derived from the measurement and the prediction written beside them (the
+        table, the figure and readers of search.json take them from there), `passed` last, as search.json has them."""
+        data = super().to_dict()
+        passed = data.pop("passed")
+        return {**data, **{name: getattr(self, name) for name in self.DERIVED}, "passed": passed}
+
+    @property
+    def predicted_kl(self) -> float | None:
+        return None if self.predicted is None else self.predicted.kl
+
+    @property
+    def predicted_nll_change(self) -> float | None:
+        return None if self.predicted is None else self.predicted.nll_change
+
+    @property
+    def ppl_change(self) -> float:
+        """Perplexity ratio - 1 on the calibration tokens (exp(NLL change) - 1), and its interval below."""
+        return ppl_change_of(self.measured.nll_change)
+
+    @property
+    def ppl_change_low(self) -> float:
+        return ppl_change_of(self.measured.nll_change_low)
+
+    @property
+    def ppl_change_high(self) -> float:
+        return ppl_change_of(self.measured.nll_change_high)
+
+    @property
+    def kl_mean(self) -> float:
+        return self.measured.kl
+
+    @property
+    def kl_low(self) -> float:
+        return self.measured.kl_low
+
+    @property
+    def kl_high(self) -> float:
+        return self.measured.kl_high
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.measured.top1
 
     @property
     def key(self) -> tuple:
