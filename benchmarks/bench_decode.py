@@ -32,6 +32,7 @@ from bench_patch import predictions  # noqa: E402
 from sa_analysis.loading import load_model  # noqa: E402
 from sa_analysis.patch import cache_bytes, kernels, share_attention  # noqa: E402
 from sa_analysis.planner import SharePlan  # noqa: E402
+from sa_analysis.validate.speed import Timer, generate_seconds, generate_step_seconds  # noqa: E402
 
 T0 = time.time()
 
@@ -40,22 +41,10 @@ def log(*args) -> None:
     print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
 
 
-def generate_seconds(model, prompt: torch.Tensor, n_new: int, compiled: bool) -> float:
-    """Seconds of one greedy generate() of exactly `n_new` tokens (CUDA events)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(prompt))
-    options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
-    start.record()
-    model.generate(prompt, **options)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000
-
-
 def step_ms(model, prompt, n_new, compiled) -> float:
-    """ms per decode step: the generate of n_new tokens less the generate of one, over n_new - 1 steps."""
-    return 1000 * (generate_seconds(model, prompt, n_new, compiled) - generate_seconds(model, prompt, 1, compiled)) / (n_new - 1)
+    """ms per decode step (`validate.speed.generate_step_seconds`: the generate of n_new tokens less the generate of
+    one, over n_new - 1 steps; CUDA events)."""
+    return 1000 * generate_step_seconds(model, prompt, n_new, compiled, Timer(prompt.device))
 
 
 def memory(model, prompt, n_new: int, compiled: bool) -> dict:
@@ -98,7 +87,7 @@ def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repe
     for round_ in range(repeats + 1):
         for name in times:
             with variant(model, plan, name, mode):
-                generate_seconds(model, prompt, n_new, compiled)  # the switch's cost, untimed
+                generate_seconds(model, prompt, n_new, compiled, Timer(prompt.device))  # the switch's cost, untimed
                 value = step_ms(model, prompt, n_new, compiled)
                 if not round_:
                     memories[name] = memory(model, prompt, n_new, compiled)

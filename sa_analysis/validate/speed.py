@@ -157,20 +157,30 @@ def compiled_decode_steps(model: torch.nn.Module, plan: PlanLike, prompt: torch.
     and the first token drop out), median of `repeats` rounds alternating the models; after each switch one untimed
     generate, so that recompiling or re-recording the step for the other model stays out of the timing."""
     timer = Timer(prompt.device)
-    options = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt), cache_implementation="static")
-
-    def generate(n: int) -> None:
-        with torch.inference_mode():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **options)
-
     found: dict[str, list[float]] = {"baseline": [], "patched": []}
     for _ in range(repeats):
         for name in found:
             with share_attention(model, plan, mode=mode) if name == "patched" else contextlib.nullcontext():
-                generate(n_new)  # the switch's cost, untimed
-                step = (timer(lambda: generate(n_new))[0] - timer(lambda: generate(1))[0]) / (n_new - 1)
+                generate_seconds(model, prompt, n_new, True, timer)  # the switch's cost, untimed
+                step = generate_step_seconds(model, prompt, n_new, True, timer)
             found[name].append(prompt.shape[0] / step if step > 0 else float("nan"))
     return statistics.median(found["baseline"]), statistics.median(found["patched"])
+
+
+def generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, compiled: bool, timer: Timer) -> float:
+    """Seconds of one greedy `generate()` of exactly `n_new` tokens after `prompt` [B, T]: compiled (the static cache,
+    transformers' compiled step) or eager (the dynamic cache, compilation off)."""
+    options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(prompt))
+    options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
+    with torch.inference_mode():
+        return timer(lambda: model.generate(prompt, **options))[0]
+
+
+def generate_step_seconds(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, compiled: bool, timer: Timer) -> float:
+    """Seconds per decode step of `generate()`: the time of `n_new` tokens less that of one, over `n_new - 1` steps
+    (the prefill and the first token drop out)."""
+    return (generate_seconds(model, prompt, n_new, compiled, timer) - generate_seconds(model, prompt, 1, compiled, timer)) / (n_new - 1)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
