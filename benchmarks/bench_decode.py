@@ -114,10 +114,25 @@ def print_table(rows: list[dict]) -> None:
 
 
 def fits(loaded, batch: int, context: int, n_new: int) -> bool:
+    """Whether weights, the static KV cache (bf16) and prefill's largest transients (about four [B, T, intermediate]
+    bf16 tensors in the MLP: 3.2 GB at batch 1, 32k on the H100, 2026-12-07) fit in 92 % of the GPU's memory."""
     info = loaded.info
     kv = batch * (context + n_new) * info.n_layers * 2 * info.n_kv_heads * info.head_dim * 2
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    return kv * 1.1 + weights < 0.9 * torch.cuda.get_device_properties(0).total_memory
+    transient = 4 * batch * context * getattr(loaded.model.config, "intermediate_size", 4 * info.hidden_size) * 2
+    return kv * 1.05 + weights + transient < 0.92 * torch.cuda.get_device_properties(0).total_memory
+
+
+def cell_shape(loaded, spec: str, n_new: int) -> tuple[int, int]:
+    """(batch, context) of a cell "BxC"; B "max" is the largest batch whose cache and weights fit (`fits`): the long-
+    context cell of issue 35 is measured at the largest batch that fits the GPU at hand."""
+    batch, context = spec.split("x")
+    if batch != "max":
+        return int(batch), int(context)
+    largest = 1
+    while largest < 256 and fits(loaded, largest + 1, int(context), n_new):
+        largest += 1
+    return largest, int(context)
 
 
 def main(argv=None) -> int:
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--spans", default="23-30")
     parser.add_argument("--cells", default="1x2048,8x2048,32x2048,1x8192,8x8192,1x32768,3x32768",
-                        help="batch x context, comma-separated")
+                        help="batch x context, comma-separated; batch 'max': the largest that fits")
     parser.add_argument("--kinds", default="eager,compiled")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="infer", choices=("infer", "fast", "exact"), help="the patch's mode")
@@ -145,7 +160,7 @@ def main(argv=None) -> int:
     rows = []
     for kind in args.kinds.split(","):
         for spec in args.cells.split(","):
-            batch, context = (int(x) for x in spec.split("x"))
+            batch, context = cell_shape(loaded, spec, args.new_tokens)
             if not fits(loaded, batch, context, args.new_tokens):
                 log(f"{kind} b{batch} ctx{context}: skipped (does not fit)")
                 continue

@@ -2,30 +2,35 @@
 # Issue 35 on one GPU: the decode kernels' GPU tests (against float64 and against exact mode, eager and compiled),
 # the inference path's CUDA tests, whole-model decode through generate() (unpatched, patched, patched with the kernels
 # off), the GQA shape, one layer's decode attention kernel by kernel, eager decode, prefill.
-# Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,decode,gqa,micro,eager,prefill (default
+# Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,patchtests,decode,gqa,micro,eager,prefill (default
 # all; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
-# DECODE_FLAGS (default --matmul: also the patched model with the kernels off) and DECODE_TIMEOUT tune the decode stage.
+# DECODE_FLAGS (default --matmul: also the patched model with the kernels off), DECODE_CELLS (default 8x2048,1x32768,
+# maxx32768: the largest batch that fits at 32k) and DECODE_TIMEOUT tune the decode stage; MICRO_CELLS, MICRO_SHAPES, MICRO_TIMEOUT and
+# MICRO_CONFIGS (launches of the follower kernel, per SM/keys per tile/warps/stages) the micro stage.
+# Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
 set -u
-out=$1 stages=${2:-tests,decode,gqa,micro,eager,prefill}
+out=$1 stages=${2:-tests,patchtests,decode,gqa,micro,eager,prefill}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 has() { [[ ",$stages," == *",$1,"* ]]; }
 python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/versions.txt"
 if has tests; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
+fi
+if has patchtests; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_patch.py -k infer 2>&1 | tail -n 4 | tee -a "$out/tests.txt"
 fi
 if has decode; then
-  timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/bench_decode.py --kinds compiled --cells 8x2048,1x32768 ${DECODE_FLAGS---matmul} --repeats 3 \
-    --out "$out/llama2" 2>&1 | grep -v -i warn | tail -n 12 | tee "$out/decode-llama2.txt"
+  timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/bench_decode.py --kinds compiled --cells ${DECODE_CELLS:-8x2048,1x32768,maxx32768} ${DECODE_FLAGS---matmul} --repeats 3 \
+    --out "$out/llama2" 2>&1 | tee "$out/decode-llama2.log" | grep -v -i warn | tail -n 12
 fi
 if has gqa; then
   timeout 200 python3 benchmarks/bench_decode.py --model llama3.1-8b --kinds compiled --cells 8x2048,1x32768 \
     --repeats 3 --out "$out/llama31" 2>&1 | grep -v -i warn | tail -n 10 | tee "$out/decode-llama31.txt"
 fi
 if has micro; then
-  timeout 150 python3 benchmarks/micro_decode_attention.py --cells 8x2048,1x32768 --shapes 32/32,32/8 \
-    --programs-per-sm 2,16 --out "$out/micro.json" 2>&1 | grep -v -i warn | tail -n 8 | tee "$out/micro.txt"
+  timeout ${MICRO_TIMEOUT:-150} python3 benchmarks/micro_decode_attention.py --cells ${MICRO_CELLS:-8x2048,1x32768} --shapes ${MICRO_SHAPES:-32/32,32/8} \
+    --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | grep -v -i warn | tail -n 8 | tee "$out/micro.txt"
 fi
 if has eager; then
   timeout 150 python3 benchmarks/bench_decode.py --kinds eager --cells 1x2048,8x2048,32x2048 --repeats 3 \

@@ -18,6 +18,7 @@ cuDNN's attention at ~2.8 TB/s (batch 8, 2k), where SDPA alone here (default dis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -125,7 +126,22 @@ def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
     return statistics.median(times)
 
 
-def follower_times(layers, mask, programs_per_sm=()) -> dict[str, float]:
+@contextlib.contextmanager
+def follower_config(spec: str):
+    """The row-values kernel launched as `spec` says: "programs per SM/keys per tile/warps/stages", e.g. "4/64/4/3"."""
+    per_sm, block, warps, stages = (int(x) for x in spec.split("/"))
+    names = ("PROGRAMS_PER_SM", "BLOCK_KEYS", "NUM_WARPS", "NUM_STAGES")
+    old = {name: getattr(kernels, name) for name in names}
+    for name, value in zip(names, (per_sm, block, warps, stages)):
+        setattr(kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(kernels, name, value)
+
+
+def follower_times(layers, mask, programs_per_sm=(), configs=()) -> dict[str, float]:
     probs = [decode_probs(inputs_of(q, k, mask)) for q, k, _ in layers]
     pairs = [(p, None, v) for p, (_, _, v) in zip(probs, layers)]
     found = {}
@@ -136,6 +152,12 @@ def follower_times(layers, mask, programs_per_sm=()) -> dict[str, float]:
         old, kernels.PROGRAMS_PER_SM = kernels.PROGRAMS_PER_SM, per_sm
         found[f"follower triton {per_sm}/SM"] = time_per_layer(lambda p, _k, v, _m: follower(p, v), pairs, mask)
         kernels.PROGRAMS_PER_SM = old
+        torch._dynamo.reset()
+    for spec in configs:
+        with follower_config(spec):
+            found[f"follower triton {spec}"] = time_per_layer(lambda p, _k, v, _m: follower(p, v), pairs, mask)
+            error = (follower(probs[0], layers[0][2]).float() - follower_matmul(probs[0], layers[0][2]).float()).abs().max().item()
+            assert error < 5e-2, f"the kernel at {spec} differs from the matmul by {error}"
         torch._dynamo.reset()
     reference = follower_matmul(probs[0], layers[0][2]).float()
     error = (follower(probs[0], layers[0][2]).float() - reference).abs().max().item()
@@ -149,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="32/32,32/8", help="query heads / key-value heads (Llama-2-7B, Llama-3.1-8B)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--programs-per-sm", default="", help="also time the follower kernel at these splits, e.g. 2,8,16")
+    parser.add_argument("--follower-configs", default="",
+                        help="also time the follower kernel launched so: per SM/keys per tile/warps/stages, e.g. 4/128/8/4")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     kernels.ENABLED = True  # "now": the inference path with the kernels, whatever the library's default
@@ -165,7 +189,8 @@ def main(argv=None) -> int:
                 row[name] = time_per_layer(fn, layers, mask)
                 torch._dynamo.reset()
             per_sm = [int(x) for x in args.programs_per_sm.split(",") if x]
-            row.update(follower_times(layers, mask, per_sm))
+            configs = [c for c in args.follower_configs.split(",") if c]
+            row.update(follower_times(layers, mask, per_sm, configs))
             row["sdpa cudnn GB/s"] = kv_bytes / row["sdpa cudnn"] / 1e3
             row["follower triton GB/s"] = kv_bytes / 2 / row["follower triton (now)"] / 1e3
             rows.append(row)

@@ -70,13 +70,15 @@ def scores(query: torch.Tensor, key: torch.Tensor, launch, block: int) -> torch.
     return out
 
 
-def row_values(row: torch.Tensor, value: torch.Tensor, launch, block: int, keys_per_program: int) -> torch.Tensor:
-    """[B, Hkv, G, D] row [B, Hkv, G, K] times value [B, Hkv, K, D]: float32 partials per split of the keys, summed."""
+def row_values(row: torch.Tensor, value: torch.Tensor, launch, block: int, keys_per_program: int,
+               **launch_options) -> torch.Tensor:
+    """[B, Hkv, G, D] row [B, Hkv, G, K] times value [B, Hkv, K, D]: float32 partials per split of the keys, summed
+    (`launch_options`: Triton's num_warps / num_stages)."""
     batch, n_kv, groups, n_keys = row.shape
     dim = value.shape[-1]
     splits = triton.cdiv(n_keys, keys_per_program)
     partial = torch.empty(batch, n_kv, splits, groups, dim, device=value.device, dtype=torch.float32)
     launch[(batch * n_kv, splits)](row, value, partial, n_kv, n_keys, *row.stride(), *value.stride(),
                                    *partial.stride()[:4], BLOCK=block, TILES=keys_per_program // block,
-                                   **_pads(groups, dim))
+                                   **_pads(groups, dim), **launch_options)
     return partial.sum(dim=2).to(value.dtype)  # [B, Hkv, G, D]

@@ -30,6 +30,7 @@ BLOCK_KEYS = 64  # keys per tile: one tl.dot of [G_PAD, D] x [D, 64] (scores) or
 ENABLED = True
 UNAVAILABLE: str | None = None  # why the kernels could not be registered, where they could not
 PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
+NUM_WARPS, NUM_STAGES = 4, 3  # the row-values kernel's launch (Triton's defaults; micro_decode_attention.py --follower-configs)
 
 
 def _register():
@@ -53,7 +54,8 @@ def _register():
     def decode_row_values(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         batch, n_kv, n_keys, _ = value.shape
         split = keys_per_program(batch * n_kv, n_keys, value.device)
-        return kernels.row_values(row, value, wrap_triton(kernels.row_values_kernel), BLOCK_KEYS, split)
+        return kernels.row_values(row, value, wrap_triton(kernels.row_values_kernel), BLOCK_KEYS, split,
+                                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
     return decode_scores, decode_row_values
 
