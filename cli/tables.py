@@ -58,8 +58,9 @@ def _print_speed(speed: dict, predicted: Optional[dict]) -> None:
         table.add_row(label, fmt(base.get(key)), fmt(patched.get(key)), "" if r is None else f"{r:.3f}",
                       "" if pred is None else f"{pred:.3f}")
     console.print(table)
-    if speed.get("peak_memory_note"):
-        console.print(f"  ({speed['peak_memory_note']})", highlight=False)
+    for key in ("peak_memory_note", "compiled_note"):
+        if speed.get(key):
+            console.print(f"  ({speed[key]})", highlight=False)
 
 
 def _print_tasks(tasks: dict) -> None:

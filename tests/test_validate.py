@@ -103,6 +103,7 @@ def test_speed_block_measures_kv_bytes_and_throughput(tmp_path):
     assert speed["ratio"]["kv_cache_bytes"] == pytest.approx(0.75)
     assert report.predicted["kv_cache_fraction_saved"] == pytest.approx(0.25)
     assert "CUDA" in speed["peak_memory_note"]
+    assert "on a GPU only" in speed["compiled_note"]  # the report says why the compiled column is missing
 
     path = report.save(tmp_path / "validation.json")
     again = ValidationReport.load(path)
@@ -110,6 +111,16 @@ def test_speed_block_measures_kv_bytes_and_throughput(tmp_path):
     assert again.passed == report.passed and again.plan["followers"] == [2, 3]
     with pytest.raises(UserError, match="not an sa-analysis validation report"):
         ValidationReport.load(tmp_path / "nope.json") if (tmp_path / "nope.json").write_text("{}") else None
+
+
+def test_compiled_decoding_asked_for_where_it_cannot_run_is_refused_in_one_sentence():
+    from sa_analysis.validate.speed import compare_speed, compiled_decode_unavailable
+
+    loaded = _loaded()
+    with pytest.raises(UserError, match="Compiled decoding cannot be timed here: .*on a GPU only"):
+        compare_speed(loaded.model, PLAN, torch.zeros(1, 8, dtype=torch.long), n_new=2, repeats=1, compiled=True)
+    plain = torch.nn.Linear(2, 2)  # a module transformers does not compile whole
+    assert "does not compile Linear's decode step" in compiled_decode_unavailable(plain, torch.device("cuda"))
 
 
 # ----- the search loop ---------------------------------------------------------------------------------------------------

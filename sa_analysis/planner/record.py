@@ -141,15 +141,14 @@ class Damage:
 class PlanDamage:
     """A plan's output damage on calibration tokens, and what it rests on.
 
-    `followers[m]`: follower m measured alone with its anchor; `predicted`: the span model's sum (each span measured
-    whole where it was, its followers alone summed where not), None where it was not made; `plan`: the whole plan as
-    measured (interactions between spans included; the prediction for held-out text); `baselines`: the baseline
-    plans measured whole on the same tokens ({method: MeasuredAlternative}). KL and NLL change in
-    nats per token. Written as before: the followers beside the prediction, not inside it.
+    `predicted`: the span model's sum (each span measured whole where it was, its followers alone summed where not),
+    None where it was not made; `followers[m]` (the prediction's): follower m measured alone with its anchor; `plan`:
+    the whole plan as measured (interactions between spans included; the prediction for held-out text); `baselines`:
+    the baseline plans measured whole on the same tokens ({method: MeasuredAlternative}). KL and NLL change in nats
+    per token. Written as before: the followers beside the prediction, not inside it.
     """
 
     plan: Summary
-    followers: dict[int, FollowerDamage] = field(default_factory=dict)
     predicted: Prediction | None = None
     n_tokens: int = 0
     n_seqs: int = 0
@@ -162,8 +161,13 @@ class PlanDamage:
                    basis: str = MEASURED_BASIS) -> "PlanDamage":
         """From a whole plan as the damage search checked it ({"predicted": Prediction or None, "measured": Summary})."""
         predicted = checked.get("predicted")
-        return cls(plan=checked["measured"], followers=dict(predicted.followers) if predicted else {}, predicted=predicted, n_tokens=int(n_tokens),
-                   n_seqs=int(n_seqs), baseline_nll=float(baseline_nll), basis=basis)
+        return cls(plan=checked["measured"], predicted=predicted, n_tokens=int(n_tokens), n_seqs=int(n_seqs),
+                   baseline_nll=float(baseline_nll), basis=basis)
+
+    @property
+    def followers(self) -> dict[int, FollowerDamage]:
+        """Each follower measured alone with its anchor (the prediction's; empty where no prediction was made)."""
+        return self.predicted.followers if self.predicted is not None else {}
 
     @property
     def kl(self) -> float:
@@ -189,11 +193,10 @@ class PlanDamage:
         if not isinstance(data, Mapping) or not isinstance(data.get("plan"), Mapping):
             raise UserError("The plan's damage record has no whole-plan measurement; re-create the plan with "
                             "`sa-analyze recommend-spans`.")
-        followers = {int(m): FollowerDamage.from_dict(v) for m, v in dict(data.get("followers") or {}).items()}
         predicted = data.get("predicted") or None
         if predicted is not None:
             predicted = Prediction.from_dict(predicted)
-            predicted.followers = followers
-        return cls(plan=Summary.from_dict(data["plan"]), followers=followers, predicted=predicted, n_tokens=int(data.get("n_tokens", 0)),
+            predicted.followers = {int(m): FollowerDamage.from_dict(v) for m, v in dict(data.get("followers") or {}).items()}
+        return cls(plan=Summary.from_dict(data["plan"]), predicted=predicted, n_tokens=int(data.get("n_tokens", 0)),
                    n_seqs=int(data.get("n_seqs", 0)), baseline_nll=float(data.get("baseline_nll", 0.0)),
                    basis=str(data.get("basis", MEASURED_BASIS)), baselines={name: MeasuredAlternative.from_dict(row) for name, row in dict(data.get("baselines") or {}).items()})

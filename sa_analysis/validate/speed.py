@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .. import compat, defaults
+from ..errors import UserError
 from ..patch import cache_bytes, share_attention
 from ..parts import model_device
 
@@ -123,9 +124,13 @@ def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, 
     Rounds alternate baseline, patched, baseline, ... so that drift (clocks, other processes) hits both alike.
     `mode`: the patch's mode (default infer, the inference path: prefill as fast mode, decode steps reuse the anchor's
     softmax row). `compiled`: also the compiled static-cache decode (default: on CUDA, where users compile, for a
-    model class transformers compiles).
+    model class transformers compiles; True where it cannot run is refused in one sentence, before any timing).
     """
     prompt = prompt.to(model_device(model))
+    why_not = compiled_decode_unavailable(model, prompt.device)
+    if compiled and why_not:
+        raise UserError(f"Compiled decoding cannot be timed here: {why_not}; time eager decoding only (compiled=False).")
+    compiled = why_not is None if compiled is None else compiled
     timer = Timer(prompt.device)
     times: dict[str, list[tuple[float, float]]] = {"baseline": [], "patched": []}
     for i in range(warmup + repeats):
@@ -137,8 +142,6 @@ def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, 
     base = {**_summarise(times["baseline"], prompt, n_new, timer), **_memory(model, prompt, n_new)}
     with share_attention(model, plan, mode=mode):
         patched = {**_summarise(times["patched"], prompt, n_new, timer), **_memory(model, prompt, n_new)}
-    if compiled is None:
-        compiled = prompt.device.type == "cuda" and compat.compiles_static_decode(model)
     if compiled:
         steps = compiled_decode_steps(model, plan, prompt, mode, max(n_new, 2), repeats)
         base["compiled_decode_tokens_per_s"], patched["compiled_decode_tokens_per_s"] = steps
@@ -147,7 +150,18 @@ def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, 
               "k_cache_bytes", "peak_memory_bytes")}
     note = None if base["peak_memory_bytes"] is not None else "peak memory is measured on CUDA only (None on the CPU)"
     return {"baseline": base, "patched": patched, "ratio": ratio, "warmup": warmup, "mode": mode,
-            "peak_memory_note": note}
+            "peak_memory_note": note, "compiled_note": None if compiled else f"compiled decoding not timed: {why_not}"}
+
+
+def compiled_decode_unavailable(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why transformers' compiled static-cache decode step cannot be timed for `model` on `device`, or None where it
+    can: it compiles with CUDA graphs on a GPU only, and only for classes that declare they compile whole."""
+    if device.type != "cuda":
+        return f"transformers compiles the static-cache step with CUDA graphs, on a GPU only (this runs on {device.type})"
+    if not compat.compiles_static_decode(model):
+        return (f"transformers does not compile {type(model).__name__}'s decode step (the class does not declare "
+                "that it compiles whole), so generate() would decode it eagerly")
+    return None
 
 
 def compiled_decode_steps(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, mode: str, n_new: int,
