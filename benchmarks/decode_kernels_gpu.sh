@@ -6,7 +6,8 @@
 # all; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
 # DECODE_FLAGS (default --matmul: also the patched model with the kernels off), DECODE_CELLS (default 8x2048,1x32768,
 # maxx32768: the largest batch that fits at 32k) and DECODE_TIMEOUT tune the decode stage; MICRO_CELLS, MICRO_SHAPES, MICRO_TIMEOUT and
-# MICRO_CONFIGS (launches of the follower kernel, per SM/keys per tile/warps/stages) the micro stage.
+# MICRO_CONFIGS (launches of the follower kernel, per SM/keys per tile/warps/stages) the micro stage; GQA_CELLS,
+# GQA_TIMEOUT and EAGER_TIMEOUT the gqa and eager stages.
 # Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
 set -u
 out=$1 stages=${2:-tests,patchtests,decode,gqa,micro,eager,prefill}
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1
 has() { [[ ",$stages," == *",$1,"* ]]; }
 python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/versions.txt"
 if has tests; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
 fi
 if has patchtests; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_patch.py -k infer 2>&1 | tail -n 4 | tee -a "$out/tests.txt"
@@ -25,16 +26,16 @@ if has decode; then
     --out "$out/llama2" 2>&1 | tee "$out/decode-llama2.log" | grep -v -i warn | tail -n 12
 fi
 if has gqa; then
-  timeout 200 python3 benchmarks/bench_decode.py --model llama3.1-8b --kinds compiled --cells 8x2048,1x32768 \
-    --repeats 3 --out "$out/llama31" 2>&1 | grep -v -i warn | tail -n 10 | tee "$out/decode-llama31.txt"
+  timeout ${GQA_TIMEOUT:-200} python3 benchmarks/bench_decode.py --model llama3.1-8b --kinds compiled --cells ${GQA_CELLS:-8x2048,1x32768} \
+    --repeats 3 --out "$out/llama31" 2>&1 | tee "$out/decode-llama31.log" | grep -v -i warn | tail -n 12
 fi
 if has micro; then
   timeout ${MICRO_TIMEOUT:-150} python3 benchmarks/micro_decode_attention.py --cells ${MICRO_CELLS:-8x2048,1x32768} --shapes ${MICRO_SHAPES:-32/32,32/8} \
-    --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | grep -v -i warn | tail -n 8 | tee "$out/micro.txt"
+    --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | tee "$out/micro.log" | grep -v -i warn | tail -n 8
 fi
 if has eager; then
-  timeout 150 python3 benchmarks/bench_decode.py --kinds eager --cells 1x2048,8x2048,32x2048 --repeats 3 \
-    --out "$out/eager" 2>&1 | grep -v -i warn | tail -n 10 | tee "$out/decode-eager.txt"
+  timeout ${EAGER_TIMEOUT:-150} python3 benchmarks/bench_decode.py --kinds eager --cells 1x2048,8x2048,32x2048 --repeats 3 \
+    --out "$out/eager" 2>&1 | tee "$out/decode-eager.log" | grep -v -i warn | tail -n 12
 fi
 if has prefill; then
   timeout 200 python3 benchmarks/bench_patch.py --mode infer --new-tokens 64 --batches 1 --out "$out/patch" 2>&1 \
