@@ -100,7 +100,10 @@ def follower_matmul(probs, v):
 
 
 ANCHORS = {"sdpa (unpatched)": sdpa, "sdpa cudnn": sdpa_cudnn, "anchor matmul (before)": anchor_row_matmul,
-           "anchor triton (now)": anchor_row}
+           "anchor triton, a tile a program": anchor_row, "anchor triton (now)": anchor_row}
+# settings of `patch.kernels` an anchor column runs under (read when the step is traced, so set outside it): the
+# scores kernel as in the third session, one program per tile of 64 keys
+ANCHOR_SETTINGS = {"anchor triton, a tile a program": {"SCORES_PROGRAMS_PER_SM": 10 ** 9}}
 FOLLOWERS = {"follower matmul (before)": follower_matmul, "follower triton (now)": follower}
 
 
@@ -127,18 +130,22 @@ def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
 
 
 @contextlib.contextmanager
-def follower_config(spec: str):
-    """The row-values kernel launched as `spec` says: "programs per SM/keys per tile/warps/stages", e.g. "4/64/4/3"."""
-    per_sm, block, warps, stages = (int(x) for x in spec.split("/"))
-    names = ("PROGRAMS_PER_SM", "BLOCK_KEYS", "NUM_WARPS", "NUM_STAGES")
-    old = {name: getattr(kernels, name) for name in names}
-    for name, value in zip(names, (per_sm, block, warps, stages)):
+def settings(**values):
+    """`patch.kernels`' module settings set to `values` inside the block, restored after."""
+    old = {name: getattr(kernels, name) for name in values}
+    for name, value in values.items():
         setattr(kernels, name, value)
     try:
         yield
     finally:
         for name, value in old.items():
             setattr(kernels, name, value)
+
+
+def follower_config(spec: str):
+    """The row-values kernel launched as `spec` says: "programs per SM/keys per tile/warps/stages", e.g. "4/64/4/3"."""
+    per_sm, block, warps, stages = (int(x) for x in spec.split("/"))
+    return settings(PROGRAMS_PER_SM=per_sm, BLOCK_KEYS=block, NUM_WARPS=warps, NUM_STAGES=stages)
 
 
 def follower_times(layers, mask, programs_per_sm=(), configs=()) -> dict[str, float]:
@@ -186,7 +193,8 @@ def main(argv=None) -> int:
             kv_bytes = 2 * layers[0][1].numel() * 2
             row = {"heads": heads, "kv_heads": kv_heads, "batch": batch, "context": context}
             for name, fn in ANCHORS.items():
-                row[name] = time_per_layer(fn, layers, mask)
+                with settings(**ANCHOR_SETTINGS.get(name, {})):
+                    row[name] = time_per_layer(fn, layers, mask)
                 torch._dynamo.reset()
             per_sm = [int(x) for x in args.programs_per_sm.split(",") if x]
             configs = [c for c in args.follower_configs.split(",") if c]

@@ -23,8 +23,9 @@ from sa_analysis.patch import _triton_decode as K
 torch.manual_seed(0)
 for batch, n_kv, groups, dim, n_keys in [(2, 3, 1, 16, 70), (1, 2, 4, 24, 200), (1, 2, 5, 96, 300)]:
     q, k, v = (torch.randn(batch, n_kv, n, dim).half() for n in (groups, n_keys, n_keys))
-    scores = K.scores(q, k, K.scores_kernel, 64)
-    assert (scores.double() - q.double() @ k.double().transpose(-1, -2)).abs().max() < 1e-4
+    for keys in (64, 128, 256):
+        scores = K.scores(q, k, K.scores_kernel, 64, keys)
+        assert (scores.double() - q.double() @ k.double().transpose(-1, -2)).abs().max() < 1e-4, keys
     row = torch.softmax(scores, -1)
     reference = row.half().double() @ v.double()
     for keys in (64, 128, 256):
@@ -110,18 +111,23 @@ def test_row_values_read_strided_rows():
 @needs_kernels
 def test_splits_cover_every_key_once():
     """However the keys are split over programs, the sum is the same (a key counted twice or missed would show)."""
-    _, _, value = _operands(1, 2, 4, 128, 5000, torch.bfloat16)
+    query, key, value = _operands(1, 2, 4, 128, 5000, torch.bfloat16)
     row = torch.rand(1, 2, 4, 5000, device="cuda")
-    results = []
-    for per_sm in (1, 4, 64):
-        old, kernels.PROGRAMS_PER_SM = kernels.PROGRAMS_PER_SM, per_sm
+    results, scores = [], []
+    for per_sm in (1, 4, 64, 10 ** 9):  # 10**9: one tile of keys a program
+        old = kernels.PROGRAMS_PER_SM, kernels.SCORES_PROGRAMS_PER_SM
+        kernels.PROGRAMS_PER_SM = kernels.SCORES_PROGRAMS_PER_SM = per_sm
         try:
             results.append(kernels.row_values(row, value).float())
+            scores.append(kernels.scores(query, key))
         finally:
-            kernels.PROGRAMS_PER_SM = old
+            kernels.PROGRAMS_PER_SM, kernels.SCORES_PROGRAMS_PER_SM = old
     reference = row.bfloat16().double() @ value.double()
     for found in results:
         assert (found.double() - reference).abs().max() <= 2 ** -7 * reference.abs().max()
+    exact = query.double() @ key.double().transpose(-1, -2)
+    for found in scores:
+        torch.testing.assert_close(found.double(), exact, atol=1e-4 * 128 ** 0.5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -15,20 +15,24 @@ import triton.language as tl
 @triton.jit
 def scores_kernel(q_ptr, k_ptr, out_ptr, n_kv, n_keys,
                   q_b, q_h, q_g, q_d, k_b, k_h, k_k, k_d, o_b, o_h, o_g, o_k,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """scores[b, h, g, k] = sum_d query[b, h, g, d] * key[b, h, k, d] in float32, for one block of BLOCK keys."""
-    row, block = tl.program_id(0), tl.program_id(1)
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                  TILES: tl.constexpr):
+    """scores[b, h, g, k] = sum_d query[b, h, g, d] * key[b, h, k, d] in float32, for one split of the keys (TILES
+    blocks of BLOCK keys; the last split's tail is masked)."""
+    row, split = tl.program_id(0), tl.program_id(1)
     b, h = row // n_kv, row % n_kv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
-    k = block * BLOCK + tl.arange(0, BLOCK)
     query = tl.load(q_ptr + b * q_b + h * q_h + g[:, None] * q_g + d[None, :] * q_d,
                     mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)  # [G_PAD, D_PAD]
-    keys = tl.load(k_ptr + b * k_b + h * k_h + k[:, None] * k_k + d[None, :] * k_d,
-                   mask=(k[:, None] < n_keys) & (d[None, :] < D), other=0.0)  # [BLOCK, D_PAD]
-    out = tl.dot(query, tl.trans(keys))  # [G_PAD, BLOCK] float32
-    tl.store(out_ptr + b * o_b + h * o_h + g[:, None] * o_g + k[None, :] * o_k, out,
-             mask=(g[:, None] < G) & (k[None, :] < n_keys))
+    first = split * (TILES * BLOCK)
+    for tile in range(TILES):
+        k = first + tile * BLOCK + tl.arange(0, BLOCK)
+        keys = tl.load(k_ptr + b * k_b + h * k_h + k[:, None] * k_k + d[None, :] * k_d,
+                       mask=(k[:, None] < n_keys) & (d[None, :] < D), other=0.0)  # [BLOCK, D_PAD]
+        out = tl.dot(query, tl.trans(keys))  # [G_PAD, BLOCK] float32
+        tl.store(out_ptr + b * o_b + h * o_h + g[:, None] * o_g + k[None, :] * o_k, out,
+                 mask=(g[:, None] < G) & (k[None, :] < n_keys))
 
 
 @triton.jit
@@ -59,14 +63,17 @@ def _pads(groups: int, dim: int) -> dict:
     return dict(G=groups, G_PAD=max(16, triton.next_power_of_2(groups)), D=dim, D_PAD=max(16, triton.next_power_of_2(dim)))
 
 
-def scores(query: torch.Tensor, key: torch.Tensor, launch, block: int) -> torch.Tensor:
-    """[B, Hkv, G, K] float32 scores of query [B, Hkv, G, D] against key [B, Hkv, K, D] (`launch`: the wrapped kernel)."""
+def scores(query: torch.Tensor, key: torch.Tensor, launch, block: int, keys_per_program: int | None = None,
+           **launch_options) -> torch.Tensor:
+    """[B, Hkv, G, K] float32 scores of query [B, Hkv, G, D] against key [B, Hkv, K, D] (`launch`: the wrapped kernel;
+    each program scores `keys_per_program` keys, a multiple of `block`; default one block)."""
     batch, n_kv, groups, dim = query.shape
     n_keys = key.shape[2]
+    keys_per_program = keys_per_program or block
     out = torch.empty(batch, n_kv, groups, n_keys, device=query.device, dtype=torch.float32)
-    grid = (batch * n_kv, triton.cdiv(n_keys, block))
+    grid = (batch * n_kv, triton.cdiv(n_keys, keys_per_program))
     launch[grid](query, key, out, n_kv, n_keys, *query.stride(), *key.stride(), *out.stride(),
-                 BLOCK=block, **_pads(groups, dim))
+                 BLOCK=block, TILES=keys_per_program // block, **_pads(groups, dim), **launch_options)
     return out
 
 

@@ -30,6 +30,9 @@ BLOCK_KEYS = 64  # keys per tile: one tl.dot of [G_PAD, D] x [D, 64] (scores) or
 ENABLED = True
 UNAVAILABLE: str | None = None  # why the kernels could not be registered, where they could not
 PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
+# the scores kernel: programs per SM (each scores a range of keys, tile by tile; 10**9: one tile of keys a program,
+# as before 2026-12-07's fourth session)
+SCORES_PROGRAMS_PER_SM = 4
 NUM_WARPS, NUM_STAGES = 4, 3  # the row-values kernel's launch (Triton's defaults; micro_decode_attention.py --follower-configs)
 
 
@@ -48,7 +51,9 @@ def _register():
 
     @triton_op("sa_analysis::decode_scores", mutates_args=())
     def decode_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return kernels.scores(query, key, wrap_triton(kernels.scores_kernel), BLOCK_KEYS)
+        batch, n_kv, n_keys, _ = key.shape
+        split = keys_per_program(batch * n_kv, n_keys, key.device, SCORES_PROGRAMS_PER_SM)
+        return kernels.scores(query, key, wrap_triton(kernels.scores_kernel), BLOCK_KEYS, split)
 
     @triton_op("sa_analysis::decode_row_values", mutates_args=())
     def decode_row_values(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -76,10 +81,12 @@ def row_values(row: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return _OPS[1](row, value)
 
 
-def keys_per_program(rows: int, n_keys: int, device: torch.device) -> int:
-    """Keys one program of the row-values kernel sums: a multiple of BLOCK_KEYS, so that `rows` (sequences x key/value
-    heads) x splits makes about PROGRAMS_PER_SM programs per SM. Fixed by the shapes, so a compiled step keeps it."""
-    programs = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+def keys_per_program(rows: int, n_keys: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Keys one program of a kernel reads: a multiple of BLOCK_KEYS, so that `rows` (sequences x key/value heads) x
+    splits makes about `per_sm` (default PROGRAMS_PER_SM) programs per SM. Fixed by the shapes, so a compiled step
+    keeps it."""
+    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
+    programs = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = max(1, programs // max(rows, 1))
     tiles = -(-n_keys // BLOCK_KEYS)
     return BLOCK_KEYS * max(1, -(-tiles // splits))
