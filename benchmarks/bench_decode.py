@@ -18,12 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# before CUDA starts: the long-context cell at the largest batch that fits ran out of memory on the H100 with 16.9 GiB
+# reserved but free (fragmentation; 2026-12-07), and ran with a peak of 69.8 GiB with expandable segments
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,7 +131,7 @@ def fits(loaded, batch: int, context: int, n_new: int) -> bool:
 def cell_shape(loaded, spec: str, n_new: int) -> tuple[int, int]:
     """(batch, context) of a cell "BxC"; B "max" is the largest batch whose cache and weights fit (`fits`): the long-
     context cell of issue 35 is measured at the largest batch that fits the GPU at hand."""
-    batch, context = spec.split("x")
+    batch, context = spec.rsplit("x", 1)
     if batch != "max":
         return int(batch), int(context)
     largest = 1

@@ -56,10 +56,12 @@ SHAPES = [(1, 4, 1, 64, 70), (2, 2, 4, 128, 200), (3, 2, 8, 80, 333), (1, 1, 2, 
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    """The inference path with the kernels (`kernels.ENABLED`), whatever a test before left."""
-    old, kernels.ENABLED = kernels.ENABLED, True
+    """The inference path with the kernels (`kernels.ENABLED`), in eager steps too (`kernels.IN_EAGER`: so that eager
+    calls here test them), whatever a test before left."""
+    old = kernels.ENABLED, kernels.IN_EAGER
+    kernels.ENABLED = kernels.IN_EAGER = True
     yield
-    kernels.ENABLED = old
+    kernels.ENABLED, kernels.IN_EAGER = old
 
 
 def _operands(batch, n_kv, groups, dim, n_keys, dtype, seed=0):
@@ -128,6 +130,20 @@ def test_splits_cover_every_key_once():
     exact = query.double() @ key.double().transpose(-1, -2)
     for found in scores:
         torch.testing.assert_close(found.double(), exact, atol=1e-4 * 128 ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_kernels
+def test_eager_steps_keep_the_matmuls_and_compiled_steps_take_the_kernels():
+    """`usable` is False for an eager call (a Triton launch from Python costs more than it saves at decode) unless
+    IN_EAGER asks, and True inside a compiled step."""
+    kernels.IN_EAGER = False  # the library's default; the fixture restores it
+    tensor = torch.zeros(4, device="cuda", dtype=torch.bfloat16)
+    assert not kernels.usable(tensor)
+    step = torch.compile(lambda x: x + 1 if kernels.usable(x) else x - 1, fullgraph=True)
+    assert step(tensor).tolist() == [1.0] * 4
+    kernels.IN_EAGER = True
+    assert kernels.usable(tensor)
 
 
 @pytest.mark.gpu

@@ -8,9 +8,9 @@ half the bytes saved only a tenth of the time. Splitting the keys over many prog
 every SM reading.
 
 Both kernels are registered as `torch.library.triton_op`s, so transformers' compiled static-cache step traces them
-into its graph (no graph break, captured by CUDA graphs) and eager decoding calls them directly. `usable()` says
-whether a call can take them (CUDA tensors of half precision, Triton and `triton_op` present); `patch.decode` falls
-back to batched matmuls elsewhere, which are also the reference the GPU tests compare against.
+into its graph (no graph break, captured by CUDA graphs). `usable()` says whether a call takes them (CUDA tensors of
+half precision, Triton and `triton_op` present, a compiled step: eager decoding keeps the matmuls, `IN_EAGER`);
+`patch.decode` runs batched matmuls elsewhere, which are also the reference the GPU tests compare against.
 
 Shapes, grouped as `patch.decode` groups them (query head h reads key/value head h // G):
     query [B, Hkv, G, D], keys [B, Hkv, K, D] -> scores [B, Hkv, G, K] float32
@@ -28,6 +28,10 @@ BLOCK_KEYS = 64  # keys per tile: one tl.dot of [G_PAD, D] x [D, 64] (scores) or
 # matmuls in tests/test_decode_kernels.py; compiled decode of the Llama-2-7B shape 1.092x at batch 8, 2k, BENCHMARKS.md);
 # False: batched matmuls everywhere (the reference the GPU tests and benchmarks compare against).
 ENABLED = True
+# False: eager decoding (no compiled step) runs the batched matmuls, where launching a Triton kernel from Python costs
+# more than its bandwidth saves (H100, 2026-12-07, Llama-2-7B shape, eager decode at 2k: 25.81 / 28.36 ms a step at
+# batch 1 / 8 with the kernels, 24.61 / 24.56 with the matmuls); inside a compiled step the launch costs nothing.
+IN_EAGER = False
 UNAVAILABLE: str | None = None  # why the kernels could not be registered, where they could not
 PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
 # the scores kernel: programs per SM (each scores a range of keys, tile by tile; 10**9: one tile of keys a program,
@@ -66,8 +70,10 @@ def _register():
 
 
 def usable(tensor: torch.Tensor) -> bool:
-    """Whether the kernels can serve a decode step on `tensor` (a CUDA tensor of bf16 / fp16, Triton present)."""
-    return ENABLED and _OPS is not None and tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
+    """Whether the kernels serve a decode step on `tensor`: a CUDA tensor of bf16 / fp16, Triton present, and the step
+    being compiled (or IN_EAGER)."""
+    return (ENABLED and _OPS is not None and tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
+            and (IN_EAGER or torch.compiler.is_compiling()))
 
 
 def scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
