@@ -64,19 +64,25 @@ def memory(model, prompt, n_new: int, compiled: bool) -> dict:
     return {"kv_bytes": cache_bytes(out.past_key_values)["total"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+OTHER_PATH = {"compiled": "patched matmul", "eager": "patched kernels"}  # --other-path: the path the library does not take
+
+
 @contextlib.contextmanager
 def variant(model, plan, name: str, mode: str):
-    """The model as `name` runs it: unpatched, patched, or patched with the kernels off ("patched matmul": the
-    inference path's batched matmuls, what ran before the split-key kernels)."""
+    """The model as `name` runs it: unpatched, patched (the library's defaults: the kernels in a compiled step, the
+    batched matmuls in eager steps), "patched matmul" (the kernels off: what ran before the split-key kernels) or
+    "patched kernels" (the kernels in eager steps too, `kernels.IN_EAGER`)."""
     if name == "unpatched":
         yield
         return
-    old, kernels.ENABLED = kernels.ENABLED, name != "patched matmul"
+    old = kernels.ENABLED, kernels.IN_EAGER
+    kernels.ENABLED = name != "patched matmul"
+    kernels.IN_EAGER = kernels.IN_EAGER or name == "patched kernels"
     try:
         with share_attention(model, plan, mode=mode):
             yield
     finally:
-        kernels.ENABLED = old
+        kernels.ENABLED, kernels.IN_EAGER = old
 
 
 def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repeats: int, mode: str = "infer",
@@ -106,11 +112,12 @@ def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repe
 def print_table(rows: list[dict]) -> None:
     """One row per cell: ms per step and tokens/s of each model, the measured and predicted ratios, KV and peak memory."""
     print("\n| decode | batch | context | unpatched ms/step | patched ms/step | tokens/s unpatched -> patched | measured "
-          "| predicted | patched, kernels off | KV GiB unpatched -> patched | peak GiB unpatched -> patched |")
+          "| predicted | patched, other path | KV GiB unpatched -> patched | peak GiB unpatched -> patched |")
     print("|---" * 11 + "|")
     for r in rows:
         ms, mem = r["ms_per_step"], r["memory"]
-        off = f"{r['speedup']['patched matmul']:.3f}x" if "patched matmul" in r["speedup"] else "-"
+        other = OTHER_PATH[r["kind"]]
+        off = f"{r['speedup'][other]:.3f}x ({other})" if other in r["speedup"] else "-"
         print(f"| {r['kind']} | {r['batch']} | {r['context']} | {ms['unpatched']:.2f} | {ms['patched']:.2f} | "
               f"{1000 * r['batch'] / ms['unpatched']:,.0f} -> {1000 * r['batch'] / ms['patched']:,.0f} | "
               f"**{r['speedup']['patched']:.3f}x** | {r['predicted_speedup']:.3f}x | {off} | "
@@ -150,8 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="infer", choices=("infer", "fast", "exact"), help="the patch's mode")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--matmul", action="store_true",
-                        help="also time the patched model with the kernels off (the inference path's batched matmuls)")
+    parser.add_argument("--other-path", action="store_true",
+                        help="also time the patched model on the decode path the library does not take: compiled with "
+                             "the kernels off (batched matmuls), eager with the kernels on")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     import transformers
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
             if not fits(loaded, batch, context, args.new_tokens):
                 log(f"{kind} b{batch} ctx{context}: skipped (does not fit)")
                 continue
-            names = ("unpatched", "patched", "patched matmul") if args.matmul else ("unpatched", "patched")
+            names = ("unpatched", "patched", *([OTHER_PATH[kind]] if args.other_path else []))
             measured = cell(loaded.model, plan, batch, context, args.new_tokens, kind == "compiled", args.repeats,
                             args.mode, names)
             pred = predictions(loaded, plan, context, context, args.new_tokens, batch)

@@ -4,15 +4,17 @@
 # off), the GQA shape, one layer's decode attention kernel by kernel, eager decode, prefill.
 # Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,patchtests,decode,gqa,micro,eager,prefill (default
 # all; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
-# DECODE_FLAGS (default --matmul: also the patched model with the kernels off), DECODE_CELLS (default 8x2048,1x32768,
+# DECODE_FLAGS (default --other-path: also the patched model with the kernels off), DECODE_CELLS (default 8x2048,1x32768,
 # maxx32768: the largest batch that fits at 32k) and DECODE_TIMEOUT tune the decode stage; MICRO_CELLS, MICRO_SHAPES, MICRO_TIMEOUT and
 # MICRO_CONFIGS (launches of the follower kernel, per SM/keys per tile/warps/stages) the micro stage; GQA_CELLS,
-# GQA_TIMEOUT and EAGER_TIMEOUT the gqa and eager stages.
+# GQA_TIMEOUT, EAGER_CELLS and EAGER_TIMEOUT the gqa and eager stages.
 # Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
+# On the H100 a 32k cell at the largest batch (3) takes about 250 s, a 2k cell 40-60 s with compilation, an eager 2k
+# cell about 60 s with --other-path: within one 600 s call fit tests + micro + the 2k/8k cells, or the two 32k cells.
 set -u
 out=$1 stages=${2:-tests,patchtests,decode,gqa,micro,eager,prefill}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 has() { [[ ",$stages," == *",$1,"* ]]; }
 python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/versions.txt"
 if has tests; then
@@ -22,7 +24,7 @@ if has patchtests; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_patch.py -k infer 2>&1 | tail -n 4 | tee -a "$out/tests.txt"
 fi
 if has decode; then
-  timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/bench_decode.py --kinds compiled --cells ${DECODE_CELLS:-8x2048,1x32768,maxx32768} ${DECODE_FLAGS---matmul} --repeats 3 \
+  timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/bench_decode.py --kinds compiled --cells ${DECODE_CELLS:-8x2048,1x32768,maxx32768} ${DECODE_FLAGS---other-path} --repeats 3 \
     --out "$out/llama2" 2>&1 | tee "$out/decode-llama2.log" | grep -v -i warn | tail -n 12
 fi
 if has gqa; then
@@ -34,7 +36,7 @@ if has micro; then
     --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | tee "$out/micro.log" | grep -v -i warn | tail -n 8
 fi
 if has eager; then
-  timeout ${EAGER_TIMEOUT:-150} python3 benchmarks/bench_decode.py --kinds eager --cells 1x2048,8x2048,32x2048 --repeats 3 \
+  timeout ${EAGER_TIMEOUT:-150} python3 benchmarks/bench_decode.py --kinds eager --cells ${EAGER_CELLS:-1x2048,8x2048,32x2048} --other-path --repeats 3 \
     --out "$out/eager" 2>&1 | tee "$out/decode-eager.log" | grep -v -i warn | tail -n 12
 fi
 if has prefill; then

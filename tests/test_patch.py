@@ -429,6 +429,30 @@ def test_bench_patch_tiny_runs_on_cpu(tmp_path, capsys):
     assert "decode tokens/s" in capsys.readouterr().out
 
 
+def test_bench_decode_reads_its_cells_and_sets_the_decode_path_of_each_variant(monkeypatch):
+    """What a GPU run of bench_decode depends on before it times anything (a cell "maxx32768" once failed there)."""
+    import importlib.util
+    from pathlib import Path
+
+    from sa_analysis.patch import kernels
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.cell_shape(None, "8x2048", 64) == (8, 2048)
+    monkeypatch.setattr(bench, "fits", lambda loaded, batch, context, n_new: batch * (context + n_new) <= 3 * 40000)
+    assert bench.cell_shape(None, "maxx32768", 64) == (3, 32768)
+    model = tiny_model("llama")
+    before = kernels.ENABLED, kernels.IN_EAGER
+    seen = {}
+    for name in ("patched", "patched matmul", "patched kernels"):
+        with bench.variant(model, PLANS["span"], name, "infer"):
+            seen[name] = (kernels.ENABLED, kernels.IN_EAGER, hasattr(model.model.layers[2].self_attn, "anchor_idx"))
+    assert seen == {"patched": (True, False, True), "patched matmul": (False, False, True), "patched kernels": (True, True, True)}
+    assert (kernels.ENABLED, kernels.IN_EAGER) == before
+
+
 # ----- the inference path: decode steps reuse the anchor's softmax row --------------------------------------------
 def _decode_logits(model, prompt, steps, mode, cache_kind="dynamic", head_map=None):
     """[steps, B, V] logits of greedy decode steps after `prompt`, patched in `mode`, through a cache of `cache_kind`."""
