@@ -35,7 +35,7 @@ IN_EAGER = False
 UNAVAILABLE: str | None = None  # why the kernels could not be registered, where they could not
 PROGRAMS_PER_SM = 4  # split the keys until about this many programs per SM run (tuned on the H100: micro_decode_attention.py)
 # the scores kernel: programs per SM (each scores a range of keys, tile by tile; 10**9: one tile of keys a program,
-# as before 2026-12-07's fourth session)
+# as before 2026-12-07's fourth session). 4 as for the row values, not tuned yet (micro_decode_attention.py times both)
 SCORES_PROGRAMS_PER_SM = 4
 NUM_WARPS, NUM_STAGES = 4, 3  # the row-values kernel's launch (Triton's defaults; micro_decode_attention.py --follower-configs)
 

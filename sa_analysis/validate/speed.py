@@ -150,7 +150,8 @@ def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, 
               "k_cache_bytes", "peak_memory_bytes")}
     note = None if base["peak_memory_bytes"] is not None else "peak memory is measured on CUDA only (None on the CPU)"
     return {"baseline": base, "patched": patched, "ratio": ratio, "warmup": warmup, "mode": mode,
-            "peak_memory_note": note, "compiled_note": None if compiled else f"compiled decoding not timed: {why_not}"}
+            "peak_memory_note": note, "compiled_note": None if compiled else
+            f"compiled decoding not timed: {why_not or 'not asked for (compiled=False)'}"}
 
 
 def compiled_decode_unavailable(model: torch.nn.Module, device: torch.device) -> str | None:
