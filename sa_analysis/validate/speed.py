@@ -148,7 +148,7 @@ def compare_speed(model: torch.nn.Module, plan: PlanLike, prompt: torch.Tensor, 
     ratio = {key: _ratio(patched.get(key), base.get(key)) for key in
              ("prefill_tokens_per_s", "decode_tokens_per_s", "compiled_decode_tokens_per_s", "kv_cache_bytes",
               "k_cache_bytes", "peak_memory_bytes")}
-    note = None if base["peak_memory_bytes"] is not None else "peak memory is measured on CUDA only (None on the CPU)"
+    note = None if base["peak_memory_bytes"] is not None else "peak memory is measured on CUDA only; None on the CPU"
     return {"baseline": base, "patched": patched, "ratio": ratio, "warmup": warmup, "mode": mode,
             "peak_memory_note": note, "compiled_note": None if compiled else
             f"compiled decoding not timed: {why_not or 'not asked for (compiled=False)'}"}
@@ -158,7 +158,7 @@ def compiled_decode_unavailable(model: torch.nn.Module, device: torch.device) ->
     """Why transformers' compiled static-cache decode step cannot be timed for `model` on `device`, or None where it
     can: it compiles with CUDA graphs on a GPU only, and only for classes that declare they compile whole."""
     if device.type != "cuda":
-        return f"transformers compiles the static-cache step with CUDA graphs, on a GPU only (this runs on {device.type})"
+        return f"transformers compiles the static-cache step with CUDA graphs on a GPU only, and this runs on the {device.type.upper()}"
     if not compat.compiles_static_decode(model):
         return (f"transformers does not compile {type(model).__name__}'s decode step (the class does not declare "
                 "that it compiles whole), so generate() would decode it eagerly")
