@@ -182,7 +182,9 @@ def main(argv=None) -> int:
                         help="also time the follower kernel launched so: per SM/keys per tile/warps/stages, e.g. 4/128/8/4")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    kernels.ENABLED = True  # "now": the inference path with the kernels, whatever the library's default
+    # "now": the inference path with the kernels, whatever the library's default; in eager calls too, so that the
+    # checks of each launch against the matmuls (run eagerly) compare the kernel, not the matmuls with themselves
+    kernels.ENABLED = kernels.IN_EAGER = True
     torch.manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):
