@@ -37,7 +37,7 @@ from bench_patch import predictions  # noqa: E402
 from sa_analysis.loading import load_model  # noqa: E402
 from sa_analysis.patch import cache_bytes, kernels, share_attention  # noqa: E402
 from sa_analysis.planner import SharePlan  # noqa: E402
-from sa_analysis.validate.speed import Timer, generate_seconds, generate_step_seconds  # noqa: E402
+from sa_analysis.validate.speed import Timer, generate_options, generate_seconds, generate_step_seconds  # noqa: E402
 
 T0 = time.time()
 
@@ -54,12 +54,10 @@ def step_ms(model, prompt, n_new, compiled) -> float:
 
 def memory(model, prompt, n_new: int, compiled: bool) -> dict:
     """KV-cache bytes after one generate of `n_new` tokens, and the peak memory allocated during it (GiB)."""
-    options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(prompt), return_dict_in_generate=True)
-    options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
+    options = generate_options(prompt, n_new, compiled)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    out = model.generate(prompt, **options)
+    out = model.generate(prompt, **options, return_dict_in_generate=True)
     torch.cuda.synchronize()
     return {"kv_bytes": cache_bytes(out.past_key_values)["total"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 

@@ -148,27 +148,27 @@ def follower_config(spec: str):
     return settings(PROGRAMS_PER_SM=per_sm, BLOCK_KEYS=block, NUM_WARPS=warps, NUM_STAGES=stages)
 
 
-def follower_times(layers, mask, programs_per_sm=(), configs=()) -> dict[str, float]:
+def follower_times(layers, mask, configs=()) -> dict[str, float]:
+    """Microseconds per layer of the follower before (matmuls) and now (the kernel), and of the kernel launched as
+    each of `configs` says (`follower_config`), each launch checked against the matmuls."""
     probs = [decode_probs(inputs_of(q, k, mask)) for q, k, _ in layers]
     pairs = [(p, None, v) for p, (_, _, v) in zip(probs, layers)]
+    reference = follower_matmul(probs[0], layers[0][2]).float()
+
+    def check(launch: str) -> None:
+        error = (follower(probs[0], layers[0][2]).float() - reference).abs().max().item()
+        assert error < 5e-2, f"the kernel ({launch}) differs from the matmul by {error}"
+
     found = {}
     for name, fn in FOLLOWERS.items():
         found[name] = time_per_layer(lambda p, _k, v, _m, fn=fn: fn(p, v), pairs, mask)
         torch._dynamo.reset()
-    for per_sm in programs_per_sm:  # the split of the keys: programs per SM
-        old, kernels.PROGRAMS_PER_SM = kernels.PROGRAMS_PER_SM, per_sm
-        found[f"follower triton {per_sm}/SM"] = time_per_layer(lambda p, _k, v, _m: follower(p, v), pairs, mask)
-        kernels.PROGRAMS_PER_SM = old
-        torch._dynamo.reset()
     for spec in configs:
         with follower_config(spec):
             found[f"follower triton {spec}"] = time_per_layer(lambda p, _k, v, _m: follower(p, v), pairs, mask)
-            error = (follower(probs[0], layers[0][2]).float() - follower_matmul(probs[0], layers[0][2]).float()).abs().max().item()
-            assert error < 5e-2, f"the kernel at {spec} differs from the matmul by {error}"
+            check(spec)
         torch._dynamo.reset()
-    reference = follower_matmul(probs[0], layers[0][2]).float()
-    error = (follower(probs[0], layers[0][2]).float() - reference).abs().max().item()
-    assert error < 5e-2, f"the kernel differs from the matmul by {error}"
+    check("the library's launch")
     return found
 
 
@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     # "now": the inference path with the kernels, whatever the library's default; in eager calls too, so that the
     # checks of each launch against the matmuls (run eagerly) compare the kernel, not the matmuls with themselves
     kernels.ENABLED = kernels.IN_EAGER = True
+    splits = [f"{x}/{kernels.BLOCK_KEYS}/{kernels.NUM_WARPS}/{kernels.NUM_STAGES}" for x in args.programs_per_sm.split(",") if x]
+    configs = splits + [c for c in args.follower_configs.split(",") if c]  # --programs-per-sm: the library's launch otherwise
     torch.manual_seed(0)
     rows = []
     for shape in args.shapes.split(","):
@@ -198,9 +200,7 @@ def main(argv=None) -> int:
                 with settings(**ANCHOR_SETTINGS.get(name, {})):
                     row[name] = time_per_layer(fn, layers, mask)
                 torch._dynamo.reset()
-            per_sm = [int(x) for x in args.programs_per_sm.split(",") if x]
-            configs = [c for c in args.follower_configs.split(",") if c]
-            row.update(follower_times(layers, mask, per_sm, configs))
+            row.update(follower_times(layers, mask, configs))
             row["sdpa cudnn GB/s"] = kv_bytes / row["sdpa cudnn"] / 1e3
             row["follower triton GB/s"] = kv_bytes / 2 / row["follower triton (now)"] / 1e3
             rows.append(row)

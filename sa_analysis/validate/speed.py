@@ -182,12 +182,18 @@ def compiled_decode_steps(model: torch.nn.Module, plan: PlanLike, prompt: torch.
     return statistics.median(found["baseline"]), statistics.median(found["patched"])
 
 
-def generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, compiled: bool, timer: Timer) -> float:
-    """Seconds of one greedy `generate()` of exactly `n_new` tokens after `prompt` [B, T]: compiled (the static cache,
-    transformers' compiled step) or eager (the dynamic cache, compilation off)."""
+def generate_options(prompt: torch.Tensor, n_new: int, compiled: bool) -> dict[str, Any]:
+    """`generate()` keywords for a greedy decode of exactly `n_new` tokens after `prompt` [B, T]: compiled (the static
+    cache, transformers' compiled step) or eager (the dynamic cache, compilation off)."""
     options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
                    attention_mask=torch.ones_like(prompt))
     options.update(cache_implementation="static") if compiled else options.update(disable_compile=True)
+    return options
+
+
+def generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, compiled: bool, timer: Timer) -> float:
+    """Seconds of one greedy `generate()` of exactly `n_new` tokens after `prompt` [B, T] (`generate_options`)."""
+    options = generate_options(prompt, n_new, compiled)
     with torch.inference_mode():
         return timer(lambda: model.generate(prompt, **options))[0]
 
