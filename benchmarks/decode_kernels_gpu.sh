@@ -2,12 +2,13 @@
 # Issue 35 on one GPU: the decode kernels' GPU tests (against float64 and against exact mode, eager and compiled),
 # the inference path's CUDA tests, whole-model decode through generate() (unpatched, patched, patched with the kernels
 # off), the GQA shape, one layer's decode attention kernel by kernel, eager decode, prefill.
-# Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,patchtests,decode,gqa,micro,eager,prefill (default
-# all; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
+# Usage: benchmarks/decode_kernels_gpu.sh OUT [STAGES]   STAGES: any of tests,patchtests,decode,gqa,micro,profile,eager,prefill
+# (default all but profile; about 8 min for tests,decode and 8 for the rest on an H100). Each stage is bounded by `timeout`, writes under OUT.
 # DECODE_FLAGS (default --other-path: also the patched model with the kernels off), DECODE_CELLS (default 8x2048,1x32768,
 # maxx32768: the largest batch that fits at 32k) and DECODE_TIMEOUT tune the decode stage; MICRO_CELLS, MICRO_SHAPES, MICRO_TIMEOUT and
 # MICRO_CONFIGS (launches of the follower kernel, per SM/keys per tile/warps/stages) the micro stage; GQA_CELLS,
-# GQA_TIMEOUT, EAGER_CELLS and EAGER_TIMEOUT the gqa and eager stages.
+# GQA_TIMEOUT, EAGER_CELLS and EAGER_TIMEOUT the gqa and eager stages; TESTS_K picks tests (pytest -k); PROFILE_CELL
+# (default 3x32768) and PROFILE_TIMEOUT the profile stage (profile_decode.py: the kernels of a step, unpatched and patched).
 # Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
 # On the H100 a 32k cell at the largest batch (3) takes about 250 s, a 2k cell 40-60 s with compilation, an eager 2k
 # cell about 60 s with --other-path: within one 600 s call fit tests + micro + the 2k/8k cells, or the two 32k cells.
@@ -18,7 +19,7 @@ export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-exp
 has() { [[ ",$stages," == *",$1,"* ]]; }
 python3 -c "import torch, transformers, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/versions.txt"
 if has tests; then
-  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -n 15 | tee "$out/tests.txt"
 fi
 if has patchtests; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_patch.py -k infer 2>&1 | tail -n 4 | tee -a "$out/tests.txt"
@@ -34,6 +35,10 @@ fi
 if has micro; then
   timeout ${MICRO_TIMEOUT:-150} python3 benchmarks/micro_decode_attention.py --cells ${MICRO_CELLS:-8x2048,1x32768} --shapes ${MICRO_SHAPES:-32/32,32/8} \
     --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | tee "$out/micro.log" | grep -v -i warn | tail -n 8
+fi
+if has profile; then
+  timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_decode.py --cell ${PROFILE_CELL:-3x32768} --new-tokens 16 --repeats 1 \
+    --out "$out" 2>&1 | tee "$out/profile.log" | grep -v -i warn | tail -n 34
 fi
 if has eager; then
   timeout ${EAGER_TIMEOUT:-150} python3 benchmarks/bench_decode.py --kinds eager --cells ${EAGER_CELLS:-1x2048,8x2048,32x2048} --other-path --repeats 3 \
