@@ -10,9 +10,9 @@ Per cell (batch x context, query heads / key-value heads): microseconds per laye
 over `--layers` distinct caches so nothing stays in L2), and the bytes a layer reads divided by that time (GB/s): K
 and V for SDPA, V alone for a follower. The anchor and follower columns are the inference path before the split-key
 kernels (batched matmuls: cuBLAS matrix-vector products) and now (`patch.kernels`); `--programs-per-sm` also times the
-follower kernel at other splits of the keys. Read the SDPA columns with care: in a whole compiled model the step ran
-cuDNN's attention at ~2.8 TB/s (batch 8, 2k), where SDPA alone here (default dispatch, a boolean mask) reached
-~0.95 TB/s; `sdpa cudnn` asks for that kernel.
+follower kernel at other splits of the keys. Before 2026-12-08 every column here also timed the copy of its inputs
+into the CUDA graph's buffers (each near 1.0 TB/s, where the whole compiled model ran cuDNN's attention at ~2.8 TB/s):
+the inputs are now static addresses (`time_per_layer`). `sdpa cudnn` asks for cuDNN's kernel.
 """
 
 from __future__ import annotations
@@ -108,7 +108,12 @@ FOLLOWERS = {"follower matmul (before)": follower_matmul, "follower triton (now)
 
 
 def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
-    """Microseconds per layer of `fn` compiled with CUDA graphs, over all layers in one captured call."""
+    """Microseconds per layer of `fn` compiled with CUDA graphs, over all layers in one captured call. The tensors are
+    marked static addresses, as transformers marks its static cache: otherwise each replay of the graph first copies
+    every input into the graph's own buffers, and that copy (2 bytes moved for every byte the kernel reads) was
+    timed with the kernels (H100, 2026-12-08: every column near 1.0 TB/s, launch settings made no difference)."""
+    for tensor in (mask, *(t for layer in layers for t in layer if t is not None)):
+        torch._dynamo.mark_static_address(tensor)
 
     def step():
         return [fn(q, k, v, mask) for q, k, v in layers]

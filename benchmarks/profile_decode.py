@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import generate_seconds, log, step_ms  # noqa: E402
+from bench_decode import Timer, generate_seconds, log, step_ms  # noqa: E402
 from sa_analysis.loading import load_model  # noqa: E402
 from sa_analysis.patch import share_attention  # noqa: E402
 from sa_analysis.planner import SharePlan  # noqa: E402
@@ -31,7 +31,7 @@ def profiled(model, prompt, n_new: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate_seconds(model, prompt, n_new, compiled=True)
+        generate_seconds(model, prompt, n_new, True, Timer(prompt.device))
     found: dict[str, float] = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
