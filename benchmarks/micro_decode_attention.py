@@ -10,9 +10,11 @@ Per cell (batch x context, query heads / key-value heads): microseconds per laye
 over `--layers` distinct caches so nothing stays in L2), and the bytes a layer reads divided by that time (GB/s): K
 and V for SDPA, V alone for a follower. The anchor and follower columns are the inference path before the split-key
 kernels (batched matmuls: cuBLAS matrix-vector products) and now (`patch.kernels`); `--programs-per-sm` also times the
-follower kernel at other splits of the keys. Before 2026-12-08 every column here also timed the copy of its inputs
-into the CUDA graph's buffers (each near 1.0 TB/s, where the whole compiled model ran cuDNN's attention at ~2.8 TB/s):
-the inputs are now static addresses (`time_per_layer`). `sdpa cudnn` asks for cuDNN's kernel.
+follower kernel at other splits of the keys. `sdpa cudnn` asks for cuDNN's kernel, the one the compiled model runs.
+Read the long contexts with care: on the H100 (2026-12-08) at 32k context the Triton columns here read at about
+1.0 TB/s, where the same kernels inside the compiled model's step run at 2.9-3.0 TB/s (`profile_decode.py --cell
+3x32768`; the follower column reads 2.6 TB/s at 8 x 2k). Until that is understood, the profile is the measure at
+long contexts.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ FOLLOWERS = {"follower matmul (before)": follower_matmul, "follower triton (now)
 
 def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
     """Microseconds per layer of `fn` compiled with CUDA graphs, over all layers in one captured call. The tensors are
-    marked static addresses, as transformers marks its static cache: otherwise each replay of the graph first copies
-    every input into the graph's own buffers, and that copy (2 bytes moved for every byte the kernel reads) was
-    timed with the kernels (H100, 2026-12-08: every column near 1.0 TB/s, launch settings made no difference)."""
+    marked static addresses, as transformers marks its static cache, so that a replay need not copy them into the
+    graph's own buffers (H100, 2026-12-08, 3 x 32k: the cuDNN column fell from 1586 to 518 us with them marked; the
+    other columns did not move)."""
     for tensor in (mask, *(t for layer in layers for t in layer if t is not None)):
         torch._dynamo.mark_static_address(tensor)
 
