@@ -10,10 +10,9 @@
 # GQA_TIMEOUT, EAGER_CELLS and EAGER_TIMEOUT the gqa and eager stages; TESTS_K picks tests (pytest -k); PROFILE_CELL
 # (default 3x32768) and PROFILE_TIMEOUT the profile stage (profile_decode.py: the kernels of a step, unpatched and patched).
 # Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
-# On the H100 a 32k cell at the largest batch (3) takes about 240 s with DECODE_FLAGS="--new-tokens 128" (the step is
-# the generate of n tokens less the generate of one, and at 32k the prefill's noise is divided by n - 1: 64 tokens read
-# 1.07x-1.14x round to round, 128 tokens 1.13x-1.16x), a compiled 2k or 8k cell 80-120 s without --other-path (32 x 2k
-# 120 s), an eager 2k cell about 60 s with it; the profile stage at 3x32768 about 100 s.
+# On the H100 a 32k cell at the largest batch (3) takes about 240 s without --other-path (128 new tokens from 16k
+# context on: bench_decode.new_tokens_for), a compiled 2k or 8k cell 80-120 s (32 x 2k 120 s), an eager 2k cell about
+# 60 s with --other-path; the profile stage at 3x32768 about 100 s.
 set -u
 out=$1 stages=${2:-tests,patchtests,decode,gqa,micro,eager,prefill}
 mkdir -p "$out"

@@ -443,6 +443,8 @@ def test_bench_decode_reads_its_cells_and_sets_the_decode_path_of_each_variant(m
     assert bench.cell_shape(None, "8x2048", 64) == (8, 2048)
     monkeypatch.setattr(bench, "fits", lambda loaded, batch, context, n_new: batch * (context + n_new) <= 3 * 40000)
     assert bench.cell_shape(None, "maxx32768", 64) == (3, 32768)
+    assert [bench.new_tokens_for(c, None) for c in (2048, 8192, 32768)] == [64, 64, 128]
+    assert bench.new_tokens_for(32768, 16) == 16
     model = tiny_model("llama")
     before = kernels.ENABLED, kernels.IN_EAGER
     seen = {}
