@@ -12,7 +12,8 @@
 # Stage patchtests: the inference path's CUDA tests of tests/test_patch.py (about 100 s).
 # On the H100 a 32k cell at the largest batch (3) takes about 240 s without --other-path (128 new tokens from 16k
 # context on: bench_decode.new_tokens_for), a compiled 2k or 8k cell 80-120 s (32 x 2k 120 s), an eager 2k cell about
-# 60 s with --other-path; the profile stage at 3x32768 about 100 s.
+# 60 s with --other-path; the profile stage at 3x32768 about 100 s with 16 new tokens (its per-step totals were then
+# noisy, 38.1 and 31.9 ms where bench_decode reads 30.1 and 26.3: now 64; the decode-only kernels read the same).
 set -u
 out=$1 stages=${2:-tests,patchtests,decode,gqa,micro,eager,prefill}
 mkdir -p "$out"
@@ -38,7 +39,7 @@ if has micro; then
     --programs-per-sm 2,16 --follower-configs "${MICRO_CONFIGS:-}" --out "$out/micro.json" 2>&1 | tee "$out/micro.log" | grep -v -i warn | tail -n 8
 fi
 if has profile; then
-  timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_decode.py --cell ${PROFILE_CELL:-3x32768} --new-tokens 16 --repeats 1 \
+  timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_decode.py --cell ${PROFILE_CELL:-3x32768} --new-tokens 64 --repeats 1 \
     --out "$out" 2>&1 | tee "$out/profile.log" | grep -v -i warn | tail -n 34
 fi
 if has eager; then
