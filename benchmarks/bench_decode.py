@@ -73,14 +73,9 @@ def variant(model, plan, name: str, mode: str):
     if name == "unpatched":
         yield
         return
-    old = kernels.ENABLED, kernels.IN_EAGER
-    kernels.ENABLED = name != "patched matmul"
-    kernels.IN_EAGER = kernels.IN_EAGER or name == "patched kernels"
-    try:
-        with share_attention(model, plan, mode=mode):
-            yield
-    finally:
-        kernels.ENABLED, kernels.IN_EAGER = old
+    with kernels.settings(ENABLED=name != "patched matmul", IN_EAGER=kernels.IN_EAGER or name == "patched kernels"), \
+            share_attention(model, plan, mode=mode):
+        yield
 
 
 def cell(model, plan, batch: int, context: int, n_new: int, compiled: bool, repeats: int, mode: str = "infer",

@@ -20,7 +20,6 @@ long contexts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -136,23 +135,10 @@ def time_per_layer(fn, layers, mask, rounds=7, calls=20) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def settings(**values):
-    """`patch.kernels`' module settings set to `values` inside the block, restored after."""
-    old = {name: getattr(kernels, name) for name in values}
-    for name, value in values.items():
-        setattr(kernels, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(kernels, name, value)
-
-
 def follower_config(spec: str):
     """The row-values kernel launched as `spec` says: "programs per SM/keys per tile/warps/stages", e.g. "4/64/4/3"."""
     per_sm, block, warps, stages = (int(x) for x in spec.split("/"))
-    return settings(PROGRAMS_PER_SM=per_sm, BLOCK_KEYS=block, NUM_WARPS=warps, NUM_STAGES=stages)
+    return kernels.settings(PROGRAMS_PER_SM=per_sm, BLOCK_KEYS=block, NUM_WARPS=warps, NUM_STAGES=stages)
 
 
 def follower_times(layers, mask, configs=()) -> dict[str, float]:
@@ -204,7 +190,7 @@ def main(argv=None) -> int:
             kv_bytes = 2 * layers[0][1].numel() * 2
             row = {"heads": heads, "kv_heads": kv_heads, "batch": batch, "context": context}
             for name, fn in ANCHORS.items():
-                with settings(**ANCHOR_SETTINGS.get(name, {})):
+                with kernels.settings(**ANCHOR_SETTINGS.get(name, {})):
                     row[name] = time_per_layer(fn, layers, mask)
                 torch._dynamo.reset()
             row.update(follower_times(layers, mask, configs))

@@ -58,10 +58,8 @@ SHAPES = [(1, 4, 1, 64, 70), (2, 2, 4, 128, 200), (3, 2, 8, 80, 333), (1, 1, 2, 
 def kernels_on():
     """The inference path with the kernels (`kernels.ENABLED`), in eager steps too (`kernels.IN_EAGER`: so that eager
     calls here test them), whatever a test before left."""
-    old = kernels.ENABLED, kernels.IN_EAGER
-    kernels.ENABLED = kernels.IN_EAGER = True
-    yield
-    kernels.ENABLED, kernels.IN_EAGER = old
+    with kernels.settings(ENABLED=True, IN_EAGER=True):
+        yield
 
 
 def _operands(batch, n_kv, groups, dim, n_keys, dtype, seed=0):
@@ -117,13 +115,9 @@ def test_splits_cover_every_key_once():
     row = torch.rand(1, 2, 4, 5000, device="cuda")
     results, scores = [], []
     for per_sm in (1, 4, 64, 10 ** 9):  # 10**9: one tile of keys a program
-        old = kernels.PROGRAMS_PER_SM, kernels.SCORES_PROGRAMS_PER_SM
-        kernels.PROGRAMS_PER_SM = kernels.SCORES_PROGRAMS_PER_SM = per_sm
-        try:
+        with kernels.settings(PROGRAMS_PER_SM=per_sm, SCORES_PROGRAMS_PER_SM=per_sm):
             results.append(kernels.row_values(row, value).float())
             scores.append(kernels.scores(query, key))
-        finally:
-            kernels.PROGRAMS_PER_SM, kernels.SCORES_PROGRAMS_PER_SM = old
     reference = row.bfloat16().double() @ value.double()
     for found in results:
         assert (found.double() - reference).abs().max() <= 2 ** -7 * reference.abs().max()

@@ -455,6 +455,19 @@ def test_bench_decode_reads_its_cells_and_sets_the_decode_path_of_each_variant(m
     assert (kernels.ENABLED, kernels.IN_EAGER) == before
 
 
+def test_kernel_settings_are_restored_after_the_block_and_unknown_names_refused():
+    from sa_analysis.patch import kernels
+
+    before = kernels.ENABLED, kernels.PROGRAMS_PER_SM
+    with pytest.raises(RuntimeError), kernels.settings(ENABLED=not before[0], PROGRAMS_PER_SM=before[1] + 3):
+        assert (kernels.ENABLED, kernels.PROGRAMS_PER_SM) == (not before[0], before[1] + 3)
+        raise RuntimeError("inside the block")
+    assert (kernels.ENABLED, kernels.PROGRAMS_PER_SM) == before
+    with pytest.raises(ValueError, match="no kernel setting PROGRAMS_PER_CU"), kernels.settings(PROGRAMS_PER_CU=2):
+        pass
+    assert not hasattr(kernels, "PROGRAMS_PER_CU")
+
+
 # ----- the inference path: decode steps reuse the anchor's softmax row --------------------------------------------
 def _decode_logits(model, prompt, steps, mode, cache_kind="dynamic", head_map=None):
     """[steps, B, V] logits of greedy decode steps after `prompt`, patched in `mode`, through a cache of `cache_kind`."""

@@ -19,6 +19,7 @@ Shapes, grouped as `patch.decode` groups them (query head h reads key/value head
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -67,6 +68,24 @@ def _register():
                                   num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
     return decode_scores, decode_row_values
+
+
+SETTINGS = ("ENABLED", "IN_EAGER", "PROGRAMS_PER_SM", "SCORES_PROGRAMS_PER_SM", "BLOCK_KEYS", "NUM_WARPS", "NUM_STAGES")
+
+
+@contextlib.contextmanager
+def settings(**values):
+    """This module's settings set to `values` inside the block and restored after, also when it raises (benchmarks
+    and tests turn the kernels off or on, or launch them otherwise). A compiled step reads them when it is traced."""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"no kernel setting {', '.join(unknown)}; the settings are {', '.join(SETTINGS)}")
+    old = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 def usable(tensor: torch.Tensor) -> bool:
