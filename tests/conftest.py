@@ -8,9 +8,19 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `pytest -n N` (the README's test command runs two workers): the N processes share the cores, cores / N threads each,
+# also in the notebooks' kernels and the commands a test starts (they inherit the variable): more threads than cores
+# spin-wait in OpenMP and crawl.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // WORKERS)))
 
 import pytest
 import torch
+
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Shapes of the architectures we support, scaled down: GQA (4 query / 2 KV heads) everywhere it exists.
 TINY_SHAPES: dict[str, dict] = {
